@@ -1,0 +1,26 @@
+# Two entry points: `make demo` (set up + main job) and `make test` (set up + tests).
+# Both create .venv with Python 3.12 when it is missing or pyproject.toml changed.
+SHELL := /bin/bash
+VENV := .venv
+PY312 := $(shell pyenv which python3.12 2>/dev/null || command -v python3.12 2>/dev/null)
+
+.PHONY: demo test setup clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	@if [ -z "$(PY312)" ]; then \
+	  echo "pneumojax needs Python 3.12: install it (e.g. 'pyenv install 3.12') or put python3.12 on PATH." >&2; exit 1; fi
+	@[ -x $(VENV)/bin/python ] || $(PY312) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	@touch $@
+
+setup: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/pneumojax port --backbone densenet121 --weights none
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest
+
+clean-venv:
+	rm -rf $(VENV)
