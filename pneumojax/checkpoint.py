@@ -1,0 +1,60 @@
+"""Orbax checkpoints of Flax variables with a manifest that says what they are."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(Exception):
+    """A checkpoint folder is missing, half-written or for another model."""
+
+
+def save_variables(directory: str | Path, variables: dict, manifest: dict,
+                   overwrite: bool = False) -> Path:
+    """Saves ``variables`` under ``directory/variables`` and writes ``manifest.json`` last.
+
+    The manifest is written (atomically) only after orbax has finished, so a folder without
+    one is known to be incomplete.
+    """
+    directory = Path(directory).absolute()
+    if directory.exists():
+        if not overwrite:
+            raise CheckpointError(f"{directory} already exists; pass --overwrite to replace it")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory / "variables", jax.tree.map(np.asarray, variables))
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, directory / MANIFEST)
+    return directory
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """The manifest of a checkpoint folder, with a clear error when it is not one."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint folder {directory} does not exist")
+    path = directory / MANIFEST
+    if not path.exists():
+        raise CheckpointError(f"{directory} has no {MANIFEST}: the checkpoint is incomplete "
+                              "(interrupted while saving?) or not a pneumojax checkpoint")
+    return json.loads(path.read_text())
+
+
+def load_variables(directory: str | Path) -> tuple[dict, dict]:
+    """Restores ``(variables, manifest)`` saved by :func:`save_variables` as numpy arrays."""
+    directory = Path(directory).absolute()
+    manifest = read_manifest(directory)
+    with ocp.StandardCheckpointer() as ckptr:
+        variables = ckptr.restore(directory / "variables")
+    return jax.tree.map(np.asarray, variables), manifest
