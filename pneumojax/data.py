@@ -1,0 +1,608 @@
+"""Chest X-ray image folders: discovery, patient-grouped splits, decoding with a cache, demo data.
+
+Two folder layouts are understood:
+
+* ``kaggle``: ``<root>/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg`` as the Kaggle/Mendeley archive
+  unpacks (``val`` may be missing);
+* ``flat``: ``<root>/{NORMAL,PNEUMONIA}/*.jpeg``, one pool from which every split is carved.
+
+Splits are made by whole patients (the patient is read from the file name, see
+:func:`patient_id`), so that no patient is in two splits (DESIGN.md, principle 6). Decoded, resized
+images are cached as ``.npy`` files (principle 4).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
+KAGGLE_SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+
+# Bump when decoding changes, so that stale caches are not reused.
+_DECODER_VERSION = "1"
+
+Item = tuple[str, int]  # (path, label)
+
+
+class DataError(Exception):
+    """A data folder or split that cannot be used as asked; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding images
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """Images found under ``root``.
+
+    ``splits`` maps a split name to sorted ``(path, label)`` items: ``train``/``val``/``test`` for
+    the ``kaggle`` layout (``val`` empty when the folder is absent), ``all`` for ``flat``.
+    """
+
+    root: Path
+    layout: str
+    splits: dict[str, list[Item]]
+
+    @property
+    def items(self) -> list[Item]:
+        """Every image of every split."""
+        return [item for split in self.splits.values() for item in split]
+
+
+def find_images(data_dir: str | os.PathLike) -> DataSource:
+    """Find the labelled images under ``data_dir``, in the Kaggle or the flat layout.
+
+    Folder names are matched case-insensitively; only ``.jpeg``/``.jpg``/``.png`` files count.
+    Raises :class:`DataError` when the folder is missing, matches neither layout, or a class
+    folder is missing or holds no image.
+    """
+    root = Path(data_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(
+            f"data folder not found: {root}\n"
+            f"expected a folder with {'/'.join(KAGGLE_SPLITS)}/ or {'/'.join(CLASS_NAMES)}/ inside"
+        )
+    subdirs = _subdirs_by_lower_name(root)
+    has_splits = "train" in subdirs or "test" in subdirs
+    has_classes = any(name.lower() in subdirs for name in CLASS_NAMES)
+    if has_splits and has_classes:
+        raise DataError(
+            f"{root} mixes split folders (train/test) and class folders (NORMAL/PNEUMONIA);\n"
+            "expected one of the two layouts, not both"
+        )
+    if has_splits:
+        return DataSource(root, "kaggle", _kaggle_splits(root, subdirs))
+    if has_classes:
+        return DataSource(root, "flat", {"all": _class_items(root)})
+    raise DataError(_no_layout_message(root, subdirs))
+
+
+def _subdirs_by_lower_name(folder: Path) -> dict[str, Path]:
+    return {p.name.lower(): p for p in sorted(folder.iterdir()) if p.is_dir()}
+
+
+def _kaggle_splits(root: Path, subdirs: dict[str, Path]) -> dict[str, list[Item]]:
+    for required in ("train", "test"):
+        if required not in subdirs:
+            raise DataError(
+                f"{root} looks like the Kaggle layout but has no {required}/ folder\n"
+                f"expected train/ and test/ (val/ optional); found: {_listing(subdirs)}"
+            )
+    splits = {name: _class_items(subdirs[name]) for name in ("train", "test")}
+    splits["val"] = _class_items(subdirs["val"]) if "val" in subdirs else []
+    return {name: splits[name] for name in KAGGLE_SPLITS}
+
+
+def _class_items(folder: Path) -> list[Item]:
+    """The images of ``folder/NORMAL`` and ``folder/PNEUMONIA``, labelled 0 and 1."""
+    subdirs = _subdirs_by_lower_name(folder)
+    items: list[Item] = []
+    for label, name in enumerate(CLASS_NAMES):
+        class_dir = subdirs.get(name.lower())
+        if class_dir is None:
+            raise DataError(
+                f"class folder {name}/ missing in {folder}\n"
+                f"expected {' and '.join(CLASS_NAMES)}; found: {_listing(subdirs)}"
+            )
+        paths = _image_files(class_dir)
+        if not paths:
+            raise DataError(
+                f"class folder {class_dir} holds no image\n"
+                f"expected files ending in {', '.join(IMAGE_EXTENSIONS)}"
+            )
+        items.extend((str(p), label) for p in paths)
+    return items
+
+
+def _image_files(folder: Path) -> list[Path]:
+    # Dot files are skipped: macOS archives carry '._name.jpeg' resource forks that are no images.
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def _listing(subdirs: dict[str, Path], limit: int = 8) -> str:
+    names = [p.name + "/" for p in subdirs.values()]
+    if not names:
+        return "no folders"
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _no_layout_message(root: Path, subdirs: dict[str, Path]) -> str:
+    message = (
+        f"no chest X-ray layout in {root}: expected train/ val/ test/ (Kaggle) or NORMAL/ "
+        f"PNEUMONIA/ (flat); found: {_listing(subdirs)}"
+    )
+    # The Kaggle archive unpacks into chest_xray/; point at it instead of leaving a puzzle.
+    nested = [p for p in subdirs.values() if "train" in _subdirs_by_lower_name(p)]
+    if nested:
+        message += f"\ndid you mean {nested[0]}?"
+    return message
+
+
+# ---------------------------------------------------------------------------------------------
+# Patients
+
+_PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_(?:bacteria|virus)_", re.IGNORECASE),
+    re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+", re.IGNORECASE),
+)
+
+
+def patient_id(filename: str | os.PathLike) -> str:
+    """The patient a file belongs to, read from its name.
+
+    ``person123_bacteria_4.jpeg`` and ``person123_virus_9.jpeg`` -> ``person123`` (one patient);
+    ``IM-0115-0001.jpeg`` -> ``IM-0115``; ``NORMAL2-IM-0012-0001.jpeg`` -> ``NORMAL2-IM-0012``.
+    A name of any other pattern is its own patient: the file stem is returned.
+    """
+    name = Path(filename).name
+    for pattern in _PATIENT_PATTERNS:
+        match = pattern.match(name)
+        if match:
+            return match.group(1)
+    return Path(name).stem
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+
+
+@dataclasses.dataclass
+class Splits:
+    """Train/val/test lists of ``(path, label)``, no patient in two of them.
+
+    ``root`` is the data folder; ``info`` records how the splits were made (layout, seed,
+    fractions) so that ``splits.json`` documents itself.
+    """
+
+    train: list[Item]
+    val: list[Item]
+    test: list[Item]
+    root: str = ""
+    info: dict = dataclasses.field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, list[Item]]:
+        """The three splits by name, in train/val/test order."""
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Per split: image count, count per class and number of distinct patients."""
+        return {name: _split_summary(items) for name, items in self.as_dict().items()}
+
+    def to_json(self) -> str:
+        """The splits as JSON text, paths relative to ``root`` so that the data may move."""
+        payload = {
+            "root": self.root,
+            "info": self.info,
+            "summary": self.summary(),
+            **{
+                name: [[_relative(path, self.root), label] for path, label in items]
+                for name, items in self.as_dict().items()
+            },
+        }
+        return json.dumps(payload, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, root: str | os.PathLike | None = None) -> "Splits":
+        """Splits from :meth:`to_json` text; ``root`` overrides the stored data folder."""
+        payload = json.loads(text)
+        base = str(root) if root is not None else payload["root"]
+        splits = {
+            name: [(os.path.join(base, path), int(label)) for path, label in payload[name]]
+            for name in KAGGLE_SPLITS
+        }
+        return cls(**splits, root=base, info=payload.get("info", {}))
+
+
+def _split_summary(items: Sequence[Item]) -> dict[str, int]:
+    labels = [label for _, label in items]
+    return {
+        "n": len(items),
+        "normal": labels.count(0),
+        "pneumonia": labels.count(1),
+        "patients": len({patient_id(path) for path, _ in items}),
+    }
+
+
+def _relative(path: str, root: str) -> str:
+    return os.path.relpath(path, root) if root else path
+
+
+def make_splits(
+    source: DataSource,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+    merge_kaggle_val: bool = True,
+) -> Splits:
+    """Patient-grouped train/val/test splits of ``source``.
+
+    Kaggle layout: test is the official test folder; the official val (16 images) joins train
+    when ``merge_kaggle_val`` (otherwise it is the validation split as is), and a validation
+    split of ``val_fraction`` is carved from train. Flat layout: val and test are both carved
+    from all images. Carving is seeded, moves whole patients, and is stratified: each carved
+    split gets about its fraction of each class's images. ``test_fraction`` is unused for the
+    Kaggle layout. Raises :class:`DataError` when a split would lack a class or a patient would
+    be in two splits.
+    """
+    info = {
+        "layout": source.layout,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction if source.layout == "flat" else None,
+        "merge_kaggle_val": merge_kaggle_val if source.layout == "kaggle" else None,
+        "grouping": "patient",
+    }
+    if source.layout == "kaggle":
+        splits = _kaggle_splits_by_patient(source.splits, val_fraction, seed, merge_kaggle_val)
+    else:
+        fractions = {"test": test_fraction, "val": val_fraction}
+        splits = _carve(source.splits["all"], fractions, seed)
+    splits = {name: sorted(items) for name, items in splits.items()}
+    _check_patients_disjoint(splits)
+    _check_both_classes(splits)
+    return Splits(**splits, root=str(source.root), info=info)
+
+
+def _kaggle_splits_by_patient(
+    official: dict[str, list[Item]], val_fraction: float, seed: int, merge_val: bool
+) -> dict[str, list[Item]]:
+    if not merge_val:
+        return {"train": official["train"], "val": official["val"], "test": official["test"]}
+    carved = _carve(official["train"] + official["val"], {"val": val_fraction}, seed)
+    return {"train": carved["train"], "val": carved["val"], "test": official["test"]}
+
+
+def _carve(items: Sequence[Item], fractions: dict[str, float], seed: int) -> dict[str, list[Item]]:
+    """Split ``items`` by whole patients: each named split gets ~its fraction of every class.
+
+    What is not carved stays in ``train``. Patients are shuffled per class with a string-seeded
+    generator (stable across processes and Python hash seeds), then each patient goes to the
+    carved split whose target it brings closest, largest remaining need first, or else to train.
+    """
+    for name, fraction in fractions.items():
+        if not 0.0 <= fraction < 1.0:
+            raise DataError(f"{name} fraction must be in [0, 1), got {fraction}")
+    if sum(fractions.values()) >= 1.0:
+        raise DataError(f"split fractions {fractions} leave nothing for train")
+    out: dict[str, list[Item]] = {"train": [], **{name: [] for name in fractions}}
+    for label, groups in _patient_groups_by_class(items).items():
+        order = sorted(groups)
+        random.Random(f"pneumojax-splits:{seed}:{label}").shuffle(order)
+        n_class = sum(len(groups[p]) for p in order)
+        targets = {name: round(fraction * n_class) for name, fraction in fractions.items()}
+        counts = dict.fromkeys(fractions, 0)
+        for patient in order:
+            size = len(groups[patient])
+            name = _closest_split(size, targets, counts)
+            if name is not None:
+                counts[name] += size
+            out[name or "train"].extend(groups[patient])
+    return out
+
+
+def _patient_groups_by_class(items: Iterable[Item]) -> dict[int, dict[str, list[Item]]]:
+    """Items grouped by patient, each patient filed under its majority label."""
+    by_patient: dict[str, list[Item]] = collections.defaultdict(list)
+    for item in items:
+        by_patient[patient_id(item[0])].append(item)
+    by_class: dict[int, dict[str, list[Item]]] = collections.defaultdict(dict)
+    for patient, group in by_patient.items():
+        labels = [label for _, label in group]
+        by_class[max(set(labels), key=lambda c: (labels.count(c), -c))][patient] = group
+    return dict(sorted(by_class.items()))
+
+
+def _closest_split(size: int, targets: dict[str, int], counts: dict[str, int]) -> str | None:
+    need = {name: targets[name] - counts[name] for name in targets}
+    # Adding the group moves the count closer to the target iff size < 2 * need.
+    helped = [name for name in targets if size < 2 * need[name]]
+    return max(helped, key=lambda name: need[name]) if helped else None
+
+
+def _check_patients_disjoint(splits: dict[str, list[Item]]) -> None:
+    seen: dict[str, str] = {}
+    for name, items in splits.items():
+        for patient in {patient_id(path) for path, _ in items}:
+            if patient in seen:
+                raise DataError(
+                    f"patient {patient} is in both {seen[patient]} and {name}\n"
+                    "splits must not share patients (use merge_kaggle_val=True to carve val "
+                    "from train by patient)"
+                )
+            seen[patient] = name
+
+
+def _check_both_classes(splits: dict[str, list[Item]]) -> None:
+    for name, items in splits.items():
+        labels = {label for _, label in items}
+        if labels != {0, 1}:
+            found = ", ".join(CLASS_NAMES[c] for c in sorted(labels)) or "no image"
+            raise DataError(
+                f"split {name} would hold {found} only ({len(items)} images)\n"
+                "expected both classes: use more data or larger split fractions"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def decode_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
+    """One image as uint8 ``(S, S, 3)`` RGB, resized with PIL bilinear (aspect ratio not kept)."""
+    with Image.open(path) as image:
+        image = to_8bit_rgb_or_gray(image)
+        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        array = np.asarray(image)
+    # Grayscale is resized on one channel (a third of the work) and replicated afterwards.
+    return np.repeat(array[..., None], 3, axis=-1) if array.ndim == 2 else array
+
+
+def to_8bit_rgb_or_gray(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit ``L`` or ``RGB``, whatever mode it was stored in.
+
+    16-bit and 32-bit integer grayscale is scaled from 0..65535 to 0..255 (PIL's own conversion
+    clips instead, which turns most X-rays white); float images are clipped to 0..255.
+    """
+    if image.mode in ("L", "RGB"):
+        return image
+    if image.mode.startswith("I"):
+        array = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8), "L")
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("1", "LA", "La"):
+        return image.convert("L")
+    return image.convert("RGB")  # CMYK, P, RGBA, YCbCr, LAB, ...
+
+
+def load_images(
+    items: Sequence[Item] | Sequence[str | os.PathLike],
+    image_size: int,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    workers: int = 2,
+) -> np.ndarray:
+    """Decode ``items`` (``(path, label)`` pairs or paths) into uint8 ``(N, S, S, 3)``, in order.
+
+    With ``cache_dir`` the array is stored there as ``.npy`` under a key over the image size and
+    each file's absolute path, size and mtime; a later call with the same files returns it
+    memory-mapped read-only without decoding. Decoding runs on ``workers`` threads (PIL releases
+    the GIL while decoding and resizing).
+    """
+    paths = [os.path.abspath(_item_path(item)) for item in items]
+    if cache_dir is None:
+        out = np.empty((len(paths), image_size, image_size, 3), np.uint8)
+        _decode_into(out, paths, image_size, progress, workers)
+        return out
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = _cache_key(paths, image_size)
+    cache_file = cache_dir / f"images-{image_size}px-{len(paths)}-{key}.npy"
+    expected_shape = (len(paths), image_size, image_size, 3)
+    if cache_file.exists():
+        cached = np.load(cache_file, mmap_mode="r")
+        if cached.shape == expected_shape and cached.dtype == np.uint8:
+            return cached
+    _write_cache(cache_file, expected_shape, paths, image_size, progress, workers)
+    return np.load(cache_file, mmap_mode="r")
+
+
+def _item_path(item) -> str:
+    return os.fspath(item) if isinstance(item, (str, os.PathLike)) else os.fspath(item[0])
+
+
+def _cache_key(paths: Sequence[str], image_size: int) -> str:
+    digest = hashlib.sha256(f"pneumojax-images:{_DECODER_VERSION}:{image_size}\n".encode())
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def _write_cache(
+    cache_file: Path,
+    shape: tuple,
+    paths: Sequence[str],
+    image_size: int,
+    progress: bool,
+    workers: int,
+) -> None:
+    # Decode straight into a memory-mapped temp file (no second copy in RAM), then publish it
+    # with an atomic rename so a reader never sees a half-written cache.
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=cache_file.name + ".", suffix=".tmp", dir=cache_file.parent
+    )
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(tmp_name, mode="w+", dtype=np.uint8, shape=shape)
+        _decode_into(out, paths, image_size, progress, workers)
+        out.flush()
+        del out
+        os.replace(tmp_name, cache_file)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def _decode_into(
+    out: np.ndarray, paths: Sequence[str], image_size: int, progress: bool, workers: int
+) -> None:
+    def decode(path: str) -> np.ndarray:
+        try:
+            return decode_image(path, image_size)
+        except (OSError, ValueError, SyntaxError) as error:  # PIL's ways of saying "not an image"
+            raise DataError(f"cannot decode {path}: {error}") from error
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        decoded = pool.map(decode, paths)  # map yields in input order
+        bar = tqdm(
+            decoded,
+            total=len(paths),
+            desc=f"decoding {image_size}px",
+            unit="img",
+            disable=not progress,
+        )
+        for index, image in enumerate(bar):
+            out[index] = image
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic demo data
+
+_DEMO_VERSION = 1
+_DEMO_PARAMS_FILE = "demo_params.json"
+_SYNTHETIC_NOTE = """\
+SYNTHETIC DATA. These images were generated by pneumojax.data.make_demo_dataset: radiograph-like
+drawings (two lung fields with rib-like stripes, a mediastinum, noise); PNEUMONIA images have
+blurry bright opacities inside a lung field. They are not X-rays of anyone and say nothing about
+real pneumonia. Use them only to exercise the pipeline.
+"""
+
+
+def make_demo_dataset(
+    out_dir: str | os.PathLike, n_per_class: int = 150, image_size: int = 128, seed: int = 0
+) -> Path:
+    """Write (or reuse) a synthetic flat ``NORMAL/ PNEUMONIA/`` folder of radiograph-like images.
+
+    PNEUMONIA images carry blurry bright opacities in a lung field, so a classifier can learn the
+    task. File names follow the real patterns (``IM-NNNN-0001.jpeg``,
+    ``personN_bacteria_K.jpeg``), some patients have two images, and every tenth file is a PNG.
+    The output is deterministic for a seed; a folder already made with the same parameters is
+    reused, one made with other parameters is replaced, any other existing folder is an error.
+    """
+    out = Path(out_dir)
+    params = {
+        "version": _DEMO_VERSION,
+        "n_per_class": n_per_class,
+        "image_size": image_size,
+        "seed": seed,
+    }
+    if _demo_params(out) == params:
+        return out
+    if out.exists() and any(out.iterdir()) and _demo_params(out) is None:
+        raise DataError(
+            f"{out} exists and is not a pneumojax demo folder; refusing to overwrite it\n"
+            f"expected a missing, empty or demo folder (one with {_DEMO_PARAMS_FILE})"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
+    try:
+        _write_demo_images(staging, n_per_class, image_size, seed)
+        (staging / "SYNTHETIC.txt").write_text(_SYNTHETIC_NOTE)
+        (staging / _DEMO_PARAMS_FILE).write_text(json.dumps(params, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _demo_params(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / _DEMO_PARAMS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_demo_images(folder: Path, n_per_class: int, image_size: int, seed: int) -> None:
+    for label, class_name in enumerate(CLASS_NAMES):
+        (folder / class_name).mkdir()
+        for index, (name, patient, shot) in enumerate(_demo_file_names(label, n_per_class)):
+            anatomy = np.random.default_rng([seed, label, patient])  # shared by a patient's images
+            noise = np.random.default_rng([seed, label, patient, shot, 1])
+            pixels = _demo_radiograph(image_size, anatomy, noise, pneumonia=label == 1)
+            if index % 10 == 9:
+                name = name.rsplit(".", 1)[0] + ".png"
+            Image.fromarray(pixels, "L").save(folder / class_name / name, quality=92)
+
+
+def _demo_file_names(label: int, count: int) -> list[tuple[str, int, int]]:
+    """``count`` (file name, patient number, image number) triples; every 7th patient has two."""
+    names: list[tuple[str, int, int]] = []
+    patient = 0
+    while len(names) < count:
+        patient += 1
+        shots = 2 if patient % 7 == 3 else 1
+        for shot in range(min(shots, count - len(names))):
+            if label == 0:
+                name = f"IM-{1000 + patient:04d}-{shot + 1:04d}.jpeg"
+            else:
+                kind = "virus" if shot == 1 or patient % 5 == 0 else "bacteria"
+                name = f"person{patient}_{kind}_{100 + len(names)}.jpeg"
+            names.append((name, patient, shot))
+    return names
+
+
+def _demo_radiograph(
+    size: int, anatomy: np.random.Generator, noise: np.random.Generator, pneumonia: bool
+) -> np.ndarray:
+    """A grayscale uint8 ``(size, size)`` chest-like drawing."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    dx, dy = anatomy.normal(0, 0.02, 2)
+    lung_w, lung_h = anatomy.uniform(0.12, 0.16), anatomy.uniform(0.26, 0.32)
+    gain = anatomy.uniform(0.85, 1.15)
+    image = np.full((size, size), 18.0)
+    image += 45.0 * (((x - 0.5 - dx) / 0.42) ** 2 + ((y - 0.52 - dy) / 0.48) ** 2 < 1)  # body
+    lungs = []
+    for side in (-1, 1):
+        cx, cy = 0.5 + dx + side * 0.19, 0.5 + dy
+        lung = ((x - cx) / lung_w) ** 2 + ((y - cy) / lung_h) ** 2 < 1
+        ribs = np.sin(2 * np.pi * (y * 9 + 2.5 * (x - cx) ** 2 * side) + anatomy.uniform(0, 6.3))
+        image += lung * (55.0 + 18.0 * ribs)
+        lungs.append((cx, cy, lung))
+    image += 95.0 * np.exp(-(((x - 0.5 - dx) / 0.06) ** 2)) * (y > 0.2 + dy)  # mediastinum
+    if pneumonia:
+        for _ in range(anatomy.integers(1, 4)):
+            cx, cy, lung = lungs[anatomy.integers(0, 2)]
+            ox = cx + anatomy.uniform(-0.6, 0.6) * lung_w
+            oy = cy + anatomy.uniform(-0.6, 0.6) * lung_h
+            sigma = anatomy.uniform(0.04, 0.08)
+            blob = np.exp(-((x - ox) ** 2 + (y - oy) ** 2) / (2 * sigma**2))
+            image += anatomy.uniform(45, 80) * blob * (0.4 + 0.6 * lung)
+    image = image * gain + noise.normal(0, 7.0, image.shape)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
