@@ -62,3 +62,99 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
                       overwrite, echo=click.echo)
     except (PortError, CheckpointError) as e:
         _fail(str(e))
+
+
+@main.command()
+@click.option("--data", default="demo", show_default=True,
+              help="Kaggle folder (train/ val/ test/), flat NORMAL/ PNEUMONIA/ folder, or "
+                   "'demo' (synthetic images, no download).")
+@click.option("--backbone", default="densenet121", show_default=True, type=BACKBONES)
+@click.option("--cut", default=None, help="Head input layer (Keras name) [default: per backbone].")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="imagenet (the ported checkpoint under checkpoints/), none (random init), "
+                   "or a checkpoint folder made by `pneumojax port`.")
+@click.option("--trainable", default="none", show_default=True,
+              help="Backbone layers to train: START:END by Keras name or index (end exclusive, "
+                   "open ends allowed), comma-separated ranges, 'all', or 'none' (head only).")
+@click.option("--image-size", default=256, show_default=True, type=int)
+@click.option("--epochs", default=20, show_default=True, type=int)
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--lr", "learning_rate", default=1e-3, show_default=True, type=float)
+@click.option("--lr-schedule", default="keras-seed", show_default=True,
+              type=click.Choice(["keras-seed", "exponential", "constant"]),
+              help="keras-seed: the study's compounding x0.85**epoch per epoch.")
+@click.option("--patience", default=5, show_default=True, type=int,
+              help="Early stopping on validation loss (restores the best epoch); 0 = off.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--target-recall", default=0.98, show_default=True, type=float,
+              help="The threshold is the most specific one reaching this recall on validation.")
+@click.option("--out", default="runs/latest", show_default=True, help="Run folder.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and exit without loading data.")
+def train(resume, dry_run, **options):
+    """Train and evaluate a classifier; everything lands in the run folder."""
+    from pneumojax.model import TrainableSpecError, make_plan  # noqa: PLC0415
+    from pneumojax.run import TrainConfig, train_run  # noqa: PLC0415
+    from pneumojax.train import Interrupted  # noqa: PLC0415
+
+    cfg = TrainConfig(**options)
+    if dry_run:
+        try:
+            plan = make_plan(get_backbone(cfg.backbone), cfg.cut, cfg.trainable, cfg.image_size)
+        except (TrainableSpecError, KeyError, ValueError) as e:
+            _fail(_text(e), 2)
+        for line in plan.lines():
+            click.echo(line)
+        return
+    try:
+        train_run(cfg, resume=resume, log=click.echo)
+    except TrainableSpecError as e:
+        _fail(_text(e), 2)
+    except Interrupted as e:
+        click.echo(f"{e}\ncontinue with: pneumojax train --out {cfg.out} --resume", err=True)
+        sys.exit(130)
+    except (KeyError, ValueError, FileNotFoundError, OSError) as e:
+        _fail(_text(e), 2 if isinstance(e, KeyError) else 1)
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, help="A run folder made by `pneumojax train`.")
+@click.option("--data", default=None, help="Another data folder [default: the run's own].")
+@click.option("--split", default="test", show_default=True,
+              type=click.Choice(["test", "val", "all"]),
+              help="'all' takes every image of the folder (an external test set).")
+@click.option("--out", default=None, help="metrics.json path [default: RUN/eval-SPLIT/metrics.json].")
+def evaluate(run_dir, data, split, out):
+    """Metrics (at the run's validation-chosen threshold) and plots on any data."""
+    from pneumojax.run import evaluate_run  # noqa: PLC0415
+    try:
+        evaluate_run(run_dir, data, split, out, log=click.echo)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(_text(e))
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, help="A run folder made by `pneumojax train`.")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of CSV.")
+@click.argument("paths", nargs=-1, required=True)
+def predict(run_dir, as_json, paths):
+    """Pneumonia probability and label for images or folders of images."""
+    import csv  # noqa: PLC0415
+    import json  # noqa: PLC0415
+
+    from pneumojax.run import predict_paths  # noqa: PLC0415
+    try:
+        rows = predict_paths(run_dir, list(paths))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(_text(e))
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+    else:
+        w = csv.DictWriter(sys.stdout, fieldnames=["path", "p_pneumonia", "label", "threshold"])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _text(e: Exception) -> str:
+    # KeyError's str() adds quotes around the message.
+    return e.args[0] if isinstance(e, KeyError) and e.args else str(e)

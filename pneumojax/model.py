@@ -1,0 +1,211 @@
+"""The classifier (backbone up to a cut + the study's head) and Keras-exact freezing.
+
+Freezing follows Keras: the layers in the ``--trainable`` ranges train (their BatchNorm uses
+batch statistics and updates its moving averages); every other backbone layer is frozen (its
+BatchNorm runs in inference mode, its parameters get no update, and no gradient flows into
+the part before the first trainable layer). The head always trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pneumojax.backbones import (BackboneInfo, KerasGraph, ancestors, backbone_model,
+                                 init_shapes, preprocess)
+
+HEAD = ("dense", "dense_1")  # Keras's auto-names for the head's two Dense layers
+
+
+class TrainableSpecError(ValueError):
+    """A ``--trainable`` value that does not name a usable layer range."""
+
+
+class Classifier(nn.Module):
+    """uint8 images -> backbone up to the cut -> Flatten, Dense(128, relu), Dropout, Dense(2).
+
+    Returns the two logits; the study's sigmoid is applied in the loss and in
+    :func:`pneumonia_probability`.
+    """
+
+    backbone: KerasGraph
+    preprocess_mode: str
+    hidden: int = 128
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        x = preprocess(images, self.preprocess_mode, self.backbone.dtype)
+        x = self.backbone(x, train=train)[self.backbone.outputs[0]]
+        x = x.reshape(x.shape[0], -1)
+        init = nn.initializers.glorot_uniform()
+        x = nn.relu(nn.Dense(self.hidden, kernel_init=init, name=HEAD[0])(x))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(2, kernel_init=init, name=HEAD[1])(x).astype(jnp.float32)
+
+
+def pneumonia_probability(logits):
+    """The study's Dense(2, sigmoid) output for the PNEUMONIA unit."""
+    return jax.nn.sigmoid(logits[..., 1])
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPlan:
+    """Everything resolved about a model before any data is touched."""
+
+    backbone: str
+    cut: str
+    input_size: int
+    trainable_spec: str
+    trainable_ranges: tuple[tuple[str, str], ...]   # (first, last) layer names, inclusive
+    trainable_layers: frozenset[str]
+    trainable_params: int
+    frozen_params: int
+
+    def lines(self) -> list[str]:
+        ranges = ", ".join(f"{a} .. {b}" for a, b in self.trainable_ranges) or "none (head only)"
+        return [f"backbone={self.backbone} cut={self.cut} input_size={self.input_size}",
+                f"trainable layers: {ranges}",
+                f"trainable_params={self.trainable_params}",
+                f"frozen_params={self.frozen_params}"]
+
+
+_INT = re.compile(r"^-?\d+$")
+
+
+def parse_trainable(spec: str | None, info: BackboneInfo, cut: str) -> tuple[
+        tuple[tuple[str, str], ...], frozenset[str]]:
+    """Resolves ``--trainable`` to inclusive (first, last) name pairs and the layer names.
+
+    ``START:END`` follows Python slices over ``model.layers`` (start inclusive, end exclusive),
+    by Keras name or index, open ends allowed; several ranges comma-separated; ``all``; a
+    single name or index is that one layer; ``none`` or empty is head only. Only layers the
+    cut needs count.
+    """
+    spec = (spec or "").strip()
+    if spec.lower() in ("", "none"):
+        return (), frozenset()
+    names = [s.name for s in info.layers]
+    needed = ancestors(info.layers, [cut])
+    if spec.lower() == "all":
+        parts = [":"]
+    else:
+        parts = [p.strip() for p in spec.split(",")]
+    ranges, layers = [], set()
+    for part in parts:
+        if ":" in part:
+            if part.count(":") != 1:
+                raise TrainableSpecError(f"--trainable {part!r}: a range is START:END")
+            a, b = (s.strip() for s in part.split(":"))
+            start = _resolve(a, info, default=0)
+            stop = _resolve(b, info, default=len(names))
+        else:
+            if not part:
+                raise TrainableSpecError(f"--trainable {spec!r}: empty range between commas")
+            start = _resolve(part, info, default=0)
+            stop = start + 1
+        if start >= stop:
+            raise TrainableSpecError(
+                f"--trainable {part!r} selects no layer: {names[min(start, len(names) - 1)]} "
+                f"(index {start}) is not before index {stop} (ranges are START:END, end exclusive)")
+        chosen = [n for n in names[start:stop] if n in needed]
+        if not chosen:
+            raise TrainableSpecError(
+                f"--trainable {part!r} lies after the cut layer {cut} (index "
+                f"{info.layer_index[cut]}), so it would have no effect; choose layers before the "
+                "cut or a later --cut")
+        ranges.append((chosen[0], chosen[-1]))
+        layers.update(chosen)
+    return tuple(ranges), frozenset(layers)
+
+
+def _resolve(token: str, info: BackboneInfo, default: int) -> int:
+    n = len(info.layers)
+    if token == "":
+        return default
+    if _INT.match(token):
+        i = int(token)
+        if not -n <= i <= n:
+            raise TrainableSpecError(f"--trainable: layer index {i} is out of range for "
+                                     f"{info.name} ({n} layers, 0..{n - 1})")
+        return i + n if i < 0 else i
+    if token not in info.layer_index:
+        close = difflib.get_close_matches(token, list(info.layer_index), n=3, cutoff=0.0)
+        hint = f" Nearest {info.name} layers: {', '.join(close)}." if close else ""
+        raise TrainableSpecError(f"--trainable: {info.name} has no layer {token!r}.{hint} "
+                                 f"List them with: pneumojax layers --backbone {info.name}")
+    return info.layer_index[token]
+
+
+def build_classifier(info: BackboneInfo, cut: str, trainable: frozenset[str],
+                     dtype=jnp.float32) -> Classifier:
+    return Classifier(backbone_model(info, outputs=[cut], trainable=trainable, dtype=dtype),
+                      info.preprocess_mode)
+
+
+def make_plan(info: BackboneInfo, cut: str | None, trainable_spec: str | None,
+              input_size: int) -> ModelPlan:
+    """Resolves cut and trainable ranges and counts parameters the way Keras's summary does."""
+    cut = info.check_layer(cut or info.default_cut)
+    if input_size < info.min_input_size:
+        raise ValueError(f"{info.name} needs --image-size >= {info.min_input_size}, got {input_size}")
+    ranges, layers = parse_trainable(trainable_spec, info, cut)
+    variables, _ = init_shapes(build_classifier(info, cut, layers), input_size)
+    labels = trainable_labels(variables["params"], layers)
+    size = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))  # noqa: E731
+    trainable = sum(size(p) for p, lab in zip(jax.tree.leaves(variables["params"]),
+                                              jax.tree.leaves(labels)) if lab == "train")
+    total = size(variables)
+    return ModelPlan(info.name, cut, input_size, trainable_spec or "none", ranges, layers,
+                     trainable, total - trainable)
+
+
+def trainable_labels(params: dict, trainable: frozenset[str]) -> dict:
+    """'train' / 'freeze' per parameter leaf: the head and the trainable layers train."""
+    def label(path, _):
+        keys = [getattr(k, "key", None) for k in path]
+        if keys[0] != "backbone":
+            return "train"
+        return "train" if keys[1] in trainable else "freeze"
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(params: dict, trainable: frozenset[str], learning_rate) -> optax.GradientTransformation:
+    """Adam (Keras's epsilon) on trainable leaves, zero updates on frozen ones.
+
+    The rate lives in the optimizer state (``inject_hyperparams``) so a per-epoch schedule
+    changes a value, not the compiled step.
+    """
+    return optax.multi_transform(
+        {"train": optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate, eps=1e-7),
+         "freeze": optax.set_to_zero()},
+        trainable_labels(params, trainable))
+
+
+def init_variables(model: Classifier, input_size: int, seed: int,
+                   backbone_variables: dict | None = None) -> dict[str, Any]:
+    """Keras-style random init, with the backbone replaced by ported variables if given."""
+    x = jnp.zeros((1, input_size, input_size, 3), jnp.uint8)
+    variables = jax.jit(model.init)(jax.random.key(seed), x)
+    variables = jax.tree.map(np.asarray, variables)
+    if backbone_variables is not None:
+        for collection in ("params", "batch_stats"):
+            mine = variables.get(collection, {}).get("backbone", {})
+            src = backbone_variables.get(collection, {})
+            for layer, leaves in mine.items():
+                if layer not in src:
+                    raise ValueError(f"the backbone checkpoint has no variables for layer {layer}")
+                for k, v in leaves.items():
+                    if np.shape(src[layer][k]) != v.shape:
+                        raise ValueError(f"checkpoint layer {layer}/{k} has shape "
+                                         f"{np.shape(src[layer][k])}, the model needs {v.shape}")
+                    leaves[k] = np.asarray(src[layer][k], v.dtype)
+    return variables

@@ -1,0 +1,272 @@
+"""A run end to end: data, plan, weights, training, evaluation, and the run folder.
+
+A run folder holds everything the run did: ``config.json`` (all resolved), ``splits.json``,
+``history.jsonl``, ``checkpoints/{last,best}``, ``metrics.json`` and ``plots/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+from pneumojax import data as D
+from pneumojax.backbones import get_backbone
+from pneumojax.checkpoint import load_variables
+from pneumojax.metrics import choose_threshold, evaluate_predictions, format_metrics
+from pneumojax.model import build_classifier, init_variables, make_optimizer, make_plan, \
+    pneumonia_probability
+from pneumojax.plots import plot_confusion_matrix, plot_history, plot_roc
+from pneumojax.train import FitOptions, Steps, fit, make_mesh, predict_logits
+
+
+def cache_dir() -> Path:
+    """Where decoded images and generated data live between runs."""
+    return Path(os.environ.get("PNEUMOJAX_CACHE", Path.home() / ".cache" / "pneumojax"))
+
+
+def checkpoints_dir() -> Path:
+    return Path(os.environ.get("PNEUMOJAX_CHECKPOINTS", "checkpoints"))
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every option of ``pneumojax train``; saved resolved as ``config.json``."""
+
+    data: str = "demo"
+    backbone: str = "densenet121"
+    cut: str | None = None
+    weights: str = "imagenet"
+    trainable: str = "none"
+    image_size: int = 256
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    lr_schedule: str = "keras-seed"
+    patience: int = 5
+    seed: int = 0
+    target_recall: float = 0.98
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    out: str = "runs/latest"
+
+    def fit_options(self) -> FitOptions:
+        return FitOptions(self.epochs, self.batch_size, self.learning_rate, self.lr_schedule,
+                          self.patience, self.seed)
+
+
+def resolve_data(spec: str, log: Callable[[str], None] = print) -> D.DataSource:
+    """``demo`` makes (once) and uses the synthetic set; anything else is a data folder."""
+    if spec == "demo":
+        folder = D.make_demo_dataset(cache_dir() / "demo")
+        log(f"data: SYNTHETIC demo images ({folder}), not real X-rays: for trying the pipeline only")
+        return D.find_images(folder)
+    return D.find_images(spec)
+
+
+def resolve_weights(weights: str, backbone: str) -> tuple[dict | None, dict]:
+    """``none`` | ``imagenet`` (the ported checkpoint) | a checkpoint folder."""
+    if weights == "none":
+        return None, {"weights": "none"}
+    folder = checkpoints_dir() / f"{backbone}-imagenet" if weights == "imagenet" else Path(weights)
+    if weights == "imagenet" and not folder.exists():
+        raise FileNotFoundError(
+            f"no ported ImageNet checkpoint at {folder}. Make it with `pneumojax port --backbone "
+            f"{backbone} --weights imagenet` (needs internet once), or train from Keras's random "
+            "init with --weights none")
+    variables, manifest = load_variables(folder)
+    if manifest.get("backbone") != backbone:
+        raise ValueError(f"checkpoint {folder} holds {manifest.get('backbone')} weights, "
+                         f"not {backbone}")
+    return variables, {"weights": str(folder), "weights_sha256": manifest.get("weights_sha256")}
+
+
+def load_split_arrays(items, image_size: int, log=print) -> tuple[np.ndarray, np.ndarray]:
+    images = D.load_images(items, image_size, cache_dir=cache_dir() / "images")
+    labels = np.array([label for _, label in items], np.int32)
+    return images, labels
+
+
+def environment() -> dict:
+    return {"jax": jax.__version__, "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
+            "python": platform.python_version(), "machine": platform.machine()}
+
+
+def train_run(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print,
+              stop_after_steps: int | None = None) -> dict:
+    """Trains and evaluates; returns the test metrics (also in ``RUN_DIR/metrics.json``)."""
+    t0 = time.perf_counter()
+    run_dir = Path(cfg.out)
+    info = get_backbone(cfg.backbone)
+    plan = make_plan(info, cfg.cut, cfg.trainable, cfg.image_size)
+    for line in plan.lines():
+        log(line)
+
+    source = resolve_data(cfg.data, log)
+    if resume:
+        splits = D.Splits.from_json((run_dir / "splits.json").read_text())
+    else:
+        splits = D.make_splits(source, cfg.val_fraction, cfg.test_fraction, seed=cfg.seed)
+    for name, s in splits.summary().items():
+        log(f"split {name}: {s['n']} images ({s['normal']} NORMAL, {s['pneumonia']} PNEUMONIA), "
+            f"{s['patients']} patients")
+    backbone_vars, weights_record = resolve_weights(cfg.weights, info.name)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        config = {**dataclasses.asdict(cfg), "cut": plan.cut, "plan": dataclasses.asdict(plan),
+                  "weights_source": weights_record, "environment": environment(),
+                  "data_layout": source.layout}
+        config["plan"]["trainable_layers"] = sorted(plan.trainable_layers)
+        _write_json(run_dir / "config.json", config)
+        (run_dir / "splits.json").write_text(splits.to_json())
+
+    train_x, train_y = load_split_arrays(splits.train, cfg.image_size, log)
+    val_x, val_y = load_split_arrays(splits.val, cfg.image_size, log)
+    test_x, test_y = load_split_arrays(splits.test, cfg.image_size, log)
+    t_data = time.perf_counter() - t0
+
+    model = build_classifier(info, plan.cut, plan.trainable_layers)
+    variables = init_variables(model, cfg.image_size, cfg.seed, backbone_vars)
+    mesh = make_mesh()
+    log(f"devices: {mesh.devices.size} x {jax.default_backend()}; global batch {cfg.batch_size}, "
+        f"{cfg.batch_size // mesh.devices.size} per device")
+    steps = Steps(model, make_optimizer(variables["params"], plan.trainable_layers,
+                                        cfg.learning_rate), mesh)
+    weights = np.ones(len(train_y), np.float32)
+    best, progress = fit(steps, variables, (train_x, train_y, weights), (val_x, val_y),
+                         cfg.fit_options(), run_dir, resume=resume, log=log,
+                         stop_after_steps=stop_after_steps)
+    t_fit = time.perf_counter() - t0 - t_data
+
+    metrics = evaluate_arrays(steps, best, (val_x, val_y), (test_x, test_y), cfg.target_recall,
+                              cfg.batch_size, run_dir / "plots", "test")
+    metrics["training"] = {"epochs_run": progress.epoch, "best_epoch": progress.best_epoch,
+                           "stopped_early": progress.stopped_early,
+                           "seconds": {"data": round(t_data, 2), "fit": round(t_fit, 2),
+                                       "total": round(time.perf_counter() - t0, 2)}}
+    _write_json(run_dir / "metrics.json", metrics)
+    plot_history(progress.history, run_dir / "plots" / "history.png")
+    log(format_metrics(metrics))
+    log(f"run folder: {run_dir.absolute()}")
+    return metrics
+
+
+def evaluate_arrays(steps: Steps, variables, val, target, target_recall: float, batch_size: int,
+                    plots_dir: Path, split_name: str, threshold: float | None = None) -> dict:
+    """Threshold from validation (unless given), figures and plots on ``target``."""
+    if threshold is None:
+        p_val = pneumonia_probability(predict_logits(steps, variables, val[0], batch_size))
+        threshold = choose_threshold(val[1], np.asarray(p_val), target_recall)
+    p = np.asarray(pneumonia_probability(predict_logits(steps, variables, target[0], batch_size,
+                                                        desc=f"predict {split_name}")))
+    metrics = evaluate_predictions(target[1], p, threshold)
+    metrics.update(split=split_name, threshold_source="validation",
+                   target_recall=target_recall)
+    plot_confusion_matrix(metrics["confusion_matrix"], plots_dir / "confusion_matrix.png",
+                          title=f"{split_name}, threshold {threshold:.3f}")
+    plot_roc(target[1], p, plots_dir / "roc.png", auc=metrics["auc"], threshold=threshold)
+    return metrics
+
+
+def _write_json(path: Path, payload: dict):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+# --- using a finished run ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LoadedRun:
+    run_dir: Path
+    config: dict
+    steps: Steps
+    variables: dict
+    threshold: float
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """The model, best weights and validation-chosen threshold of a finished run."""
+    from pneumojax.train import RunCheckpoints  # noqa: PLC0415
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise FileNotFoundError(f"{run_dir} is not a pneumojax run folder (no config.json)")
+    config = json.loads((run_dir / "config.json").read_text())
+    info = get_backbone(config["backbone"])
+    layers = frozenset(config["plan"]["trainable_layers"])
+    model = build_classifier(info, config["cut"], layers)
+    template = init_variables(model, config["image_size"], config["seed"])
+    steps = Steps(model, make_optimizer(template["params"], layers, config["learning_rate"]),
+                  make_mesh())
+    ckpt = RunCheckpoints(run_dir / "checkpoints")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template)
+    variables = ckpt.restore_best(abstract)
+    ckpt.close()
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.exists():
+        raise FileNotFoundError(f"{run_dir} has no metrics.json: the run did not finish")
+    threshold = json.loads(metrics_path.read_text())["threshold"]
+    return LoadedRun(run_dir, config, steps, variables, threshold)
+
+
+def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "test",
+                 out: str | Path | None = None, log=print) -> dict:
+    """Evaluates a run's best model on a split of its own data or of another folder.
+
+    The threshold is the one the run chose on its validation split.
+    """
+    run = load_run(run_dir)
+    size = run.config["image_size"]
+    if data is None:
+        splits = D.Splits.from_json((run.run_dir / "splits.json").read_text())
+        items = splits.as_dict()[split] if split != "all" else splits.train + splits.val + splits.test
+    else:
+        source = resolve_data(data, log)
+        if split == "all":
+            items = [it for v in source.splits.values() for it in v]
+        elif source.layout == "kaggle" and split in source.splits and source.splits[split]:
+            items = source.splits[split]
+        else:
+            raise ValueError(f"--split {split} needs a Kaggle-layout folder with {split}/; for a "
+                             "flat NORMAL/ PNEUMONIA/ folder use --split all")
+    x, y = load_split_arrays(items, size, log)
+    out = Path(out) if out else run.run_dir / f"eval-{split}" / "metrics.json"
+    metrics = evaluate_arrays(run.steps, run.variables, None, (x, y), run.config["target_recall"],
+                              run.config["batch_size"], out.parent / "plots", split,
+                              threshold=run.threshold)
+    metrics["data"] = str(data or run.config["data"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(out, metrics)
+    log(format_metrics(metrics))
+    log(f"wrote {out}")
+    return metrics
+
+
+def predict_paths(run_dir: str | Path, paths: list[str]) -> list[dict]:
+    """Pneumonia probability and label for each image (folders are searched for images)."""
+    run = load_run(run_dir)
+    files: list[str] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in D.IMAGE_EXTENSIONS)
+        elif p.is_file():
+            files.append(str(p))
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    if not files:
+        raise FileNotFoundError("no images found in " + ", ".join(paths))
+    images = D.load_images(files, run.config["image_size"], progress=len(files) > 50)
+    p = np.asarray(pneumonia_probability(predict_logits(run.steps, run.variables, images,
+                                                        run.config["batch_size"])))
+    return [{"path": f, "p_pneumonia": float(q),
+             "label": "PNEUMONIA" if q >= run.threshold else "NORMAL",
+             "threshold": run.threshold} for f, q in zip(files, p)]

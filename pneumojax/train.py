@@ -1,0 +1,354 @@
+"""Training: one jitted step over a device mesh, early stopping, checkpoints, resume.
+
+The batch is sharded over the mesh's ``data`` axis and the state is replicated, so the same
+step runs on 1 CPU, 8 GPUs or several hosts. Every random choice (init, shuffling, dropout)
+is derived from ``seed`` and the epoch/step number, so a resumed run redoes exactly what an
+uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+from pathlib import Path
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from pneumojax.model import Classifier, make_optimizer, pneumonia_probability
+
+LR_SCHEDULES = ("keras-seed", "exponential", "constant")
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after saving a resumable checkpoint."""
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def epoch_lr_factor(kind: str, epoch) -> Any:
+    """Learning-rate factor for a 0-based epoch.
+
+    ``keras-seed`` is the study's ``LearningRateScheduler(lambda e, lr: lr * 0.85 ** e)``:
+    it multiplies the *current* rate, so the factor compounds to 0.85 ** (e (e + 1) / 2).
+    """
+    if kind == "keras-seed":
+        return 0.85 ** (epoch * (epoch + 1) / 2)
+    if kind == "exponential":
+        return 0.85 ** epoch
+    if kind == "constant":
+        return 1.0 + 0 * epoch
+    raise ValueError(f"unknown --lr-schedule {kind!r}; choose one of {', '.join(LR_SCHEDULES)}")
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    """All devices of all hosts on one ``data`` axis (XLA partitions the step: Auto axes)."""
+    return jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def loss_and_accuracy(logits, labels, weights):
+    """The study's binary cross-entropy on one-hot labels (two sigmoid units), weighted."""
+    onehot = jax.nn.one_hot(labels, 2)
+    per_example = optax.sigmoid_binary_cross_entropy(logits, onehot).mean(-1)
+    correct = ((pneumonia_probability(logits) >= 0.5) == (labels == 1)).astype(jnp.float32)
+    total = jnp.maximum(weights.sum(), 1e-12)
+    return (per_example * weights).sum() / total, (correct * weights).sum() / total
+
+
+@dataclasses.dataclass
+class Steps:
+    """The jitted train and predict steps for one model, optimizer and mesh."""
+
+    model: Classifier
+    tx: optax.GradientTransformation
+    mesh: jax.sharding.Mesh
+
+    def __post_init__(self):
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        self.train = jax.jit(self._train, donate_argnums=0,
+                             in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+                             out_shardings=(self.replicated, self.replicated))
+        self.predict = jax.jit(self._predict,
+                               in_shardings=(self.replicated, self.batch_sharding),
+                               out_shardings=self.batch_sharding)
+
+    def _train(self, state: TrainState, batch, key):
+        key = jax.random.fold_in(key, state.step)
+
+        def loss_fn(params):
+            logits, updates = self.model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, batch["image"],
+                train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+            loss, acc = loss_and_accuracy(logits, batch["label"], batch["weight"])
+            return loss, (acc, updates.get("batch_stats", state.batch_stats))
+
+        (loss, (acc, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = TrainState(state.step + 1, params, batch_stats, opt_state)
+        return new, {"loss": loss, "accuracy": acc}
+
+    def _predict(self, variables, images):
+        return self.model.apply(variables, images, train=False)
+
+    def init_state(self, variables) -> TrainState:
+        params, batch_stats = variables["params"], variables.get("batch_stats", {})
+        state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, self.tx.init(params))
+        return jax.device_put(state, self.replicated)
+
+    def shard(self, batch):
+        return jax.device_put(batch, self.batch_sharding)
+
+
+def predict_logits(steps: Steps, variables, images: np.ndarray, batch_size: int,
+                   desc: str | None = None) -> np.ndarray:
+    """Logits for every image, in fixed-shape batches (the last one padded) to compile once."""
+    n = len(images)
+    out = np.zeros((n, 2), np.float32)
+    variables = jax.device_put(variables, steps.replicated)
+    starts = range(0, n, batch_size)
+    for start in tqdm(starts, desc=desc, leave=False, disable=desc is None):
+        chunk = np.asarray(images[start:start + batch_size])
+        pad = batch_size - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+        logits = steps.predict(variables, steps.shard(chunk))
+        out[start:start + batch_size - pad] = np.asarray(logits)[:batch_size - pad]
+    return out
+
+
+def evaluate_loss(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    loss, acc = loss_and_accuracy(jnp.asarray(logits), jnp.asarray(labels),
+                                  jnp.ones(len(labels), jnp.float32))
+    return float(loss), float(acc)
+
+
+@dataclasses.dataclass
+class FitOptions:
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    lr_schedule: str = "keras-seed"
+    patience: int = 5
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: saved with every checkpoint, so a resume continues exactly."""
+
+    epoch: int = 0
+    batch: int = 0                # batches done in the current epoch
+    sums: dict = dataclasses.field(default_factory=lambda: {"loss": 0.0, "accuracy": 0.0})
+    history: list = dataclasses.field(default_factory=list)
+    best_val_loss: float = math.inf
+    best_epoch: int = -1
+    wait: int = 0
+    stopped_early: bool = False
+    finished: bool = False
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag that the loop checks between steps (then saves and stops)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __enter__(self):
+        self._old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in self._old:
+            signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class RunCheckpoints:
+    """``last`` (full state + progress, every epoch and on interrupt) and ``best`` (weights)."""
+
+    def __init__(self, directory: Path):
+        opts = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
+        self.last = ocp.CheckpointManager(directory / "last", options=opts)
+        self.best = ocp.CheckpointManager(directory / "best", options=opts)
+
+    def save_last(self, state: TrainState, progress: Progress):
+        step = int(state.step)
+        self.last.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            progress=ocp.args.JsonSave(dataclasses.asdict(progress))), force=True)
+        self.last.wait_until_finished()
+
+    def restore_last(self, abstract_state: TrainState) -> tuple[TrainState, Progress] | None:
+        step = self.last.latest_step()
+        if step is None:
+            return None
+        restored = self.last.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
+        return restored["state"], Progress(**restored["progress"])
+
+    def save_best(self, state: TrainState, epoch: int, val_loss: float):
+        self.best.save(epoch, args=ocp.args.Composite(
+            variables=ocp.args.StandardSave({"params": state.params,
+                                             "batch_stats": state.batch_stats}),
+            info=ocp.args.JsonSave({"epoch": epoch, "val_loss": val_loss})), force=True)
+        self.best.wait_until_finished()
+
+    def restore_best(self, abstract_variables=None) -> dict:
+        step = self.best.latest_step()
+        if step is None:
+            raise FileNotFoundError("no best checkpoint saved yet")
+        restored = self.best.restore(step, args=ocp.args.Composite(
+            variables=ocp.args.StandardRestore(abstract_variables)))
+        return restored["variables"]
+
+    def close(self):
+        self.last.close()
+        self.best.close()
+
+
+def fit(steps: Steps, variables: dict, train: tuple[np.ndarray, np.ndarray, np.ndarray],
+        val: tuple[np.ndarray, np.ndarray], opts: FitOptions, run_dir: Path,
+        resume: bool = False, log: Callable[[str], None] = print,
+        stop_after_steps: int | None = None) -> tuple[dict, Progress]:
+    """Trains with early stopping on validation loss; returns the best variables.
+
+    ``train`` is (uint8 images, labels, per-example weights). ``stop_after_steps`` simulates
+    an interrupt (tests).
+    """
+    images, labels, weights = train
+    n_dev = steps.mesh.devices.size
+    if opts.batch_size % n_dev:
+        raise ValueError(f"--batch-size {opts.batch_size} is not a multiple of the "
+                         f"{n_dev} devices")
+    steps_per_epoch = len(images) // opts.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the train split has {len(images)} images, fewer than one batch "
+                         f"of {opts.batch_size}")
+    ckpt = RunCheckpoints(run_dir / "checkpoints")
+    state = steps.init_state(variables)
+    progress = Progress()
+    if resume:
+        restored = ckpt.restore_last(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+        if restored is None:
+            raise FileNotFoundError(f"{run_dir} has no checkpoint to resume from")
+        state, progress = restored
+        log(f"resuming at epoch {progress.epoch + 1}, batch {progress.batch}")
+    key = jax.random.key(opts.seed)
+    _write_history(run_dir, progress.history)
+
+    with _StopFlag() as stop:
+        epochs = tqdm(range(progress.epoch, opts.epochs), desc="epochs", initial=progress.epoch,
+                      total=opts.epochs)
+        for epoch in epochs:
+            if progress.finished:
+                break
+            lr = opts.learning_rate * epoch_lr_factor(opts.lr_schedule, epoch)
+            state = _set_learning_rate(state, lr)
+            order = np.random.default_rng([opts.seed, epoch]).permutation(len(images))
+            bar = tqdm(range(progress.batch, steps_per_epoch), desc=f"epoch {epoch + 1}",
+                       initial=progress.batch, total=steps_per_epoch, leave=False)
+            for b in bar:
+                idx = np.sort(order[b * opts.batch_size:(b + 1) * opts.batch_size])
+                batch = steps.shard({"image": np.asarray(images[idx]), "label": labels[idx],
+                                     "weight": weights[idx].astype(np.float32)})
+                state, metrics = steps.train(state, batch, key)
+                metrics = jax.device_get(metrics)  # one small sync per step feeds the bar
+                if not np.isfinite(metrics["loss"]):
+                    raise NonFiniteLoss(f"loss became {metrics['loss']} at epoch {epoch + 1}, "
+                                        f"step {b + 1}; the last good checkpoint is kept")
+                for k in progress.sums:
+                    progress.sums[k] += float(metrics[k])
+                progress.batch = b + 1
+                bar.set_postfix(loss=f"{progress.sums['loss'] / progress.batch:.4f}",
+                                acc=f"{progress.sums['accuracy'] / progress.batch:.3f}")
+                if stop_after_steps is not None and int(state.step) >= stop_after_steps:
+                    stop.signal = signal.SIGINT
+                if stop.signal is not None:
+                    ckpt.save_last(state, progress)
+                    ckpt.close()
+                    raise Interrupted(f"interrupted by {signal.Signals(stop.signal).name} at "
+                                      f"epoch {epoch + 1}, batch {b + 1}; state saved in "
+                                      f"{run_dir / 'checkpoints' / 'last'}")
+            bar.close()
+            val_logits = predict_logits(steps, {"params": state.params,
+                                                "batch_stats": state.batch_stats},
+                                        val[0], opts.batch_size)
+            val_loss, val_acc = evaluate_loss(val_logits, val[1])
+            row = {"epoch": epoch + 1, "lr": lr,
+                   "loss": progress.sums["loss"] / steps_per_epoch,
+                   "accuracy": progress.sums["accuracy"] / steps_per_epoch,
+                   "val_loss": val_loss, "val_accuracy": val_acc}
+            progress.history.append(row)
+            epochs.set_postfix(loss=f"{row['loss']:.4f}", val_loss=f"{val_loss:.4f}",
+                               val_acc=f"{val_acc:.3f}")
+            log(f"epoch {epoch + 1}/{opts.epochs} loss={row['loss']:.4f} "
+                f"accuracy={row['accuracy']:.4f} val_loss={val_loss:.4f} "
+                f"val_accuracy={val_acc:.4f} lr={lr:.3g}")
+            if val_loss < progress.best_val_loss:
+                progress.best_val_loss, progress.best_epoch, progress.wait = val_loss, epoch + 1, 0
+                ckpt.save_best(state, epoch + 1, val_loss)
+            else:
+                progress.wait += 1
+            progress.epoch, progress.batch = epoch + 1, 0
+            progress.sums = {k: 0.0 for k in progress.sums}
+            if opts.patience and progress.wait >= opts.patience:
+                progress.stopped_early = progress.finished = True
+                log(f"early stopping after epoch {epoch + 1}: val_loss has not improved for "
+                    f"{opts.patience} epochs; restoring epoch {progress.best_epoch}")
+            if epoch + 1 == opts.epochs:
+                progress.finished = True
+            ckpt.save_last(state, progress)
+            _write_history(run_dir, progress.history)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                            {"params": state.params, "batch_stats": state.batch_stats})
+    best = ckpt.restore_best(abstract)
+    ckpt.close()
+    return best, progress
+
+
+def _set_learning_rate(state: TrainState, lr: float) -> TrainState:
+    """Sets the rate inside ``inject_hyperparams`` state: a value, not a recompile."""
+    def visit(x):
+        if isinstance(x, optax.InjectHyperparamsState):
+            hp = dict(x.hyperparams)
+            hp["learning_rate"] = jnp.asarray(lr, jnp.asarray(hp["learning_rate"]).dtype)
+            return x._replace(hyperparams=hp)
+        return x
+    opt_state = jax.tree.map(visit, state.opt_state,
+                             is_leaf=lambda x: isinstance(x, optax.InjectHyperparamsState))
+    return state.replace(opt_state=opt_state)
+
+
+def _write_history(run_dir: Path, history: list[dict]):
+    tmp = run_dir / "history.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+    os.replace(tmp, run_dir / "history.jsonl")
