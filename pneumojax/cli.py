@@ -89,9 +89,11 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
 @click.option("--target-recall", default=0.98, show_default=True, type=float,
               help="The threshold is the most specific one reaching this recall on validation.")
 @click.option("--out", default="runs/latest", show_default=True, help="Run folder.")
-@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (its own "
+              "config.json is used).")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and exit without loading data.")
-def train(resume, dry_run, **options):
+def train(resume, overwrite, dry_run, **options):
     """Train and evaluate a classifier; everything lands in the run folder."""
     from pneumojax.model import TrainableSpecError, make_plan  # noqa: PLC0415
     from pneumojax.run import TrainConfig, train_run  # noqa: PLC0415
@@ -107,7 +109,7 @@ def train(resume, dry_run, **options):
             click.echo(line)
         return
     try:
-        train_run(cfg, resume=resume, log=click.echo)
+        train_run(cfg, resume=resume, overwrite=overwrite, log=_log_above_bars)
     except TrainableSpecError as e:
         _fail(_text(e), 2)
     except Interrupted as e:
@@ -153,6 +155,11 @@ def predict(run_dir, as_json, paths):
         w = csv.DictWriter(sys.stdout, fieldnames=["path", "p_pneumonia", "label", "threshold"])
         w.writeheader()
         w.writerows(rows)
+
+
+def _log_above_bars(line: str):
+    from tqdm.auto import tqdm  # noqa: PLC0415
+    tqdm.write(line)
 
 
 def _text(e: Exception) -> str:

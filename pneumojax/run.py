@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -100,11 +101,16 @@ def environment() -> dict:
             "python": platform.python_version(), "machine": platform.machine()}
 
 
-def train_run(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print,
-              stop_after_steps: int | None = None) -> dict:
+def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+              log: Callable[[str], None] = print, stop_after_steps: int | None = None) -> dict:
     """Trains and evaluates; returns the test metrics (also in ``RUN_DIR/metrics.json``)."""
     t0 = time.perf_counter()
-    run_dir = Path(cfg.out)
+    run_dir = Path(cfg.out).absolute()
+    check_run_dir(run_dir, resume, overwrite)
+    if resume:
+        cfg = TrainConfig(**{k: v for k, v in _read_json(run_dir / "config.json").items()
+                             if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+        cfg.out = str(run_dir)
     info = get_backbone(cfg.backbone)
     plan = make_plan(info, cfg.cut, cfg.trainable, cfg.image_size)
     for line in plan.lines():
@@ -158,6 +164,22 @@ def train_run(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None]
     log(format_metrics(metrics))
     log(f"run folder: {run_dir.absolute()}")
     return metrics
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool):
+    """Refuses to mix two runs in one folder."""
+    has_run = (run_dir / "config.json").exists()
+    if resume and not has_run:
+        raise FileNotFoundError(f"--resume: {run_dir} holds no run to continue")
+    if has_run and not resume:
+        if not overwrite:
+            raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, "
+                                  "--overwrite to replace it, or choose another --out")
+        shutil.rmtree(run_dir)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 
 def evaluate_arrays(steps: Steps, variables, val, target, target_recall: float, batch_size: int,

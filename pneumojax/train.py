@@ -196,6 +196,7 @@ class RunCheckpoints:
     """``last`` (full state + progress, every epoch and on interrupt) and ``best`` (weights)."""
 
     def __init__(self, directory: Path):
+        directory = Path(directory).absolute()  # orbax requires absolute paths
         opts = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
         self.last = ocp.CheckpointManager(directory / "last", options=opts)
         self.best = ocp.CheckpointManager(directory / "best", options=opts)
