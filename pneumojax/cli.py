@@ -89,6 +89,8 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
 @click.option("--target-recall", default=0.98, show_default=True, type=float,
               help="The threshold is the most specific one reaching this recall on validation.")
 @click.option("--out", default="runs/latest", show_default=True, help="Run folder.")
+@click.option("--feature-cache/--no-feature-cache", default=True, show_default=True,
+              help="Compute the frozen part's activations once and train the rest on them.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (its own "
               "config.json is used).")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")

@@ -434,6 +434,11 @@ def _item_path(item) -> str:
     return os.fspath(item) if isinstance(item, (str, os.PathLike)) else os.fspath(item[0])
 
 
+def image_set_key(paths: Sequence[str], image_size: int) -> str:
+    """Identifies decoded images: file paths, sizes and mtimes, and the output size."""
+    return _cache_key(paths, image_size)
+
+
 def _cache_key(paths: Sequence[str], image_size: int) -> str:
     digest = hashlib.sha256(f"pneumojax-images:{_DECODER_VERSION}:{image_size}\n".encode())
     for path in paths:

@@ -43,7 +43,9 @@ class Classifier(nn.Module):
 
     @nn.compact
     def __call__(self, images, train: bool = False):
-        x = preprocess(images, self.preprocess_mode, self.backbone.dtype)
+        # With ``backbone.given``, ``images`` is the dict of cached frozen activations.
+        x = images if self.backbone.given else preprocess(images, self.preprocess_mode,
+                                                          self.backbone.dtype)
         x = self.backbone(x, train=train)[self.backbone.outputs[0]]
         x = x.reshape(x.shape[0], -1)
         init = nn.initializers.glorot_uniform()
@@ -146,9 +148,10 @@ def _resolve(token: str, info: BackboneInfo, default: int) -> int:
 
 
 def build_classifier(info: BackboneInfo, cut: str, trainable: frozenset[str],
-                     dtype=jnp.float32) -> Classifier:
-    return Classifier(backbone_model(info, outputs=[cut], trainable=trainable, dtype=dtype),
-                      info.preprocess_mode)
+                     dtype=jnp.float32, given: tuple[str, ...] = ()) -> Classifier:
+    """The classifier; with ``given`` layer names it starts from their cached activations."""
+    return Classifier(backbone_model(info, outputs=[cut], trainable=trainable, dtype=dtype,
+                                     given=given), info.preprocess_mode)
 
 
 def make_plan(info: BackboneInfo, cut: str | None, trainable_spec: str | None,

@@ -17,10 +17,13 @@ from typing import Callable
 
 import jax
 import numpy as np
+import optax
 
 from pneumojax import data as D
 from pneumojax.backbones import get_backbone
-from pneumojax.checkpoint import load_variables
+from pneumojax.checkpoint import load_variables, save_variables
+from pneumojax.features import (cacheable_frontier, cached_activations, merge_variables,
+                                prefix_model, suffix_variables)
 from pneumojax.metrics import choose_threshold, evaluate_predictions, format_metrics
 from pneumojax.model import build_classifier, init_variables, make_optimizer, make_plan, \
     pneumonia_probability
@@ -57,6 +60,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     out: str = "runs/latest"
+    feature_cache: bool = True
 
     def fit_options(self) -> FitOptions:
         return FitOptions(self.epochs, self.batch_size, self.learning_rate, self.lr_schedule,
@@ -145,16 +149,40 @@ def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     mesh = make_mesh()
     log(f"devices: {mesh.devices.size} x {jax.default_backend()}; global batch {cfg.batch_size}, "
         f"{cfg.batch_size // mesh.devices.size} per device")
-    steps = Steps(model, make_optimizer(variables["params"], plan.trainable_layers,
-                                        cfg.learning_rate), mesh)
+    frontier = cacheable_frontier(info, plan.cut, plan.trainable_layers) if cfg.feature_cache else ()
+    if frontier:
+        # Train the suffix on activations computed once; same results as the full model.
+        prefix = prefix_model(info, frontier)
+        probe = Steps(model, optax.identity(), mesh)
+        inputs = {}
+        for name, items, x in (("train", splits.train, train_x), ("val", splits.val, val_x),
+                               ("test", splits.test, test_x)):
+            inputs[name] = cached_activations(
+                prefix, variables, x, D.image_set_key([p for p, _ in items], cfg.image_size),
+                cache_dir() / "features", cfg.batch_size,
+                lambda *a: probe.map(*a, desc=f"frozen activations ({name})"))
+        log(f"feature cache: training on cached activations of {', '.join(frontier)} "
+            "(the frozen part runs once; --no-feature-cache turns this off)")
+        train_model = build_classifier(info, plan.cut, plan.trainable_layers, given=frontier)
+        example = jax.tree.map(lambda a: np.asarray(a[:1]), inputs["val"])
+        template = jax.eval_shape(train_model.init, jax.random.key(0), example)
+        train_vars = suffix_variables(variables, template)
+    else:
+        inputs = {"train": train_x, "val": val_x, "test": test_x}
+        train_model, train_vars = model, variables
+    steps = Steps(train_model, make_optimizer(train_vars["params"], plan.trainable_layers,
+                                              cfg.learning_rate), mesh)
     weights = np.ones(len(train_y), np.float32)
-    best, progress = fit(steps, variables, (train_x, train_y, weights), (val_x, val_y),
-                         cfg.fit_options(), run_dir, resume=resume, log=log,
-                         stop_after_steps=stop_after_steps)
+    best, progress = fit(steps, train_vars, (inputs["train"], train_y, weights),
+                         (inputs["val"], val_y), cfg.fit_options(), run_dir, resume=resume,
+                         log=log, stop_after_steps=stop_after_steps)
     t_fit = time.perf_counter() - t0 - t_data
 
-    metrics = evaluate_arrays(steps, best, (val_x, val_y), (test_x, test_y), cfg.target_recall,
-                              cfg.batch_size, run_dir / "plots", "test")
+    metrics = evaluate_arrays(steps, best, (inputs["val"], val_y), (inputs["test"], test_y),
+                              cfg.target_recall, cfg.batch_size, run_dir / "plots", "test")
+    save_variables(run_dir / "model", merge_variables(variables, jax.device_get(best)),
+                   {"backbone": info.name, "cut": plan.cut, "image_size": cfg.image_size,
+                    "threshold": metrics["threshold"]}, overwrite=True)
     metrics["training"] = {"epochs_run": progress.epoch, "best_epoch": progress.best_epoch,
                            "stopped_early": progress.stopped_early,
                            "seconds": {"data": round(t_data, 2), "fit": round(t_fit, 2),
@@ -218,25 +246,18 @@ class LoadedRun:
 
 def load_run(run_dir: str | Path) -> LoadedRun:
     """The model, best weights and validation-chosen threshold of a finished run."""
-    from pneumojax.train import RunCheckpoints  # noqa: PLC0415
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise FileNotFoundError(f"{run_dir} is not a pneumojax run folder (no config.json)")
     config = json.loads((run_dir / "config.json").read_text())
+    if not (run_dir / "model" / "manifest.json").exists():
+        raise FileNotFoundError(f"{run_dir} has no finished model (model/manifest.json): the run "
+                                "did not finish; continue it with pneumojax train --resume")
+    variables, manifest = load_variables(run_dir / "model")
     info = get_backbone(config["backbone"])
-    layers = frozenset(config["plan"]["trainable_layers"])
-    model = build_classifier(info, config["cut"], layers)
-    template = init_variables(model, config["image_size"], config["seed"])
-    steps = Steps(model, make_optimizer(template["params"], layers, config["learning_rate"]),
-                  make_mesh())
-    ckpt = RunCheckpoints(run_dir / "checkpoints")
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template)
-    variables = ckpt.restore_best(abstract)
-    ckpt.close()
-    metrics_path = run_dir / "metrics.json"
-    if not metrics_path.exists():
-        raise FileNotFoundError(f"{run_dir} has no metrics.json: the run did not finish")
-    threshold = json.loads(metrics_path.read_text())["threshold"]
+    model = build_classifier(info, config["cut"], frozenset())
+    steps = Steps(model, optax.identity(), make_mesh())
+    threshold = manifest["threshold"]
     return LoadedRun(run_dir, config, steps, variables, threshold)
 
 

@@ -85,14 +85,12 @@ class Steps:
     mesh: jax.sharding.Mesh
 
     def __post_init__(self):
+        self._jitted = {}
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
         self.train = jax.jit(self._train, donate_argnums=0,
                              in_shardings=(self.replicated, self.batch_sharding, self.replicated),
                              out_shardings=(self.replicated, self.replicated))
-        self.predict = jax.jit(self._predict,
-                               in_shardings=(self.replicated, self.batch_sharding),
-                               out_shardings=self.batch_sharding)
 
     def _train(self, state: TrainState, batch, key):
         key = jax.random.fold_in(key, state.step)
@@ -121,21 +119,37 @@ class Steps:
     def shard(self, batch):
         return jax.device_put(batch, self.batch_sharding)
 
+    def map(self, fn, variables, inputs, batch_size: int, sink, desc: str | None = None):
+        """Runs ``fn(variables, batch)`` over ``inputs`` (an array or a dict of arrays) in
+        fixed-size sharded batches, the last one padded, so it compiles once; hands each
+        result to ``sink(start, stop, outputs)`` as numpy."""
+        if fn not in self._jitted:
+            self._jitted[fn] = jax.jit(fn, in_shardings=(self.replicated, self.batch_sharding),
+                                       out_shardings=self.batch_sharding)
+        jitted = self._jitted[fn]
+        variables = jax.device_put(variables, self.replicated)
+        n = len(jax.tree.leaves(inputs)[0])
+        for start in tqdm(range(0, n, batch_size), desc=desc, leave=False, disable=desc is None):
+            stop = min(start + batch_size, n)
 
-def predict_logits(steps: Steps, variables, images: np.ndarray, batch_size: int,
+            def take(a):
+                chunk = np.asarray(a[start:stop])
+                if stop - start < batch_size:
+                    pad = np.zeros((batch_size - (stop - start),) + chunk.shape[1:], chunk.dtype)
+                    chunk = np.concatenate([chunk, pad])
+                return chunk
+            out = jitted(variables, self.shard(jax.tree.map(take, inputs)))
+            sink(start, stop, jax.tree.map(lambda o: np.asarray(o)[:stop - start], out))
+
+
+def predict_logits(steps: Steps, variables, inputs, batch_size: int,
                    desc: str | None = None) -> np.ndarray:
-    """Logits for every image, in fixed-shape batches (the last one padded) to compile once."""
-    n = len(images)
-    out = np.zeros((n, 2), np.float32)
-    variables = jax.device_put(variables, steps.replicated)
-    starts = range(0, n, batch_size)
-    for start in tqdm(starts, desc=desc, leave=False, disable=desc is None):
-        chunk = np.asarray(images[start:start + batch_size])
-        pad = batch_size - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-        logits = steps.predict(variables, steps.shard(chunk))
-        out[start:start + batch_size - pad] = np.asarray(logits)[:batch_size - pad]
+    """Logits for every input (images, or cached activations for a suffix model)."""
+    out = np.zeros((len(jax.tree.leaves(inputs)[0]), 2), np.float32)
+
+    def sink(start, stop, logits):
+        out[start:stop] = logits
+    steps.map(steps._predict, variables, inputs, batch_size, sink, desc)
     return out
 
 
@@ -242,17 +256,18 @@ def fit(steps: Steps, variables: dict, train: tuple[np.ndarray, np.ndarray, np.n
         stop_after_steps: int | None = None) -> tuple[dict, Progress]:
     """Trains with early stopping on validation loss; returns the best variables.
 
-    ``train`` is (uint8 images, labels, per-example weights). ``stop_after_steps`` simulates
-    an interrupt (tests).
+    ``train`` is (inputs, labels, per-example weights), inputs being uint8 images or a dict of
+    cached activations. ``stop_after_steps`` simulates an interrupt (tests).
     """
     images, labels, weights = train
+    n_train = len(labels)
     n_dev = steps.mesh.devices.size
     if opts.batch_size % n_dev:
         raise ValueError(f"--batch-size {opts.batch_size} is not a multiple of the "
                          f"{n_dev} devices")
-    steps_per_epoch = len(images) // opts.batch_size
+    steps_per_epoch = n_train // opts.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"the train split has {len(images)} images, fewer than one batch "
+        raise ValueError(f"the train split has {n_train} images, fewer than one batch "
                          f"of {opts.batch_size}")
     ckpt = RunCheckpoints(run_dir / "checkpoints")
     state = steps.init_state(variables)
@@ -274,12 +289,13 @@ def fit(steps: Steps, variables: dict, train: tuple[np.ndarray, np.ndarray, np.n
                 break
             lr = opts.learning_rate * epoch_lr_factor(opts.lr_schedule, epoch)
             state = _set_learning_rate(state, lr)
-            order = np.random.default_rng([opts.seed, epoch]).permutation(len(images))
+            order = np.random.default_rng([opts.seed, epoch]).permutation(n_train)
             bar = tqdm(range(progress.batch, steps_per_epoch), desc=f"epoch {epoch + 1}",
                        initial=progress.batch, total=steps_per_epoch, leave=False)
             for b in bar:
                 idx = np.sort(order[b * opts.batch_size:(b + 1) * opts.batch_size])
-                batch = steps.shard({"image": np.asarray(images[idx]), "label": labels[idx],
+                batch = steps.shard({"image": jax.tree.map(lambda a: np.asarray(a[idx]), images),
+                                     "label": labels[idx],
                                      "weight": weights[idx].astype(np.float32)})
                 state, metrics = steps.train(state, batch, key)
                 metrics = jax.device_get(metrics)  # one small sync per step feeds the bar

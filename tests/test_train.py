@@ -167,6 +167,31 @@ def test_one_device_and_four_devices_train_the_same(tmp_path):
             np.testing.assert_allclose(four[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.parametrize("trainable", ["none", MID])
+def test_cached_activations_train_the_same_as_the_full_model(tiny_data, tmp_path, trainable):
+    args = ["train", "--data", str(tiny_data), "--weights", "none", "--cut", CUT, "--trainable",
+            trainable, "--image-size", "32", "--epochs", "2", "--batch-size", "8", "--seed", "4"]
+    cached = CliRunner().invoke(main, args + ["--out", str(tmp_path / "cached")])
+    assert cached.exit_code == 0, cached.output
+    assert "feature cache: training on cached activations of" in cached.output
+    full = CliRunner().invoke(main, args + ["--out", str(tmp_path / "full"), "--no-feature-cache"])
+    assert full.exit_code == 0, full.output
+    assert "feature cache" not in full.output
+    hist = [[json.loads(l) for l in (tmp_path / r / "history.jsonl").read_text().splitlines()]
+            for r in ("cached", "full")]
+    for a, b in zip(*hist):
+        for k in ("loss", "val_loss", "accuracy", "val_accuracy"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    from pneumojax.checkpoint import load_variables
+    va, _ = load_variables(tmp_path / "cached" / "model")
+    vb, _ = load_variables(tmp_path / "full" / "model")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(va), jax.tree.leaves(vb)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    ma, mb = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("cached", "full"))
+    assert ma["confusion_matrix"] == mb["confusion_matrix"]
+    assert ma["auc"] == pytest.approx(mb["auc"], abs=1e-6)
+
+
 @pytest.fixture
 def tiny_data(tmp_path, monkeypatch):
     from pneumojax.data import make_demo_dataset

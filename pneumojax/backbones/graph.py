@@ -149,14 +149,43 @@ def keras_layer_order(specs: Iterable[LayerSpec], output: str) -> tuple[LayerSpe
     return tuple(by_name[n] for n in order)
 
 
-def ancestors(specs: Sequence[LayerSpec], outputs: Iterable[str]) -> set[str]:
-    """Names of the layers needed to compute ``outputs`` (outputs included)."""
+def ancestors(specs: Sequence[LayerSpec], outputs: Iterable[str],
+              given: Iterable[str] = ()) -> set[str]:
+    """Names of the layers needed to compute ``outputs`` (outputs included), not looking
+    past the layers in ``given`` (whose values are supplied)."""
     by_name = {s.name: s for s in specs}
+    given = set(given)
     need: set[str] = set()
     todo = list(outputs)
     while todo:
         n = todo.pop()
         if n not in need:
             need.add(n)
-            todo.extend(by_name[n].inputs)
+            if n not in given:
+                todo.extend(by_name[n].inputs)
     return need
+
+
+def gradient_flow(specs: Sequence[LayerSpec], outputs: Iterable[str],
+                  trainable: Iterable[str]) -> dict[str, bool]:
+    """For each needed layer: does its output depend on a trainable layer?"""
+    need, trainable = ancestors(specs, outputs), set(trainable)
+    flows: dict[str, bool] = {}
+    for s in specs:  # Keras order is topological
+        if s.name in need:
+            flows[s.name] = s.name in trainable or any(flows[i] for i in s.inputs)
+    return flows
+
+
+def frozen_frontier(specs: Sequence[LayerSpec], output: str,
+                    trainable: Iterable[str]) -> tuple[str, ...]:
+    """The frozen layers whose outputs feed the trainable part (or the head, at the cut).
+
+    Their values do not change during training, so they can be computed once per image.
+    """
+    flows = gradient_flow(specs, [output], trainable)
+    frontier = [output] if not flows[output] else []
+    for s in specs:
+        if flows.get(s.name):
+            frontier += [i for i in s.inputs if not flows[i]]
+    return tuple(sorted(set(frontier), key=[s.name for s in specs].index))

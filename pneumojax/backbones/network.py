@@ -23,20 +23,27 @@ class KerasGraph(nn.Module):
     ``trainable`` names the layers Keras would train. Frozen BatchNorm runs in inference mode;
     trainable BatchNorm uses batch statistics when ``train`` is true. Outputs that depend on
     no trainable layer are cut off from autodiff, so the frozen prefix costs a forward pass.
+
+    With ``given`` set, the call takes ``{layer_name: value}`` for those layers instead of
+    images and computes only what lies after them (training on cached activations).
     """
 
     layers: tuple[LayerSpec, ...]
     outputs: tuple[str, ...]
     trainable: frozenset[str] = frozenset()
     dtype: Any = jnp.float32
+    given: tuple[str, ...] = ()
 
     @nn.compact
     def __call__(self, x, train: bool = False) -> dict[str, jax.Array]:
-        need = ancestors(self.layers, self.outputs)
+        need = ancestors(self.layers, self.outputs, self.given)
         values: dict[str, jax.Array] = {}
         grad_flows: dict[str, bool] = {}
         for spec in self.layers:
             if spec.name not in need:
+                continue
+            if spec.name in self.given:
+                values[spec.name], grad_flows[spec.name] = x[spec.name].astype(self.dtype), False
                 continue
             inputs = [values[i] for i in spec.inputs]
             if spec.kind == "InputLayer":

@@ -13,12 +13,13 @@ from .registry import BackboneInfo
 
 
 def backbone_model(info: BackboneInfo, outputs: Iterable[str] | None = None,
-                   trainable: Iterable[str] = (), dtype=jnp.float32) -> KerasGraph:
+                   trainable: Iterable[str] = (), dtype=jnp.float32,
+                   given: Iterable[str] = ()) -> KerasGraph:
     """The Flax module for ``info`` returning the named layer outputs (default: last layer)."""
     outputs = tuple(outputs) if outputs is not None else (info.layers[-1].name,)
     for name in outputs:
         info.check_layer(name)
-    return KerasGraph(info.layers, outputs, frozenset(trainable), dtype)
+    return KerasGraph(info.layers, outputs, frozenset(trainable), dtype, tuple(given))
 
 
 def init_shapes(model: KerasGraph, input_size: int):

@@ -1,0 +1,109 @@
+"""Frozen-prefix activation cache: compute what the frozen part feeds the trainable part once.
+
+A frozen prefix that sees no random augmentation gives the same activations every epoch, so
+they are computed once per (weights, images, image size, cut, trainable layers), stored on disk
+(float32, memory-mapped) and the trainable suffix trains on them. Keras pays the whole backbone
+again in every epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from pneumojax.backbones import BackboneInfo, KerasGraph, backbone_model, frozen_frontier, \
+    preprocess
+
+
+class Prefix(nn.Module):
+    """uint8 images -> the frozen activations at ``backbone.outputs`` (inference mode)."""
+
+    backbone: KerasGraph
+    preprocess_mode: str
+
+    def __call__(self, images):
+        return self.backbone(preprocess(images, self.preprocess_mode, self.backbone.dtype))
+
+
+def cacheable_frontier(info: BackboneInfo, cut: str, trainable: frozenset[str]) -> tuple[str, ...]:
+    """The layers whose activations to cache, or () when nothing frozen precedes training."""
+    frontier = frozen_frontier(info.layers, cut, trainable)
+    return () if "input_layer" in frontier else frontier
+
+
+def prefix_model(info: BackboneInfo, frontier: tuple[str, ...], dtype=None) -> Prefix:
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    return Prefix(backbone_model(info, outputs=frontier, **kwargs), info.preprocess_mode)
+
+
+def variables_digest(variables: dict) -> str:
+    """Content hash of the (backbone) variables, so cached activations follow the weights."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}{a.shape}{a.dtype}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def cached_activations(prefix: Prefix, variables: dict, images: np.ndarray, image_key: str,
+                       cache_dir: Path, batch_size: int, run_batches) -> dict[str, np.ndarray]:
+    """The prefix's activations for ``images``, from the cache or computed (and stored) once.
+
+    ``image_key`` identifies the images (file list and size); ``run_batches(fn, variables,
+    inputs, batch_size, sink)`` runs ``fn`` over fixed-size batches and hands each result to
+    ``sink(start, stop, outputs)``.
+    """
+    backbone_vars = {c: v["backbone"] for c, v in variables.items() if "backbone" in v}
+    key = hashlib.sha256(json.dumps({
+        "images": image_key, "outputs": prefix.backbone.outputs,
+        "preprocess": prefix.preprocess_mode, "dtype": str(np.dtype(prefix.backbone.dtype)),
+        "weights": variables_digest(backbone_vars), "version": 1}).encode()).hexdigest()[:24]
+    folder = Path(cache_dir) / key
+    if (folder / "done").exists():
+        return {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in prefix.backbone.outputs}
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    arrays: dict[str, np.ndarray] = {}
+
+    def sink(start, stop, outputs):
+        for name, value in outputs.items():
+            if name not in arrays:
+                arrays[name] = np.lib.format.open_memmap(
+                    tmp / f"{name}.npy", mode="w+", dtype=value.dtype,
+                    shape=(len(images),) + value.shape[1:])
+            arrays[name][start:stop] = value
+
+    run_batches(prefix.apply, {"params": {"backbone": backbone_vars.get("params", {})},
+                               "batch_stats": {"backbone": backbone_vars.get("batch_stats", {})}},
+                images, batch_size, sink)
+    for a in arrays.values():
+        a.flush()
+    (tmp / "done").write_text("")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in prefix.backbone.outputs}
+
+
+def suffix_variables(full: dict, suffix_template: dict) -> dict:
+    """The full model's variables restricted to what the suffix model holds."""
+    def pick(tmpl, src):
+        return {k: pick(v, src[k]) if isinstance(v, dict) else np.asarray(src[k])
+                for k, v in tmpl.items()}
+    return pick(suffix_template, full)
+
+
+def merge_variables(full: dict, part: dict) -> dict:
+    """``full`` with every leaf that ``part`` holds replaced by ``part``'s value."""
+    def merge(a, b):
+        return {k: (merge(a[k], b[k]) if isinstance(a[k], dict) else np.asarray(b[k]))
+                if k in b else a[k] for k in a}
+    return merge(full, part)
