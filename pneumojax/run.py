@@ -173,7 +173,7 @@ def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     steps = Steps(train_model, make_optimizer(train_vars["params"], plan.trainable_layers,
                                               cfg.learning_rate), mesh)
     weights = np.ones(len(train_y), np.float32)
-    best, progress = fit(steps, train_vars, (inputs["train"], train_y, weights),
+    [best], progress = fit(steps, train_vars, (inputs["train"], train_y, weights),
                          (inputs["val"], val_y), cfg.fit_options(), run_dir, resume=resume,
                          log=log, stop_after_steps=stop_after_steps)
     t_fit = time.perf_counter() - t0 - t_data

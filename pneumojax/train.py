@@ -78,7 +78,12 @@ def loss_and_accuracy(logits, labels, weights):
 
 @dataclasses.dataclass
 class Steps:
-    """The jitted train and predict steps for one model, optimizer and mesh."""
+    """The jitted train and predict steps for one model, optimizer and mesh.
+
+    Training always runs K members side by side (``jax.vmap`` over a leading member axis of
+    the state and the batch): K = 1 for a plain run, K > 1 for an ensemble whose members
+    differ only in what they train on.
+    """
 
     model: Classifier
     tx: optax.GradientTransformation
@@ -88,8 +93,10 @@ class Steps:
         self._jitted = {}
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
-        self.train = jax.jit(self._train, donate_argnums=0,
-                             in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+        self.member_batch_sharding = NamedSharding(self.mesh, P(None, "data"))
+        self.train = jax.jit(jax.vmap(self._train), donate_argnums=0,
+                             in_shardings=(self.replicated, self.member_batch_sharding,
+                                           self.replicated),
                              out_shardings=(self.replicated, self.replicated))
 
     def _train(self, state: TrainState, batch, key):
@@ -111,13 +118,23 @@ class Steps:
     def _predict(self, variables, images):
         return self.model.apply(variables, images, train=False)
 
-    def init_state(self, variables) -> TrainState:
-        params, batch_stats = variables["params"], variables.get("batch_stats", {})
-        state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, self.tx.init(params))
+    def predict_members(self, member_variables, images):
+        """Logits of every member, batch first: (batch, members, 2)."""
+        return jnp.swapaxes(jax.vmap(self._predict, in_axes=(0, None))(member_variables,
+                                                                         images), 0, 1)
+
+    def init_state(self, member_variables: list[dict]) -> TrainState:
+        """The members' variables stacked on a leading axis, with their optimizer states."""
+        stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                               *member_variables)
+        params, batch_stats = stacked["params"], stacked.get("batch_stats", {})
+        k = len(member_variables)
+        state = TrainState(jnp.zeros((k,), jnp.int32), params, batch_stats,
+                           jax.vmap(self.tx.init)(params))
         return jax.device_put(state, self.replicated)
 
-    def shard(self, batch):
-        return jax.device_put(batch, self.batch_sharding)
+    def shard(self, batch, members: bool = False):
+        return jax.device_put(batch, self.member_batch_sharding if members else self.batch_sharding)
 
     def map(self, fn, variables, inputs, batch_size: int, sink, desc: str | None = None):
         """Runs ``fn(variables, batch)`` over ``inputs`` (an array or a dict of arrays) in
@@ -171,15 +188,18 @@ class FitOptions:
 
 @dataclasses.dataclass
 class Progress:
-    """Where a run stands: saved with every checkpoint, so a resume continues exactly."""
+    """Where a run stands: saved with every checkpoint, so a resume continues exactly.
+
+    Early-stopping figures are per member.
+    """
 
     epoch: int = 0
     batch: int = 0                # batches done in the current epoch
     sums: dict = dataclasses.field(default_factory=lambda: {"loss": 0.0, "accuracy": 0.0})
     history: list = dataclasses.field(default_factory=list)
-    best_val_loss: float = math.inf
-    best_epoch: int = -1
-    wait: int = 0
+    best_val_loss: list = dataclasses.field(default_factory=list)
+    best_epoch: list = dataclasses.field(default_factory=list)
+    wait: list = dataclasses.field(default_factory=list)
     stopped_early: bool = False
     finished: bool = False
 
@@ -216,7 +236,7 @@ class RunCheckpoints:
         self.best = ocp.CheckpointManager(directory / "best", options=opts)
 
     def save_last(self, state: TrainState, progress: Progress):
-        step = int(state.step)
+        step = int(state.step[0])
         self.last.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             progress=ocp.args.JsonSave(dataclasses.asdict(progress))), force=True)
@@ -230,10 +250,9 @@ class RunCheckpoints:
             state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
         return restored["state"], Progress(**restored["progress"])
 
-    def save_best(self, state: TrainState, epoch: int, val_loss: float):
+    def save_best(self, weights: dict, epoch: int, val_loss: float):
         self.best.save(epoch, args=ocp.args.Composite(
-            variables=ocp.args.StandardSave({"params": state.params,
-                                             "batch_stats": state.batch_stats}),
+            variables=ocp.args.StandardSave(weights),
             info=ocp.args.JsonSave({"epoch": epoch, "val_loss": val_loss})), force=True)
         self.best.wait_until_finished()
 
@@ -250,35 +269,45 @@ class RunCheckpoints:
         self.best.close()
 
 
-def fit(steps: Steps, variables: dict, train: tuple[np.ndarray, np.ndarray, np.ndarray],
-        val: tuple[np.ndarray, np.ndarray], opts: FitOptions, run_dir: Path,
+def fit(steps: Steps, variables: dict | list[dict], train: tuple, val: tuple,
+        opts: FitOptions, run_dir: Path, members: list[np.ndarray] | None = None,
         resume: bool = False, log: Callable[[str], None] = print,
-        stop_after_steps: int | None = None) -> tuple[dict, Progress]:
-    """Trains with early stopping on validation loss; returns the best variables.
+        stop_after_steps: int | None = None) -> tuple[list[dict], Progress]:
+    """Trains with early stopping on validation loss; returns each member's best variables.
 
     ``train`` is (inputs, labels, per-example weights), inputs being uint8 images or a dict of
-    cached activations. ``stop_after_steps`` simulates an interrupt (tests).
+    cached activations; ``val`` is (inputs, labels). ``members`` lists, per ensemble member,
+    the train indices it learns from (default: one member, all of them); ``variables`` is one
+    dict (shared start) or one per member. Members train side by side in one vmapped step and
+    stop early each on its own validation loss; training ends when all have stopped.
+    ``stop_after_steps`` simulates an interrupt (tests).
     """
-    images, labels, weights = train
-    n_train = len(labels)
+    inputs, labels, weights = train
+    members = members if members is not None else [np.arange(len(labels))]
+    k = len(members)
+    variables = variables if isinstance(variables, list) else [variables] * k
     n_dev = steps.mesh.devices.size
     if opts.batch_size % n_dev:
         raise ValueError(f"--batch-size {opts.batch_size} is not a multiple of the "
                          f"{n_dev} devices")
-    steps_per_epoch = n_train // opts.batch_size
+    steps_per_epoch = min(len(m) for m in members) // opts.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"the train split has {n_train} images, fewer than one batch "
-                         f"of {opts.batch_size}")
+        raise ValueError(f"the train split has {min(len(m) for m in members)} images, fewer than "
+                         f"one batch of {opts.batch_size}")
     ckpt = RunCheckpoints(run_dir / "checkpoints")
     state = steps.init_state(variables)
-    progress = Progress()
+    progress = Progress(best_val_loss=[math.inf] * k, best_epoch=[-1] * k, wait=[0] * k)
+    best = jax.tree.map(jnp.copy, _weights(state))  # the step donates the state's buffers
     if resume:
         restored = ckpt.restore_last(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
         if restored is None:
             raise FileNotFoundError(f"{run_dir} has no checkpoint to resume from")
         state, progress = restored
+        if ckpt.best.latest_step() is not None:
+            best = ckpt.restore_best(jax.tree.map(ocp.utils.to_shape_dtype_struct, best))
         log(f"resuming at epoch {progress.epoch + 1}, batch {progress.batch}")
-    key = jax.random.key(opts.seed)
+    keys = jax.random.split(jax.random.key(opts.seed), k) if k > 1 else \
+        jax.random.key(opts.seed)[None]
     _write_history(run_dir, progress.history)
 
     with _StopFlag() as stop:
@@ -289,25 +318,29 @@ def fit(steps: Steps, variables: dict, train: tuple[np.ndarray, np.ndarray, np.n
                 break
             lr = opts.learning_rate * epoch_lr_factor(opts.lr_schedule, epoch)
             state = _set_learning_rate(state, lr)
-            order = np.random.default_rng([opts.seed, epoch]).permutation(n_train)
+            orders = [m[np.random.default_rng([opts.seed, epoch, i]).permutation(len(m))]
+                      for i, m in enumerate(members)]
             bar = tqdm(range(progress.batch, steps_per_epoch), desc=f"epoch {epoch + 1}",
                        initial=progress.batch, total=steps_per_epoch, leave=False)
             for b in bar:
-                idx = np.sort(order[b * opts.batch_size:(b + 1) * opts.batch_size])
-                batch = steps.shard({"image": jax.tree.map(lambda a: np.asarray(a[idx]), images),
-                                     "label": labels[idx],
-                                     "weight": weights[idx].astype(np.float32)})
-                state, metrics = steps.train(state, batch, key)
+                idx = [np.sort(o[b * opts.batch_size:(b + 1) * opts.batch_size]) for o in orders]
+                batch = steps.shard({
+                    "image": jax.tree.map(lambda a: np.stack([np.asarray(a[i]) for i in idx]),
+                                          inputs),
+                    "label": np.stack([labels[i] for i in idx]),
+                    "weight": np.stack([weights[i] for i in idx]).astype(np.float32)},
+                    members=True)
+                state, metrics = steps.train(state, batch, keys)
                 metrics = jax.device_get(metrics)  # one small sync per step feeds the bar
-                if not np.isfinite(metrics["loss"]):
+                if not np.isfinite(metrics["loss"]).all():
                     raise NonFiniteLoss(f"loss became {metrics['loss']} at epoch {epoch + 1}, "
                                         f"step {b + 1}; the last good checkpoint is kept")
-                for k in progress.sums:
-                    progress.sums[k] += float(metrics[k])
+                for key in progress.sums:
+                    progress.sums[key] += float(np.mean(metrics[key]))
                 progress.batch = b + 1
                 bar.set_postfix(loss=f"{progress.sums['loss'] / progress.batch:.4f}",
                                 acc=f"{progress.sums['accuracy'] / progress.batch:.3f}")
-                if stop_after_steps is not None and int(state.step) >= stop_after_steps:
+                if stop_after_steps is not None and int(state.step[0]) >= stop_after_steps:
                     stop.signal = signal.SIGINT
                 if stop.signal is not None:
                     ckpt.save_last(state, progress)
@@ -316,40 +349,64 @@ def fit(steps: Steps, variables: dict, train: tuple[np.ndarray, np.ndarray, np.n
                                       f"epoch {epoch + 1}, batch {b + 1}; state saved in "
                                       f"{run_dir / 'checkpoints' / 'last'}")
             bar.close()
-            val_logits = predict_logits(steps, {"params": state.params,
-                                                "batch_stats": state.batch_stats},
-                                        val[0], opts.batch_size)
-            val_loss, val_acc = evaluate_loss(val_logits, val[1])
+            val_logits = member_logits(steps, _weights(state), val[0], opts.batch_size)
+            val_scores = [evaluate_loss(val_logits[:, i], val[1]) for i in range(k)]
             row = {"epoch": epoch + 1, "lr": lr,
                    "loss": progress.sums["loss"] / steps_per_epoch,
                    "accuracy": progress.sums["accuracy"] / steps_per_epoch,
-                   "val_loss": val_loss, "val_accuracy": val_acc}
+                   "val_loss": float(np.mean([v[0] for v in val_scores])),
+                   "val_accuracy": float(np.mean([v[1] for v in val_scores]))}
+            if k > 1:
+                row["member_val_loss"] = [v[0] for v in val_scores]
             progress.history.append(row)
-            epochs.set_postfix(loss=f"{row['loss']:.4f}", val_loss=f"{val_loss:.4f}",
-                               val_acc=f"{val_acc:.3f}")
+            epochs.set_postfix(loss=f"{row['loss']:.4f}", val_loss=f"{row['val_loss']:.4f}",
+                               val_acc=f"{row['val_accuracy']:.3f}")
             log(f"epoch {epoch + 1}/{opts.epochs} loss={row['loss']:.4f} "
-                f"accuracy={row['accuracy']:.4f} val_loss={val_loss:.4f} "
-                f"val_accuracy={val_acc:.4f} lr={lr:.3g}")
-            if val_loss < progress.best_val_loss:
-                progress.best_val_loss, progress.best_epoch, progress.wait = val_loss, epoch + 1, 0
-                ckpt.save_best(state, epoch + 1, val_loss)
-            else:
-                progress.wait += 1
+                f"accuracy={row['accuracy']:.4f} val_loss={row['val_loss']:.4f} "
+                f"val_accuracy={row['val_accuracy']:.4f} lr={lr:.3g}"
+                + (f" ({k} members)" if k > 1 else ""))
+            improved = np.array([v[0] < b_ for v, b_ in zip(val_scores, progress.best_val_loss)])
+            for i, (v, _) in enumerate(val_scores):
+                if improved[i]:
+                    progress.best_val_loss[i], progress.best_epoch[i] = v, epoch + 1
+                    progress.wait[i] = 0
+                else:
+                    progress.wait[i] += 1
+            if improved.any():
+                best = jax.tree.map(
+                    lambda b_, s_: jnp.where(improved.reshape((-1,) + (1,) * (s_.ndim - 1)),
+                                             s_, b_), best, _weights(state))
+                ckpt.save_best(best, epoch + 1, row["val_loss"])
             progress.epoch, progress.batch = epoch + 1, 0
-            progress.sums = {k: 0.0 for k in progress.sums}
-            if opts.patience and progress.wait >= opts.patience:
+            progress.sums = {key: 0.0 for key in progress.sums}
+            if opts.patience and min(progress.wait) >= opts.patience:
                 progress.stopped_early = progress.finished = True
                 log(f"early stopping after epoch {epoch + 1}: val_loss has not improved for "
-                    f"{opts.patience} epochs; restoring epoch {progress.best_epoch}")
+                    f"{opts.patience} epochs; restoring epoch "
+                    f"{', '.join(map(str, progress.best_epoch))}")
             if epoch + 1 == opts.epochs:
                 progress.finished = True
             ckpt.save_last(state, progress)
             _write_history(run_dir, progress.history)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                            {"params": state.params, "batch_stats": state.batch_stats})
-    best = ckpt.restore_best(abstract)
     ckpt.close()
-    return best, progress
+    best = jax.device_get(best)
+    return [jax.tree.map(lambda x: np.asarray(x[i]), best) for i in range(k)], progress
+
+
+def _weights(state: TrainState) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def member_logits(steps: Steps, member_variables, inputs, batch_size: int,
+                  desc: str | None = None) -> np.ndarray:
+    """Logits of every member for every input: (n, members, 2)."""
+    k = len(jax.tree.leaves(member_variables)[0])
+    out = np.zeros((len(jax.tree.leaves(inputs)[0]), k, 2), np.float32)
+
+    def sink(start, stop, logits):
+        out[start:stop] = logits
+    steps.map(steps.predict_members, member_variables, inputs, batch_size, sink, desc)
+    return out
 
 
 def _set_learning_rate(state: TrainState, lr: float) -> TrainState:
@@ -357,7 +414,8 @@ def _set_learning_rate(state: TrainState, lr: float) -> TrainState:
     def visit(x):
         if isinstance(x, optax.InjectHyperparamsState):
             hp = dict(x.hyperparams)
-            hp["learning_rate"] = jnp.asarray(lr, jnp.asarray(hp["learning_rate"]).dtype)
+            old = jnp.asarray(hp["learning_rate"])
+            hp["learning_rate"] = jnp.full(old.shape, lr, old.dtype)
             return x._replace(hyperparams=hp)
         return x
     opt_state = jax.tree.map(visit, state.opt_state,

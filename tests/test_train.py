@@ -101,8 +101,8 @@ def _tiny(trainable_spec, n=24, size=32, seed=0, lr=1e-2):
 
 def test_frozen_parameters_and_statistics_stay_while_trainable_ones_move(tmp_path):
     steps, variables, layers, train, val = _tiny(MID)
-    best, _ = fit(steps, variables, train, val, FitOptions(epochs=1, batch_size=8, patience=0),
-                  tmp_path)
+    [best], _ = fit(steps, variables, train, val, FitOptions(epochs=1, batch_size=8, patience=0),
+                    tmp_path)
     before, after = variables, jax.tree.map(np.asarray, best)
     for layer, leaves in before["params"]["backbone"].items():
         for k, v in leaves.items():
@@ -135,7 +135,7 @@ _DEVICE_SCRIPT = textwrap.dedent("""
     from pneumojax.train import FitOptions, fit
     assert jax.device_count() == {n}, jax.devices()
     steps, variables, _, train, val = _tiny(MID, lr=1e-3)
-    best, progress = fit(steps, variables, train, val,
+    [best], progress = fit(steps, variables, train, val,
                          FitOptions(epochs=2, batch_size=8, patience=0, learning_rate=1e-3),
                          __import__("pathlib").Path({out!r}))
     leaves = jax.tree_util.tree_leaves_with_path(best)

@@ -1,0 +1,140 @@
+"""Class-imbalance methods of the study, applied to the TRAIN split only.
+
+* ``class-weight``: w_c = (1 / count_c) * total / 2 per sample in the loss.
+* ``undersample``: a seeded subset of the majority class, as large as the minority class.
+* ``oversample``: minority images augmented with albumentations until the classes are equal;
+  generated once per (images, seed, pipeline) and cached, so frozen activations cache too.
+* ``ensemble``: the majority class cut into K disjoint chunks; member k trains on chunk k plus
+  all minority images; members vote for the label and average their probabilities.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check on import
+
+METHODS = ("none", "class-weight", "undersample", "oversample", "ensemble")
+
+
+def class_counts(labels: np.ndarray) -> np.ndarray:
+    counts = np.bincount(np.asarray(labels), minlength=2)
+    if (counts == 0).any():
+        raise ValueError(f"the train split needs both classes; counts NORMAL/PNEUMONIA = {counts}")
+    return counts
+
+
+def class_weights(labels: np.ndarray) -> dict[int, float]:
+    """The study's formula: w_c = (1 / count_c) * total / 2."""
+    counts = class_counts(labels)
+    total = counts.sum()
+    return {c: float(total / (2.0 * counts[c])) for c in (0, 1)}
+
+
+def sample_weights(labels: np.ndarray, weights: dict[int, float] | None) -> np.ndarray:
+    if weights is None:
+        return np.ones(len(labels), np.float32)
+    return np.array([weights[int(y)] for y in labels], np.float32)
+
+
+def undersample_indices(labels: np.ndarray, seed: int) -> np.ndarray:
+    """All minority indices plus a seeded random subset of the majority of the same size."""
+    counts = class_counts(labels)
+    minority, majority = int(np.argmin(counts)), int(np.argmax(counts))
+    rng = np.random.default_rng([seed, 1])
+    keep = rng.choice(np.flatnonzero(labels == majority), counts[minority], replace=False)
+    return np.sort(np.concatenate([np.flatnonzero(labels == minority), keep]))
+
+
+def ensemble_chunks(labels: np.ndarray, k: int | None, seed: int) -> list[np.ndarray]:
+    """K disjoint majority chunks covering the majority class, each joined with all minority
+    indices. K defaults to round(majority / minority)."""
+    counts = class_counts(labels)
+    minority, majority = int(np.argmin(counts)), int(np.argmax(counts))
+    k = k or max(1, int(round(counts[majority] / counts[minority])))
+    if not 1 <= k <= counts[majority]:
+        raise ValueError(f"--ensemble-size {k} must be between 1 and the majority count "
+                         f"{counts[majority]}")
+    rng = np.random.default_rng([seed, 2])
+    shuffled = rng.permutation(np.flatnonzero(labels == majority))
+    minority_idx = np.flatnonzero(labels == minority)
+    return [np.sort(np.concatenate([chunk, minority_idx])) for chunk in np.array_split(shuffled, k)]
+
+
+def vote(member_probs: np.ndarray, member_thresholds: Sequence[float]) -> np.ndarray:
+    """Majority vote of the members' labels (ties go to PNEUMONIA: missing it costs more)."""
+    member_probs = np.asarray(member_probs)
+    votes = (member_probs >= np.asarray(member_thresholds)[:, None]).sum(0)
+    return (2 * votes >= len(member_probs)).astype(np.int32)
+
+
+def mean_probability(member_probs: np.ndarray) -> np.ndarray:
+    return np.asarray(member_probs).mean(0)
+
+
+# --- oversampling with albumentations ---------------------------------------------------------
+
+def augment_pipeline(spec: str = "cxr"):
+    """A preset name or the path of an albumentations pipeline saved with ``A.save``.
+
+    ``cxr`` suits chest radiographs: small rotations, shifts and scales, brightness/contrast,
+    mild noise or blur. No horizontal flip: it would put the heart on the wrong side.
+    """
+    import albumentations as A  # noqa: PLC0415
+    if spec == "cxr":
+        return A.Compose([
+            A.Affine(rotate=(-10, 10), translate_percent=(-0.06, 0.06), scale=(0.92, 1.08),
+                     border_mode=0, p=0.9),
+            A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.7),
+            A.OneOf([A.GaussNoise(std_range=(0.01, 0.04)), A.GaussianBlur(blur_limit=(3, 5))],
+                    p=0.4),
+        ])
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"--augment {spec!r}: not a preset (cxr) nor an albumentations file")
+    return A.load(str(path), data_format="yaml" if path.suffix in (".yml", ".yaml") else "json")
+
+
+def pipeline_description(spec: str) -> dict:
+    """The pipeline as albumentations serializes it (for config.json and cache keys)."""
+    import albumentations as A  # noqa: PLC0415
+    return A.to_dict(augment_pipeline(spec))
+
+
+def oversample(images: np.ndarray, labels: np.ndarray, seed: int, spec: str,
+               cache_dir: Path | None, image_key: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """Augmented minority copies until both classes are equal.
+
+    Returns (augmented images, their labels, a key identifying them). The copies are made
+    once per (images, seed, pipeline) and cached as uint8.
+    """
+    counts = class_counts(labels)
+    minority = int(np.argmin(counts))
+    n_new = int(counts.max() - counts.min())
+    sources = np.flatnonzero(labels == minority)
+    key = hashlib.sha256(json.dumps({"images": image_key, "seed": seed, "n": n_new,
+                                     "pipeline": pipeline_description(spec)},
+                                    sort_keys=True).encode()).hexdigest()[:24]
+    path = Path(cache_dir) / f"{key}.npy" if cache_dir else None
+    new_labels = np.full(n_new, minority, np.int32)
+    if path is not None and path.exists():
+        return np.load(path, mmap_mode="r"), new_labels, key
+    pipeline = augment_pipeline(spec)
+    pipeline.set_random_seed(seed)
+    rng = np.random.default_rng([seed, 3])
+    picks = np.concatenate([rng.permutation(sources) for _ in range(-(-n_new // len(sources)))])
+    out = np.empty((n_new,) + images.shape[1:], np.uint8)
+    for i, j in enumerate(picks[:n_new]):
+        out[i] = pipeline(image=np.asarray(images[j]))["image"]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, out)
+        os.replace(tmp, path)
+    return out, new_labels, key
