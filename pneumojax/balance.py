@@ -125,6 +125,8 @@ def oversample(images: np.ndarray, labels: np.ndarray, seed: int, spec: str,
     new_labels = np.full(n_new, minority, np.int32)
     if path is not None and path.exists():
         return np.load(path, mmap_mode="r"), new_labels, key
+    if n_new == 0:
+        return np.empty((0,) + images.shape[1:], np.uint8), new_labels, key
     pipeline = augment_pipeline(spec)
     pipeline.set_random_seed(seed)
     rng = np.random.default_rng([seed, 3])

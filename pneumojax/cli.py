@@ -89,6 +89,13 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
 @click.option("--target-recall", default=0.98, show_default=True, type=float,
               help="The threshold is the most specific one reaching this recall on validation.")
 @click.option("--out", default="runs/latest", show_default=True, help="Run folder.")
+@click.option("--balance", default="none", show_default=True,
+              type=click.Choice(["none", "class-weight", "undersample", "oversample", "ensemble"]),
+              help="Class-imbalance method, applied to the train split only.")
+@click.option("--augment", default="cxr", show_default=True,
+              help="Oversampling augmentation: preset 'cxr' or an albumentations file (A.save).")
+@click.option("--ensemble-size", default=None, type=int,
+              help="Ensemble members K [default: round(majority / minority)].")
 @click.option("--feature-cache/--no-feature-cache", default=True, show_default=True,
               help="Compute the frozen part's activations once and train the rest on them.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (its own "
@@ -157,6 +164,23 @@ def predict(run_dir, as_json, paths):
         w = csv.DictWriter(sys.stdout, fieldnames=["path", "p_pneumonia", "label", "threshold"])
         w.writeheader()
         w.writerows(rows)
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", default="comparison.png", show_default=True, help="Bar chart PNG.")
+@click.option("--metrics-file", default="metrics.json", show_default=True,
+              help="Which metrics file inside each run folder (e.g. eval-all/metrics.json).")
+def compare(runs, out, metrics_file):
+    """One table (and a bar chart) of several runs' test figures with 95% intervals."""
+    from pneumojax.compare import comparison_rows, comparison_table  # noqa: PLC0415
+    from pneumojax.plots import plot_comparison  # noqa: PLC0415
+    try:
+        rows = comparison_rows(runs, metrics_file)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(_text(e))
+    click.echo(comparison_table(rows))
+    click.echo(f"chart: {plot_comparison(rows, out)}")
 
 
 def _log_above_bars(line: str):

@@ -28,7 +28,7 @@ from pneumojax.metrics import choose_threshold, evaluate_predictions, format_met
 from pneumojax.model import build_classifier, init_variables, make_optimizer, make_plan, \
     pneumonia_probability
 from pneumojax.plots import plot_confusion_matrix, plot_history, plot_roc
-from pneumojax.train import FitOptions, Steps, fit, make_mesh, predict_logits
+from pneumojax.train import FitOptions, Steps, fit, make_mesh, member_logits
 
 
 def cache_dir() -> Path:
@@ -61,6 +61,9 @@ class TrainConfig:
     test_fraction: float = 0.15
     out: str = "runs/latest"
     feature_cache: bool = True
+    balance: str = "none"
+    augment: str = "cxr"
+    ensemble_size: int | None = None
 
     def fit_options(self) -> FitOptions:
         return FitOptions(self.epochs, self.batch_size, self.learning_rate, self.lr_schedule,
@@ -142,47 +145,61 @@ def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     train_x, train_y = load_split_arrays(splits.train, cfg.image_size, log)
     val_x, val_y = load_split_arrays(splits.val, cfg.image_size, log)
     test_x, test_y = load_split_arrays(splits.test, cfg.image_size, log)
+    train_key = D.image_set_key([p for p, _ in splits.train], cfg.image_size)
+    balanced = apply_balance(cfg, train_x, train_y, train_key, log)
+    if not resume:
+        config = _read_json(run_dir / "config.json")
+        config["balance_applied"] = balanced.record
+        _write_json(run_dir / "config.json", config)
     t_data = time.perf_counter() - t0
 
     model = build_classifier(info, plan.cut, plan.trainable_layers)
-    variables = init_variables(model, cfg.image_size, cfg.seed, backbone_vars)
+    k = len(balanced.members)
+    member_vars = [init_variables(model, cfg.image_size, cfg.seed + i, backbone_vars)
+                   for i in range(k)]
     mesh = make_mesh()
     log(f"devices: {mesh.devices.size} x {jax.default_backend()}; global batch {cfg.batch_size}, "
-        f"{cfg.batch_size // mesh.devices.size} per device")
+        f"{cfg.batch_size // mesh.devices.size} per device"
+        + (f"; {k} ensemble members trained side by side (vmap)" if k > 1 else ""))
     frontier = cacheable_frontier(info, plan.cut, plan.trainable_layers) if cfg.feature_cache else ()
     if frontier:
         # Train the suffix on activations computed once; same results as the full model.
         prefix = prefix_model(info, frontier)
         probe = Steps(model, optax.identity(), mesh)
         inputs = {}
-        for name, items, x in (("train", splits.train, train_x), ("val", splits.val, val_x),
-                               ("test", splits.test, test_x)):
+        for name, x, key in (("train", balanced.images, balanced.key),
+                             ("val", val_x, D.image_set_key([p for p, _ in splits.val],
+                                                            cfg.image_size)),
+                             ("test", test_x, D.image_set_key([p for p, _ in splits.test],
+                                                              cfg.image_size))):
             inputs[name] = cached_activations(
-                prefix, variables, x, D.image_set_key([p for p, _ in items], cfg.image_size),
-                cache_dir() / "features", cfg.batch_size,
-                lambda *a: probe.map(*a, desc=f"frozen activations ({name})"))
+                prefix, member_vars[0], x, key, cache_dir() / "features", cfg.batch_size,
+                lambda *a, name=name: probe.map(*a, desc=f"frozen activations ({name})"))
         log(f"feature cache: training on cached activations of {', '.join(frontier)} "
             "(the frozen part runs once; --no-feature-cache turns this off)")
         train_model = build_classifier(info, plan.cut, plan.trainable_layers, given=frontier)
         example = jax.tree.map(lambda a: np.asarray(a[:1]), inputs["val"])
         template = jax.eval_shape(train_model.init, jax.random.key(0), example)
-        train_vars = suffix_variables(variables, template)
+        train_vars = [suffix_variables(v, template) for v in member_vars]
     else:
-        inputs = {"train": train_x, "val": val_x, "test": test_x}
-        train_model, train_vars = model, variables
-    steps = Steps(train_model, make_optimizer(train_vars["params"], plan.trainable_layers,
+        inputs = {"train": balanced.images, "val": val_x, "test": test_x}
+        train_model, train_vars = model, member_vars
+    steps = Steps(train_model, make_optimizer(train_vars[0]["params"], plan.trainable_layers,
                                               cfg.learning_rate), mesh)
-    weights = np.ones(len(train_y), np.float32)
-    [best], progress = fit(steps, train_vars, (inputs["train"], train_y, weights),
-                         (inputs["val"], val_y), cfg.fit_options(), run_dir, resume=resume,
-                         log=log, stop_after_steps=stop_after_steps)
+    best, progress = fit(steps, train_vars, (inputs["train"], balanced.labels, balanced.weights),
+                         (inputs["val"], val_y), cfg.fit_options(), run_dir,
+                         members=balanced.members, resume=resume, log=log,
+                         stop_after_steps=stop_after_steps)
     t_fit = time.perf_counter() - t0 - t_data
 
-    metrics = evaluate_arrays(steps, best, (inputs["val"], val_y), (inputs["test"], test_y),
+    stacked = stack_members(best)
+    metrics = evaluate_arrays(steps, stacked, (inputs["val"], val_y), (inputs["test"], test_y),
                               cfg.target_recall, cfg.batch_size, run_dir / "plots", "test")
-    save_variables(run_dir / "model", merge_variables(variables, jax.device_get(best)),
+    full = stack_members([merge_variables(v, b) for v, b in zip(member_vars, best)])
+    save_variables(run_dir / "model", full,
                    {"backbone": info.name, "cut": plan.cut, "image_size": cfg.image_size,
-                    "threshold": metrics["threshold"]}, overwrite=True)
+                    "members": k, "thresholds": metrics["member_thresholds"]}, overwrite=True)
+    metrics["balance"] = balanced.record
     metrics["training"] = {"epochs_run": progress.epoch, "best_epoch": progress.best_epoch,
                            "stopped_early": progress.stopped_early,
                            "seconds": {"data": round(t_data, 2), "fit": round(t_fit, 2),
@@ -192,6 +209,61 @@ def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     log(format_metrics(metrics))
     log(f"run folder: {run_dir.absolute()}")
     return metrics
+
+
+@dataclasses.dataclass
+class BalancedTrain:
+    """The train split after a balance method: what the members see and with what weight."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    weights: np.ndarray
+    members: list[np.ndarray]
+    key: str                     # identifies ``images`` for the activation cache
+    record: dict
+
+
+def apply_balance(cfg: TrainConfig, images, labels, image_key: str, log=print) -> BalancedTrain:
+    """Applies ``cfg.balance`` to the train split (validation and test are never touched)."""
+    from pneumojax import balance as B  # noqa: PLC0415
+    if cfg.balance not in B.METHODS:
+        raise ValueError(f"unknown --balance {cfg.balance!r}; choose one of {', '.join(B.METHODS)}")
+    counts = np.bincount(labels, minlength=2).tolist()
+    weights = np.ones(len(labels), np.float32)
+    members = [np.arange(len(labels))]
+    record: dict = {"method": cfg.balance, "train_counts_before": counts}
+    if cfg.balance == "class-weight":
+        cw = B.class_weights(labels)
+        weights = B.sample_weights(labels, cw)
+        record["class_weights"] = {"NORMAL": cw[0], "PNEUMONIA": cw[1]}
+        log(f"class weights: NORMAL {cw[0]:.4f}, PNEUMONIA {cw[1]:.4f} "
+            "(w_c = total / (2 count_c))")
+    elif cfg.balance == "undersample":
+        members = [B.undersample_indices(labels, cfg.seed)]
+    elif cfg.balance == "oversample":
+        extra, extra_labels, aug_key = B.oversample(images, labels, cfg.seed, cfg.augment,
+                                                    cache_dir() / "augmented", image_key)
+        images = np.concatenate([np.asarray(images), np.asarray(extra)])
+        labels = np.concatenate([labels, extra_labels]).astype(np.int32)
+        weights = np.ones(len(labels), np.float32)
+        members = [np.arange(len(labels))]
+        image_key = f"{image_key}+{aug_key}"
+        record["augment"] = cfg.augment
+        record["augmented_images"] = len(extra)
+        log(f"oversampling: {len(extra)} augmented copies of the minority class "
+            f"(albumentations '{cfg.augment}', seed {cfg.seed}, cached)")
+    elif cfg.balance == "ensemble":
+        members = B.ensemble_chunks(labels, cfg.ensemble_size, cfg.seed)
+    record["member_counts"] = [np.bincount(labels[m], minlength=2).tolist() for m in members]
+    if cfg.balance != "none":
+        for i, c in enumerate(record["member_counts"]):
+            who = f"member {i + 1}: " if len(members) > 1 else ""
+            log(f"balance {cfg.balance}: {who}train {c[0]} NORMAL, {c[1]} PNEUMONIA")
+    return BalancedTrain(images, labels, weights, members, image_key, record)
+
+
+def stack_members(member_variables: list[dict]) -> dict:
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *member_variables)
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool):
@@ -210,20 +282,56 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def evaluate_arrays(steps: Steps, variables, val, target, target_recall: float, batch_size: int,
-                    plots_dir: Path, split_name: str, threshold: float | None = None) -> dict:
-    """Threshold from validation (unless given), figures and plots on ``target``."""
-    if threshold is None:
-        p_val = pneumonia_probability(predict_logits(steps, variables, val[0], batch_size))
-        threshold = choose_threshold(val[1], np.asarray(p_val), target_recall)
-    p = np.asarray(pneumonia_probability(predict_logits(steps, variables, target[0], batch_size,
-                                                        desc=f"predict {split_name}")))
-    metrics = evaluate_predictions(target[1], p, threshold)
-    metrics.update(split=split_name, threshold_source="validation",
-                   target_recall=target_recall)
+def evaluate_arrays(steps: Steps, member_variables, val, target, target_recall: float,
+                    batch_size: int, plots_dir: Path, split_name: str,
+                    thresholds: list[float] | None = None) -> dict:
+    """Thresholds from validation (unless given), figures and plots on ``target``.
+
+    ``member_variables`` holds K models stacked on a leading axis (K = 1 for a plain run).
+    """
+    if thresholds is None:
+        p_val = member_probabilities(steps, member_variables, val[0], batch_size)
+        thresholds = [choose_threshold(val[1], p_val[:, i], target_recall)
+                      for i in range(p_val.shape[1])]
+    p = member_probabilities(steps, member_variables, target[0], batch_size,
+                             desc=f"predict {split_name}")
+    metrics = combined_metrics(target[1], p, thresholds)
+    metrics.update(split=split_name, threshold_source="validation", target_recall=target_recall)
+    score = p.mean(1)
     plot_confusion_matrix(metrics["confusion_matrix"], plots_dir / "confusion_matrix.png",
-                          title=f"{split_name}, threshold {threshold:.3f}")
-    plot_roc(target[1], p, plots_dir / "roc.png", auc=metrics["auc"], threshold=threshold)
+                          title=f"{split_name}, threshold {metrics['threshold']:.3f}"
+                          + (f" ({len(thresholds)}-member vote)" if len(thresholds) > 1 else ""))
+    plot_roc(target[1], score, plots_dir / "roc.png", auc=metrics["auc"],
+             threshold=thresholds[0] if len(thresholds) == 1 else None)
+    return metrics
+
+
+def member_probabilities(steps, member_variables, inputs, batch_size, desc=None) -> np.ndarray:
+    """P(pneumonia) per input and member: (n, members)."""
+    return np.asarray(pneumonia_probability(member_logits(steps, member_variables, inputs,
+                                                          batch_size, desc)))
+
+
+def combined_metrics(y: np.ndarray, member_p: np.ndarray, thresholds: list[float]) -> dict:
+    """One model: figures at its threshold. An ensemble: labels by majority vote of the members
+    (each at its own validation threshold; ties count as PNEUMONIA), AUC from the mean
+    probability."""
+    from pneumojax.metrics import binary_metrics, bootstrap_ci  # noqa: PLC0415
+    if len(thresholds) == 1:
+        metrics = evaluate_predictions(y, member_p[:, 0], thresholds[0])
+    else:
+        votes = (member_p >= np.asarray(thresholds)).mean(1)
+        metrics = evaluate_predictions(y, votes, 0.5)
+        mean_p = member_p.mean(1)
+        auc_ci = bootstrap_ci(y, mean_p, 0.5)["auc"]
+        auc = binary_metrics(y, mean_p, 0.5)["auc"]
+        metrics["auc"], metrics["ci95"]["auc"] = auc, auc_ci
+        votes_05 = (member_p >= 0.5).mean(1)
+        metrics["at_0_5"] = {**binary_metrics(y, votes_05, 0.5), "auc": auc}
+        metrics["ensemble"] = {"members": len(thresholds), "label": "majority vote",
+                               "auc": "mean probability",
+                               "threshold": "0.5 on the fraction of members voting PNEUMONIA"}
+    metrics["member_thresholds"] = [float(t) for t in thresholds]
     return metrics
 
 
@@ -240,8 +348,8 @@ class LoadedRun:
     run_dir: Path
     config: dict
     steps: Steps
-    variables: dict
-    threshold: float
+    variables: dict              # members stacked on a leading axis
+    thresholds: list[float]      # one per member, chosen on validation
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
@@ -257,8 +365,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     info = get_backbone(config["backbone"])
     model = build_classifier(info, config["cut"], frozenset())
     steps = Steps(model, optax.identity(), make_mesh())
-    threshold = manifest["threshold"]
-    return LoadedRun(run_dir, config, steps, variables, threshold)
+    return LoadedRun(run_dir, config, steps, variables, list(manifest["thresholds"]))
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "test",
@@ -285,7 +392,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "tes
     out = Path(out) if out else run.run_dir / f"eval-{split}" / "metrics.json"
     metrics = evaluate_arrays(run.steps, run.variables, None, (x, y), run.config["target_recall"],
                               run.config["batch_size"], out.parent / "plots", split,
-                              threshold=run.threshold)
+                              thresholds=run.thresholds)
     metrics["data"] = str(data or run.config["data"])
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_json(out, metrics)
@@ -308,8 +415,11 @@ def predict_paths(run_dir: str | Path, paths: list[str]) -> list[dict]:
     if not files:
         raise FileNotFoundError("no images found in " + ", ".join(paths))
     images = D.load_images(files, run.config["image_size"], progress=len(files) > 50)
-    p = np.asarray(pneumonia_probability(predict_logits(run.steps, run.variables, images,
-                                                        run.config["batch_size"])))
-    return [{"path": f, "p_pneumonia": float(q),
-             "label": "PNEUMONIA" if q >= run.threshold else "NORMAL",
-             "threshold": run.threshold} for f, q in zip(files, p)]
+    p = member_probabilities(run.steps, run.variables, images, run.config["batch_size"])
+    if len(run.thresholds) == 1:
+        labels = p[:, 0] >= run.thresholds[0]
+    else:
+        labels = (p >= np.asarray(run.thresholds)).mean(1) >= 0.5
+    return [{"path": f, "p_pneumonia": float(q), "label": "PNEUMONIA" if lab else "NORMAL",
+             "threshold": run.thresholds[0] if len(run.thresholds) == 1 else "vote"}
+            for f, q, lab in zip(files, p.mean(1), labels)]
