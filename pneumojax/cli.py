@@ -96,19 +96,28 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
               help="Oversampling augmentation: preset 'cxr' or an albumentations file (A.save).")
 @click.option("--ensemble-size", default=None, type=int,
               help="Ensemble members K [default: round(majority / minority)].")
+@click.option("--precision", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16"]),
+              help="bfloat16 = bfloat16 compute, float32 parameters and optimizer state; "
+                   "auto = bfloat16 on GPU/TPU, float32 on CPU.")
+@click.option("--distributed", is_flag=True,
+              help="Call jax.distributed.initialize() first (multi-host; see README).")
 @click.option("--feature-cache/--no-feature-cache", default=True, show_default=True,
               help="Compute the frozen part's activations once and train the rest on them.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (its own "
               "config.json is used).")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and exit without loading data.")
-def train(resume, overwrite, dry_run, **options):
+def train(resume, overwrite, dry_run, distributed, **options):
     """Train and evaluate a classifier; everything lands in the run folder."""
     from pneumojax.model import TrainableSpecError, make_plan  # noqa: PLC0415
     from pneumojax.run import TrainConfig, train_run  # noqa: PLC0415
-    from pneumojax.train import Interrupted  # noqa: PLC0415
+    from pneumojax.train import Interrupted, NonFiniteLoss  # noqa: PLC0415
 
     cfg = TrainConfig(**options)
+    if distributed:
+        import jax  # noqa: PLC0415
+        jax.distributed.initialize()
     if dry_run:
         try:
             plan = make_plan(get_backbone(cfg.backbone), cfg.cut, cfg.trainable, cfg.image_size)
@@ -124,7 +133,7 @@ def train(resume, overwrite, dry_run, **options):
     except Interrupted as e:
         click.echo(f"{e}\ncontinue with: pneumojax train --out {cfg.out} --resume", err=True)
         sys.exit(130)
-    except (KeyError, ValueError, FileNotFoundError, OSError) as e:
+    except (KeyError, ValueError, FileNotFoundError, OSError, NonFiniteLoss) as e:
         _fail(_text(e), 2 if isinstance(e, KeyError) else 1)
 
 

@@ -76,9 +76,9 @@ def cached_activations(prefix: Prefix, variables: dict, images: np.ndarray, imag
 
     def sink(start, stop, outputs):
         for name, value in outputs.items():
-            if name not in arrays:
+            if name not in arrays:  # stored as float32 whatever the compute precision
                 arrays[name] = np.lib.format.open_memmap(
-                    tmp / f"{name}.npy", mode="w+", dtype=value.dtype,
+                    tmp / f"{name}.npy", mode="w+", dtype=np.float32,
                     shape=(len(images),) + value.shape[1:])
             arrays[name][start:stop] = value
 

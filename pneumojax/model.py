@@ -49,9 +49,10 @@ class Classifier(nn.Module):
         x = self.backbone(x, train=train)[self.backbone.outputs[0]]
         x = x.reshape(x.shape[0], -1)
         init = nn.initializers.glorot_uniform()
-        x = nn.relu(nn.Dense(self.hidden, kernel_init=init, name=HEAD[0])(x))
+        dtype = self.backbone.dtype
+        x = nn.relu(nn.Dense(self.hidden, kernel_init=init, dtype=dtype, name=HEAD[0])(x))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(2, kernel_init=init, name=HEAD[1])(x).astype(jnp.float32)
+        return nn.Dense(2, kernel_init=init, dtype=dtype, name=HEAD[1])(x).astype(jnp.float32)
 
 
 def pneumonia_probability(logits):
@@ -145,6 +146,19 @@ def _resolve(token: str, info: BackboneInfo, default: int) -> int:
         raise TrainableSpecError(f"--trainable: {info.name} has no layer {token!r}.{hint} "
                                  f"List them with: pneumojax layers --backbone {info.name}")
     return info.layer_index[token]
+
+
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(precision: str | None):
+    """``--precision``: float32, or bfloat16 compute with float32 parameters and optimizer
+    state (mixed precision). Default: bfloat16 on GPU/TPU, float32 on CPU."""
+    if precision is None or precision == "auto":
+        precision = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown --precision {precision!r}; choose float32 or bfloat16")
+    return PRECISIONS[precision]
 
 
 def build_classifier(info: BackboneInfo, cut: str, trainable: frozenset[str],

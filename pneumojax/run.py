@@ -25,8 +25,8 @@ from pneumojax.checkpoint import load_variables, save_variables
 from pneumojax.features import (cacheable_frontier, cached_activations, merge_variables,
                                 prefix_model, suffix_variables)
 from pneumojax.metrics import choose_threshold, evaluate_predictions, format_metrics
-from pneumojax.model import build_classifier, init_variables, make_optimizer, make_plan, \
-    pneumonia_probability
+from pneumojax.model import build_classifier, compute_dtype, init_variables, make_optimizer, \
+    make_plan, pneumonia_probability
 from pneumojax.plots import plot_confusion_matrix, plot_history, plot_roc
 from pneumojax.train import FitOptions, Steps, fit, make_mesh, member_logits
 
@@ -62,6 +62,7 @@ class TrainConfig:
     out: str = "runs/latest"
     feature_cache: bool = True
     balance: str = "none"
+    precision: str = "auto"
     augment: str = "cxr"
     ensemble_size: int | None = None
 
@@ -153,18 +154,20 @@ def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         _write_json(run_dir / "config.json", config)
     t_data = time.perf_counter() - t0
 
-    model = build_classifier(info, plan.cut, plan.trainable_layers)
+    dtype = compute_dtype(cfg.precision)
+    model = build_classifier(info, plan.cut, plan.trainable_layers, dtype)
     k = len(balanced.members)
     member_vars = [init_variables(model, cfg.image_size, cfg.seed + i, backbone_vars)
                    for i in range(k)]
     mesh = make_mesh()
-    log(f"devices: {mesh.devices.size} x {jax.default_backend()}; global batch {cfg.batch_size}, "
+    log(f"devices: {mesh.devices.size} x {jax.default_backend()} ({jax.process_count()} "
+        f"host(s)), {np.dtype(dtype).name} compute; global batch {cfg.batch_size}, "
         f"{cfg.batch_size // mesh.devices.size} per device"
         + (f"; {k} ensemble members trained side by side (vmap)" if k > 1 else ""))
     frontier = cacheable_frontier(info, plan.cut, plan.trainable_layers) if cfg.feature_cache else ()
     if frontier:
         # Train the suffix on activations computed once; same results as the full model.
-        prefix = prefix_model(info, frontier)
+        prefix = prefix_model(info, frontier, dtype)
         probe = Steps(model, optax.identity(), mesh)
         inputs = {}
         for name, x, key in (("train", balanced.images, balanced.key),
@@ -177,7 +180,7 @@ def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
                 lambda *a, name=name: probe.map(*a, desc=f"frozen activations ({name})"))
         log(f"feature cache: training on cached activations of {', '.join(frontier)} "
             "(the frozen part runs once; --no-feature-cache turns this off)")
-        train_model = build_classifier(info, plan.cut, plan.trainable_layers, given=frontier)
+        train_model = build_classifier(info, plan.cut, plan.trainable_layers, dtype, given=frontier)
         example = jax.tree.map(lambda a: np.asarray(a[:1]), inputs["val"])
         template = jax.eval_shape(train_model.init, jax.random.key(0), example)
         train_vars = [suffix_variables(v, template) for v in member_vars]
@@ -363,7 +366,8 @@ def load_run(run_dir: str | Path) -> LoadedRun:
                                 "did not finish; continue it with pneumojax train --resume")
     variables, manifest = load_variables(run_dir / "model")
     info = get_backbone(config["backbone"])
-    model = build_classifier(info, config["cut"], frozenset())
+    model = build_classifier(info, config["cut"], frozenset(),
+                             compute_dtype(config.get("precision")))
     steps = Steps(model, optax.identity(), make_mesh())
     return LoadedRun(run_dir, config, steps, variables, list(manifest["thresholds"]))
 

@@ -134,7 +134,19 @@ class Steps:
         return jax.device_put(state, self.replicated)
 
     def shard(self, batch, members: bool = False):
-        return jax.device_put(batch, self.member_batch_sharding if members else self.batch_sharding)
+        """Places a global batch on the mesh. On several hosts each host passes the same
+        global batch and contributes only its own slice of the batch axis."""
+        sharding = self.member_batch_sharding if members else self.batch_sharding
+        if jax.process_count() == 1:
+            return jax.device_put(batch, sharding)
+        axis = 1 if members else 0
+        pid, count = jax.process_index(), jax.process_count()
+
+        def local(a):
+            n = a.shape[axis] // count
+            return jax.make_array_from_process_local_data(
+                sharding, np.take(a, np.arange(pid * n, (pid + 1) * n), axis=axis))
+        return jax.tree.map(local, batch)
 
     def map(self, fn, variables, inputs, batch_size: int, sink, desc: str | None = None):
         """Runs ``fn(variables, batch)`` over ``inputs`` (an array or a dict of arrays) in
@@ -184,6 +196,7 @@ class FitOptions:
     lr_schedule: str = "keras-seed"
     patience: int = 5
     seed: int = 0
+    log_every: int = 10   # host syncs for the progress bar every N steps, not every step
 
 
 @dataclasses.dataclass
@@ -202,6 +215,24 @@ class Progress:
     wait: list = dataclasses.field(default_factory=list)
     stopped_early: bool = False
     finished: bool = False
+    steps_per_epoch: int = 0
+
+    def global_step(self, batch_index: int) -> int:
+        return self.epoch * self.steps_per_epoch + batch_index + 1
+
+
+def prefetch(make: Callable[[int], Any], indices, depth: int = 2):
+    """Yields ``make(i)`` for each index, preparing the next ones in a background thread so
+    batch assembly and host-to-device copies overlap the running step."""
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+    indices = list(indices)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        futures = [pool.submit(make, i) for i in indices[:depth]]
+        for n in range(len(indices)):
+            if n + depth < len(indices):
+                futures.append(pool.submit(make, indices[n + depth]))
+            yield futures[n].result()
+            futures[n] = None
 
 
 class _StopFlag:
@@ -296,7 +327,8 @@ def fit(steps: Steps, variables: dict | list[dict], train: tuple, val: tuple,
                          f"one batch of {opts.batch_size}")
     ckpt = RunCheckpoints(run_dir / "checkpoints")
     state = steps.init_state(variables)
-    progress = Progress(best_val_loss=[math.inf] * k, best_epoch=[-1] * k, wait=[0] * k)
+    progress = Progress(best_val_loss=[math.inf] * k, best_epoch=[-1] * k, wait=[0] * k,
+                        steps_per_epoch=steps_per_epoch)
     best = jax.tree.map(jnp.copy, _weights(state))  # the step donates the state's buffers
     if resume:
         restored = ckpt.restore_last(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
@@ -322,32 +354,42 @@ def fit(steps: Steps, variables: dict | list[dict], train: tuple, val: tuple,
                       for i, m in enumerate(members)]
             bar = tqdm(range(progress.batch, steps_per_epoch), desc=f"epoch {epoch + 1}",
                        initial=progress.batch, total=steps_per_epoch, leave=False)
-            for b in bar:
+
+            def make_batch(b, orders=orders):
                 idx = [np.sort(o[b * opts.batch_size:(b + 1) * opts.batch_size]) for o in orders]
-                batch = steps.shard({
+                return steps.shard({
                     "image": jax.tree.map(lambda a: np.stack([np.asarray(a[i]) for i in idx]),
                                           inputs),
                     "label": np.stack([labels[i] for i in idx]),
                     "weight": np.stack([weights[i] for i in idx]).astype(np.float32)},
                     members=True)
+
+            pending = []  # metrics still on the device: the host syncs every log_every steps
+            for b, batch in zip(bar, prefetch(make_batch, range(progress.batch, steps_per_epoch))):
                 state, metrics = steps.train(state, batch, keys)
-                metrics = jax.device_get(metrics)  # one small sync per step feeds the bar
-                if not np.isfinite(metrics["loss"]).all():
-                    raise NonFiniteLoss(f"loss became {metrics['loss']} at epoch {epoch + 1}, "
-                                        f"step {b + 1}; the last good checkpoint is kept")
-                for key in progress.sums:
-                    progress.sums[key] += float(np.mean(metrics[key]))
+                pending.append(metrics)
+                last = b + 1 == steps_per_epoch
+                interrupt = stop.signal is not None or (
+                    stop_after_steps is not None and progress.global_step(b) >= stop_after_steps)
+                if (b + 1) % opts.log_every and not last and not interrupt:
+                    continue
+                for i, m in enumerate(jax.device_get(pending)):
+                    if not np.isfinite(m["loss"]).all():
+                        raise NonFiniteLoss(
+                            f"loss became {m['loss']} at epoch {epoch + 1}, step "
+                            f"{b + 2 - len(pending) + i}; the last good checkpoint is kept")
+                    for key in progress.sums:  # per step, in order: windows don't change sums
+                        progress.sums[key] += float(np.mean(m[key]))
+                pending = []
                 progress.batch = b + 1
                 bar.set_postfix(loss=f"{progress.sums['loss'] / progress.batch:.4f}",
                                 acc=f"{progress.sums['accuracy'] / progress.batch:.3f}")
-                if stop_after_steps is not None and int(state.step[0]) >= stop_after_steps:
-                    stop.signal = signal.SIGINT
-                if stop.signal is not None:
+                if interrupt:
                     ckpt.save_last(state, progress)
                     ckpt.close()
-                    raise Interrupted(f"interrupted by {signal.Signals(stop.signal).name} at "
-                                      f"epoch {epoch + 1}, batch {b + 1}; state saved in "
-                                      f"{run_dir / 'checkpoints' / 'last'}")
+                    why = signal.Signals(stop.signal or signal.SIGINT).name
+                    raise Interrupted(f"interrupted by {why} at epoch {epoch + 1}, batch {b + 1}; "
+                                      f"state saved in {run_dir / 'checkpoints' / 'last'}")
             bar.close()
             val_logits = member_logits(steps, _weights(state), val[0], opts.batch_size)
             val_scores = [evaluate_loss(val_logits[:, i], val[1]) for i in range(k)]

@@ -114,6 +114,30 @@ def test_frozen_parameters_and_statistics_stay_while_trainable_ones_move(tmp_pat
     assert not np.array_equal(before["params"]["dense"]["kernel"], after["params"]["dense"]["kernel"])
 
 
+def test_one_compile_for_all_epochs(tmp_path):
+    steps, variables, _, train, val = _tiny(MID)
+    fit(steps, variables, train, val, FitOptions(epochs=3, batch_size=8, patience=0, log_every=2),
+        tmp_path)
+    assert steps.train._cache_size() == 1
+    assert steps._jitted[steps.predict_members]._cache_size() == 1
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    from pneumojax.backbones import backbone_model, preprocess
+    info = get_backbone("densenet121")
+    x = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    f32 = backbone_model(info, outputs=[CUT])
+    variables = init_variables(build_classifier(info, CUT, frozenset()), 64, 0)["params"]
+    bs = init_variables(build_classifier(info, CUT, frozenset()), 64, 0)["batch_stats"]
+    v = {"params": variables["backbone"], "batch_stats": bs["backbone"]}
+    a = f32.apply(v, preprocess(x, info.preprocess_mode))[CUT]
+    b = backbone_model(info, outputs=[CUT], dtype=jax.numpy.bfloat16).apply(
+        v, preprocess(x, info.preprocess_mode))[CUT]
+    assert b.dtype == jax.numpy.bfloat16
+    rel = float(np.max(np.abs(np.asarray(b, np.float32) - np.asarray(a))) / np.max(np.abs(a)))
+    assert 0 < rel < 3e-2  # bfloat16 keeps 8 bits of mantissa: ~0.4% per op
+
+
 def test_resume_after_interrupt_equals_uninterrupted(tmp_path):
     opts = FitOptions(epochs=3, batch_size=8, patience=0, seed=3)
     steps, variables, _, train, val = _tiny(MID)
@@ -190,6 +214,19 @@ def test_cached_activations_train_the_same_as_the_full_model(tiny_data, tmp_path
     ma, mb = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("cached", "full"))
     assert ma["confusion_matrix"] == mb["confusion_matrix"]
     assert ma["auc"] == pytest.approx(mb["auc"], abs=1e-6)
+
+
+def test_bfloat16_training_matches_float32_within_intervals(tiny_data, tmp_path):
+    args = ["train", "--data", str(tiny_data), "--weights", "none", "--cut", CUT, "--trainable",
+            MID, "--image-size", "32", "--epochs", "2", "--batch-size", "8"]
+    metrics = {}
+    for p in ("float32", "bfloat16"):
+        r = CliRunner().invoke(main, args + ["--precision", p, "--out", str(tmp_path / p)])
+        assert r.exit_code == 0, r.output
+        assert f"{p} compute" in r.output
+        metrics[p] = json.loads((tmp_path / p / "metrics.json").read_text())
+    lo, hi = metrics["float32"]["ci95"]["auc"]
+    assert lo - 1e-9 <= metrics["bfloat16"]["auc"] <= hi + 1e-9
 
 
 @pytest.fixture
