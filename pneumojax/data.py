@@ -9,6 +9,12 @@ Two folder layouts are understood:
 Splits are made by whole patients (the patient is read from the file name, see
 :func:`patient_id`), so that no patient is in two splits (DESIGN.md, principle 6). Decoded, resized
 images are cached as ``.npy`` files (principle 4).
+
+Bad input gets a clear error: every :class:`DataError` says what is wrong and what to do in one or
+two lines. Unreadable images (truncated, corrupt, not an image at all, too large) are found by
+:func:`check_images` before any split is made and skipped with one warning (or, with
+``strict=True``, stop everything with a :class:`DataError` naming the first), so that splits,
+labels and cached arrays only ever hold images that decode.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ import random
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -36,12 +43,42 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
 # Bump when decoding changes, so that stale caches are not reused.
 _DECODER_VERSION = "1"
+# Bump when check_images changes what it calls unreadable.
+_CHECK_VERSION = "1"
+
+# Images with more pixels are refused as unreadable (16384 x 16384: far beyond any radiograph
+# detector; a grayscale image this size takes 256 MiB to decode). PIL's own decompression-bomb
+# limit (89 Mpx, a warning; twice that, an error) is raised to this at import so that a large but
+# sane image such as 12000 x 12000 decodes quietly; larger ones are refused with a clear reason.
+MAX_IMAGE_PIXELS = 16384 * 16384
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# Images with more pixels than this are shrunk before they are fully decoded and converted (JPEG:
+# DCT-scaled decoding via Image.draft; other formats: Image.reduce), so that their decoding needs
+# about one byte per stored pixel and no more. Smaller images (every image of the Kaggle set,
+# at most ~3000 x 2700) decode exactly as before.
+_LARGE_PIXELS = 4096 * 4096
 
 Item = tuple[str, int]  # (path, label)
+Warn = Callable[[str], None]
 
 
-class DataError(Exception):
-    """A data folder or split that cannot be used as asked; the message says why."""
+class DataError(ValueError):
+    """A data folder, image or split that cannot be used as asked; the message says why and what
+    to do, in one or two lines.
+
+    A :class:`ValueError`, so that callers which report ``ValueError`` without a traceback (the
+    CLI) report this too.
+    """
+
+
+class DataWarning(UserWarning):
+    """Data that is used, but with a problem the user should know about (skipped images,
+    duplicates across splits)."""
+
+
+def _default_warn(message: str) -> None:
+    warnings.warn(message, DataWarning, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------

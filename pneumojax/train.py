@@ -451,17 +451,20 @@ def member_logits(steps: Steps, member_variables, inputs, batch_size: int,
     return out
 
 
+_HYPERPARAM_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
 def _set_learning_rate(state: TrainState, lr: float) -> TrainState:
     """Sets the rate inside ``inject_hyperparams`` state: a value, not a recompile."""
     def visit(x):
-        if isinstance(x, optax.InjectHyperparamsState):
+        if isinstance(x, _HYPERPARAM_STATES):
             hp = dict(x.hyperparams)
             old = jnp.asarray(hp["learning_rate"])
             hp["learning_rate"] = jnp.full(old.shape, lr, old.dtype)
             return x._replace(hyperparams=hp)
         return x
     opt_state = jax.tree.map(visit, state.opt_state,
-                             is_leaf=lambda x: isinstance(x, optax.InjectHyperparamsState))
+                             is_leaf=lambda x: isinstance(x, _HYPERPARAM_STATES))
     return state.replace(opt_state=opt_state)
 
 

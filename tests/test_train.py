@@ -114,6 +114,15 @@ def test_frozen_parameters_and_statistics_stay_while_trainable_ones_move(tmp_pat
     assert not np.array_equal(before["params"]["dense"]["kernel"], after["params"]["dense"]["kernel"])
 
 
+def test_the_scheduled_learning_rate_is_the_one_applied(tmp_path):
+    steps, variables, _, train, val = _tiny("none", lr=1e-2)  # the optimizer's initial rate
+    opts = FitOptions(epochs=2, batch_size=8, patience=0, learning_rate=0.0)
+    [best], progress = fit(steps, variables, train, val, opts, tmp_path)
+    np.testing.assert_array_equal(best["params"]["dense"]["kernel"],
+                                  variables["params"]["dense"]["kernel"])
+    assert progress.history[0]["val_loss"] == progress.history[1]["val_loss"]
+
+
 def test_one_compile_for_all_epochs(tmp_path):
     steps, variables, _, train, val = _tiny(MID)
     fit(steps, variables, train, val, FitOptions(epochs=3, batch_size=8, patience=0, log_every=2),

@@ -1,0 +1,539 @@
+#!/usr/bin/env python
+"""Training and inference throughput: pneumojax vs Keras 3 on TensorFlow vs Keras 3 on JAX.
+
+For each of the study's configurations (see ``../shared/DESIGN.md``) every framework runs the
+same model (the ``keras.applications`` backbone cut at the study's layer + Flatten, Dense(128,
+relu), Dropout(0.1), Dense(2, sigmoid); the backbone frozen except the study's trainable
+range) with the same randomized weights (made once with ``randomize_keras_model`` and ported
+into pneumojax with ``port_keras_weights``), the same batch, image size and float32. Each
+framework is measured in its own subprocess; this parent only collects their JSON.
+
+Measured per framework and configuration:
+
+* training images/s of the real, uncached train step (frozen part forward, trainable part
+  forward and backward, Adam update): pneumojax's jitted ``Steps.train`` on the full
+  classifier with a device-resident batch, Keras's ``train_on_batch`` on device-resident
+  tensors (it returns numpy logs, so it blocks);
+* inference images/s: one batch of host images per call (pneumojax ``predict_logits`` on
+  uint8, Keras ``predict_on_batch`` on preprocessed float32);
+* the first call of each (trace + compile + one run), peak RSS of the subprocess, peak device
+  memory on GPUs, and cores used (process CPU time / wall time over the timed calls).
+
+Usage: ``python benchmarks/throughput.py [--quick] [--out FILE.json] [--configs 1 2 ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+SCRIPT = Path(__file__).resolve()
+FRAMEWORKS = ("pneumojax", "keras-tf", "keras-jax")
+TITLES = {"pneumojax": "pneumojax", "keras-tf": "Keras-TF", "keras-jax": "Keras-JAX"}
+KERAS_BACKENDS = {"keras-tf": "tensorflow", "keras-jax": "jax"}
+LEARNING_RATE = 1e-3
+# Images per class in the official train split: the study's class weights come from these.
+STUDY_CLASS_COUNTS = (1341, 3875)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """One of the study's six experiments, as far as its train step is concerned."""
+
+    number: int
+    backbone: str
+    cut: str
+    label: str
+    trainable: str = "none"
+    class_weights: bool = False
+    same_step_as: int | None = None  # its train step is that configuration's, byte for byte
+
+
+CONFIGS = {c.number: c for c in (
+    StudyConfig(1, "resnet152", "conv5_block3_1_relu", "ResNet152, head only"),
+    StudyConfig(2, "densenet121", "conv5_block15_1_relu", "DenseNet121, head only"),
+    StudyConfig(3, "inception_v3", "conv2d_86", "InceptionV3, head only"),
+    StudyConfig(4, "inception_v3", "conv2d_86", "InceptionV3 + conv2d_44:average_pooling2d_4",
+                trainable="conv2d_44:average_pooling2d_4"),
+    # Oversampling changes which images fill a batch, not the step: 4's figures stand for it.
+    StudyConfig(5, "inception_v3", "conv2d_86", "as 4, on an oversampled train set",
+                trainable="conv2d_44:average_pooling2d_4", same_step_as=4),
+    StudyConfig(6, "resnet50v2", "post_relu", "ResNet50V2 + class weights", class_weights=True),
+)}
+
+QUICK = {"image_size": 96, "batch_size": 8, "steps": 3, "warmup": 1, "configs": [4]}
+FULL = {"image_size": 256, "batch_size": 32, "steps": 10, "warmup": 2,
+        "configs": sorted(CONFIGS)}
+
+
+def study_class_weights() -> list[float]:
+    """The study's w_c = (1 / count_c) * total / 2 for NORMAL, PNEUMONIA."""
+    total = sum(STUDY_CLASS_COUNTS)
+    return [total / (2 * c) for c in STUDY_CLASS_COUNTS]
+
+
+# --- the parent ----------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"CI size: {QUICK['image_size']} px, batch {QUICK['batch_size']}, "
+                        f"{QUICK['steps']} steps, configuration {QUICK['configs']}")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON output (the markdown table goes beside it, same stem, .md); "
+                        "default benchmarks/results/throughput[-quick].json")
+    p.add_argument("--configs", type=int, nargs="+", choices=sorted(CONFIGS), default=None,
+                   help="study configurations to measure (default all; 5 reuses 4's step)")
+    p.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="timed calls after warm-up")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls after the first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget", type=float, default=0,
+                   help="seconds; workers that would start after it are skipped and marked "
+                        "so (0 = no budget)")
+    p.add_argument("--worker-timeout", type=float, default=3600,
+                   help="seconds one framework may take on one configuration")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.out is None:
+        args.out = SCRIPT.parent / "results" / ("throughput-quick.json" if args.quick
+                                                else "throughput.json")
+    return args
+
+
+def timed_configs(selected: list[StudyConfig]) -> list[int]:
+    """The configurations whose step is measured: a reused step is measured once."""
+    return sorted({c.same_step_as or c.number for c in selected})
+
+
+def plan_record(cfg: StudyConfig, image_size: int) -> dict:
+    """The pneumojax plan: trainable layer names (Keras gets the same set) and counts."""
+    from pneumojax.backbones import get_backbone  # noqa: PLC0415
+    from pneumojax.model import make_plan  # noqa: PLC0415
+    plan = make_plan(get_backbone(cfg.backbone), cfg.cut, cfg.trainable, image_size)
+    return {"trainable_layers": sorted(plan.trainable_layers),
+            "trainable_params": plan.trainable_params, "frozen_params": plan.frozen_params}
+
+
+def make_job(args, cfg: StudyConfig, plan: dict, framework: str, weights: Path) -> dict:
+    return {"name": f"config{cfg.number}-{framework}", "role": "measure",
+            "framework": framework, "config": cfg.number, "backbone": cfg.backbone,
+            "cut": cfg.cut, "trainable": cfg.trainable,
+            "trainable_layers": plan["trainable_layers"],
+            "class_weights": study_class_weights() if cfg.class_weights else None,
+            "weights": str(weights), "batch_size": args.batch_size,
+            "image_size": args.image_size, "steps": args.steps, "warmup": args.warmup,
+            "seed": args.seed}
+
+
+def framework_env(framework: str) -> dict[str, str]:
+    return {"KERAS_BACKEND": KERAS_BACKENDS.get(framework, "jax")}
+
+
+def run_suite(args) -> dict:
+    """Prepares the shared weights, runs every (configuration, framework) worker, collects."""
+    t0 = time.perf_counter()
+    selected = [CONFIGS[n] for n in args.configs]
+    numbers = timed_configs(selected)
+    plans = {n: plan_record(CONFIGS[n], args.image_size) for n in numbers}
+    results: dict[int, dict[str, dict]] = {n: {} for n in numbers}
+    with tempfile.TemporaryDirectory(prefix="pneumojax-throughput-") as tmp:
+        workdir = Path(tmp)
+        weights = {n: workdir / f"weights-config{n}.npz" for n in numbers}
+        print(f"preparing shared weights for configurations {numbers} ...", flush=True)
+        prep = common.run_worker(SCRIPT, {
+            "name": "prepare", "role": "prepare", "image_size": args.image_size,
+            "seed": args.seed, "configs": [
+                {"number": n, "backbone": CONFIGS[n].backbone, "cut": CONFIGS[n].cut,
+                 "trainable_layers": plans[n]["trainable_layers"], "weights": str(weights[n])}
+                for n in numbers]}, workdir, env=framework_env("keras-tf"),
+            timeout=args.worker_timeout)
+        if "error" in prep:
+            raise SystemExit(f"preparing weights failed: {prep['error']}\n{prep['log_tail']}")
+        for n in numbers:
+            for framework in args.frameworks:
+                elapsed = time.perf_counter() - t0
+                if args.time_budget and elapsed > args.time_budget:
+                    results[n][framework] = {"skipped": f"time budget of {args.time_budget:.0f} s "
+                                                        "spent before this worker started"}
+                    continue
+                timeout = args.worker_timeout
+                if args.time_budget:
+                    timeout = min(timeout, max(args.time_budget - elapsed, 1.0) + 60)
+                print(f"config {n} ({CONFIGS[n].label}): {TITLES[framework]} ...", flush=True)
+                result = common.run_worker(SCRIPT, make_job(args, CONFIGS[n], plans[n],
+                                                            framework, weights[n]),
+                                           workdir, env=framework_env(framework), timeout=timeout)
+                print("  " + one_line(result), flush=True)
+                results[n][framework] = result
+    return assemble(args, selected, plans, results, time.perf_counter() - t0)
+
+
+def one_line(result: dict) -> str:
+    if "error" in result or "skipped" in result:
+        return f"FAILED: {result.get('error') or result.get('skipped')}\n{result.get('log_tail', '')}"
+    return (f"train {result['train']['images_per_s']:.2f} img/s, "
+            f"inference {result['inference']['images_per_s']:.2f} img/s, "
+            f"first step {result['train']['first_call_s']:.1f} s, "
+            f"peak RSS {result['peak_rss_mb']:.0f} MB")
+
+
+def ratio(results: dict, phase: str, a: str, b: str) -> float | None:
+    """Images/s of ``a`` over ``b`` in ``phase`` ('train' or 'inference'), when both ran."""
+    try:
+        return results[a][phase]["images_per_s"] / results[b][phase]["images_per_s"]
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
+def checks(results: dict, plan: dict) -> dict:
+    """Same model on every side: trainable parameter counts and the first batch's outputs."""
+    ok = {fw: r for fw, r in results.items() if "train" in r}
+    counts = {fw: r["trainable_params"] for fw, r in ok.items()}
+    out = {"trainable_params": counts,
+           "trainable_params_equal": len(set(counts.values()) | {plan["trainable_params"]}) == 1}
+    if "pneumojax" in ok:
+        ref = np.asarray(ok["pneumojax"]["probe_probabilities"])
+        out["max_abs_probability_diff_vs_pneumojax"] = {
+            fw: float(np.max(np.abs(np.asarray(r["probe_probabilities"]) - ref)))
+            for fw, r in ok.items() if fw != "pneumojax"}
+    return out
+
+
+def assemble(args, selected, plans, results, wall_s: float) -> dict:
+    """The JSON payload: settings, machine, versions, and one entry per configuration."""
+    configs = []
+    for cfg in selected:
+        n = cfg.same_step_as or cfg.number
+        entry = {**dataclasses.asdict(cfg), **plans[n], "measured_as": n, "results": results[n],
+                 "ratios": {f"pneumojax/{other}": {phase: ratio(results[n], phase, "pneumojax",
+                                                                other)
+                                                   for phase in ("train", "inference")}
+                            for other in ("keras-tf", "keras-jax")},
+                 "checks": checks(results[n], plans[n])}
+        if cfg.same_step_as:
+            entry["note"] = (f"train step identical to configuration {n} (oversampling only "
+                             "changes which images fill a batch): its measurement is reused, "
+                             "not repeated")
+        configs.append(entry)
+    first = next((r for rs in results.values() for r in rs.values() if "versions" in r), {})
+    accelerators = next((r["devices"] for rs in results.values()
+                         for fw, r in rs.items() if fw == "pneumojax" and "devices" in r), [])
+    return {
+        "benchmark": "throughput",
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "settings": {"quick": args.quick, "batch_size": args.batch_size,
+                     "image_size": args.image_size, "steps": args.steps, "warmup": args.warmup,
+                     "dtype": "float32", "learning_rate": LEARNING_RATE, "seed": args.seed,
+                     "frameworks": args.frameworks, "configs": args.configs,
+                     "time_budget_s": args.time_budget or None},
+        "hardware": {**common.hardware(), "accelerators": accelerators},
+        "versions": {fw: r["versions"] for rs in results.values() for fw, r in rs.items()
+                     if "versions" in r} or first,
+        "wall_s": round(wall_s, 1),
+        "configs": configs,
+    }
+
+
+# --- the table -------------------------------------------------------------------------------------
+
+def _rate(result: dict, phase: str) -> str:
+    if "error" in result:
+        return "failed"
+    if "skipped" in result:
+        return "skipped"
+    lo, hi = result[phase]["images_per_s_range"]
+    return f"{result[phase]['images_per_s']:.2f} [{lo:.2f}–{hi:.2f}]"
+
+
+def _ratio_cell(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}×"
+
+
+def _per_framework(entry: dict, frameworks, fmt) -> str:
+    cells = []
+    for fw in frameworks:
+        r = entry["results"].get(fw, {})
+        cells.append(fmt(r) if ("train" in r) else "–")
+    return " / ".join(cells)
+
+
+def render_markdown(payload: dict) -> str:
+    """The tables a reader looks at: training, inference, then compile/memory/cores."""
+    s, hw = payload["settings"], payload["hardware"]
+    fws = s["frameworks"]
+    acc = ", ".join(a for a in hw["accelerators"] if not a.startswith("cpu")) or "none"
+    vers = next(iter(payload["versions"].values()), {}) if payload["versions"] else {}
+    all_versions = {k: v for r in payload["versions"].values() for k, v in r.items()}
+    lines = [
+        f"## Throughput: pneumojax vs Keras 3 (float32, batch {s['batch_size']}, "
+        f"{s['image_size']}×{s['image_size']} px{', QUICK' if s['quick'] else ''})",
+        "",
+        f"CPU: {hw['cpu']} ({hw['usable_cores']} usable cores of {hw['cpu_count']}, "
+        f"{hw['memory_gb']} GB); accelerators: {acc}; load average at the end "
+        f"{hw['load_average'][0]:.2f}.",
+        "Versions: " + ", ".join(f"{k} {all_versions[k]}" for k in
+                                 ("python", "jax", "jaxlib", "flax", "optax", "keras",
+                                  "tensorflow") if k in all_versions) + ".",
+        f"Figures: median images/s over {s['steps']} timed calls after {s['warmup']} warm-up "
+        "call(s) (and the first, compiling, call), [slowest–fastest call] in brackets. "
+        "Each framework ran alone in its own process. Ratios above 1 mean pneumojax is faster.",
+        "",
+    ]
+    del vers
+    for phase, title in (("train", "Training: real train step, no feature cache (images/s)"),
+                         ("inference", "Inference: predict on one batch of host images "
+                                       "(images/s)")):
+        header = ["config", "model", *[TITLES[f] for f in fws]]
+        header += [f"pneumojax / {TITLES[o]}" for o in ("keras-tf", "keras-jax") if o in fws
+                   and "pneumojax" in fws]
+        rows = []
+        for e in payload["configs"]:
+            label = e["label"]
+            if e["same_step_as"]:
+                label += f" (= config {e['same_step_as']}'s step, not re-measured)"
+            row = [str(e["number"]), label, *[_rate(e["results"].get(f, {"skipped": 1}), phase)
+                                              for f in fws]]
+            row += [_ratio_cell(e["ratios"][f"pneumojax/{o}"][phase])
+                    for o in ("keras-tf", "keras-jax") if o in fws and "pneumojax" in fws]
+            rows.append(row)
+        lines += [f"### {title}", "", common.markdown_table(header, rows), ""]
+    order = " / ".join(TITLES[f] for f in fws)
+    header = ["config", f"first train step s ({order})", f"first predict s ({order})",
+              f"peak RSS MB ({order})", f"cores used training ({order})",
+              "trainable params", "same outputs"]
+    rows = []
+    for e in payload["configs"]:
+        diffs = e["checks"].get("max_abs_probability_diff_vs_pneumojax", {})
+        same = "yes" if e["checks"]["trainable_params_equal"] else "PARAMS DIFFER"
+        if diffs:
+            same += f" (max |Δp| {max(diffs.values()):.1e})"
+        rows.append([str(e["number"]),
+                     _per_framework(e, fws, lambda r: f"{r['train']['first_call_s']:.1f}"),
+                     _per_framework(e, fws, lambda r: f"{r['inference']['first_call_s']:.1f}"),
+                     _per_framework(e, fws, lambda r: f"{r['peak_rss_mb']:.0f}"),
+                     _per_framework(e, fws, lambda r: f"{r['train']['cores_used']:.2f}"),
+                     f"{e['trainable_params']:,}", same])
+    lines += ["### Compile, memory, core use", "", common.markdown_table(header, rows), ""]
+    device = [e for e in payload["configs"]
+              if any(r.get("peak_device_mb") for r in e["results"].values())]
+    if device:
+        rows = [[str(e["number"]), _per_framework(
+            e, fws, lambda r: f"{r['peak_device_mb']:.0f}" if r.get("peak_device_mb") else "?")]
+            for e in device]
+        lines += ["### Peak device memory", "",
+                  common.markdown_table(["config", f"MB ({order})"], rows), ""]
+    notes = [e["note"] for e in payload["configs"] if e.get("note")]
+    lines += [f"Config {e['number']}: {e['note']}." for e in payload["configs"] if e.get("note")]
+    del notes
+    lines.append(f"Total wall time of the suite: {payload['wall_s']:.0f} s.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker)
+    payload = run_suite(args)
+    markdown = render_markdown(payload)
+    md = common.write_outputs(args.out, payload, markdown)
+    print(markdown)
+    print(f"\nwrote {args.out} and {md}")
+    failed = [f"config {e['number']} {fw}" for e in payload["configs"]
+              for fw, r in e["results"].items() if "error" in r]
+    if failed:
+        print("FAILED: " + ", ".join(failed), file=sys.stderr)
+    return 1 if failed else 0
+
+
+# --- the workers -------------------------------------------------------------------------------
+
+def worker_main(job_path: str) -> int:
+    job = common.read_job(job_path)
+    if job["role"] == "prepare":
+        result = prepare_weights(job)
+    elif job["framework"] == "pneumojax":
+        result = measure_pneumojax(job)
+    else:
+        result = measure_keras(job)
+    common.write_result(job, result)
+    return 0
+
+
+def prepare_weights(job: dict) -> dict:
+    """Builds each configuration's Keras model, randomizes every backbone variable (BatchNorm
+    statistics included) and saves backbone + head weights for all three frameworks."""
+    import keras  # noqa: PLC0415
+
+    from pneumojax.backbones import get_backbone  # noqa: PLC0415
+    from ports.keras_port import randomize_keras_model, weights_of_keras_model  # noqa: PLC0415
+    for cfg in job["configs"]:
+        keras.utils.set_random_seed(job["seed"])  # the head's Glorot draws
+        base, model = common.build_keras_classifier(get_backbone(cfg["backbone"]), cfg["cut"],
+                                                    cfg["trainable_layers"], job["image_size"])
+        randomize_keras_model(base, job["seed"])
+        everything = weights_of_keras_model(model)
+        common.save_weights(Path(cfg["weights"]), {
+            "backbone": weights_of_keras_model(base),
+            "head": {k: everything[k] for k in common.HEAD_LAYERS}})
+    return {"prepared": [c["number"] for c in job["configs"]]}
+
+
+def fixed_batch(job: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The one batch every framework sees: smooth random uint8 images, labels about 1:3
+    NORMAL:PNEUMONIA as in the data set, per-sample weights (class weights or ones)."""
+    from ports.keras_port import parity_batch  # noqa: PLC0415
+    n = job["batch_size"]
+    images = parity_batch(job["image_size"], n=n, seed=job["seed"])
+    labels = np.resize(np.array([0, 1, 1, 1], np.int32), n)
+    weights = (np.asarray(job["class_weights"], np.float32)[labels] if job["class_weights"]
+               else np.ones(n, np.float32))
+    return images, labels, weights
+
+
+def measure_pneumojax(job: dict) -> dict:
+    """pneumojax: ``Steps.train`` on the full classifier (no feature cache), ``predict_logits``."""
+    import jax  # noqa: PLC0415
+
+    from pneumojax.backbones import get_backbone  # noqa: PLC0415
+    from pneumojax.model import (build_classifier, init_variables, make_optimizer,  # noqa: PLC0415
+                                 make_plan)
+    from pneumojax.train import Steps, make_mesh, predict_logits  # noqa: PLC0415
+    from ports.keras_port import port_keras_weights  # noqa: PLC0415
+
+    rss_after_import = common.peak_rss_mb()
+    images, labels, weights = fixed_batch(job)
+    size, batch_size = job["image_size"], job["batch_size"]
+    t0 = time.perf_counter()
+    info = get_backbone(job["backbone"])
+    plan = make_plan(info, job["cut"], job["trainable"], size)
+    model = build_classifier(info, plan.cut, plan.trainable_layers)
+    source = common.load_weights(job["weights"])
+    variables = init_variables(model, size, job["seed"],
+                               port_keras_weights(source["backbone"], info, size))
+    for layer in common.HEAD_LAYERS:  # the Keras head's values, not pneumojax's own draws
+        variables["params"][layer] = {k: np.asarray(v) for k, v in source["head"][layer].items()}
+    steps = Steps(model, make_optimizer(variables["params"], plan.trainable_layers,
+                                        LEARNING_RATE), make_mesh())
+    predict_variables = jax.device_put(variables, steps.replicated)
+    # Training runs K=1 member: state and batch carry a leading member axis.
+    holder = {"state": steps.init_state([variables]), "losses": []}
+    batch = steps.shard({"image": images[None], "label": labels[None], "weight": weights[None]},
+                        members=True)
+    keys = jax.random.key(job["seed"])[None]
+    jax.block_until_ready((holder["state"], batch, predict_variables))
+    setup_s = time.perf_counter() - t0
+
+    probes = []
+
+    def predict():
+        logits = predict_logits(steps, predict_variables, images, batch_size)  # numpy: blocks
+        if not probes:
+            probes.append(np.asarray(jax.nn.sigmoid(logits)))
+
+    def train():
+        holder["state"], metrics = steps.train(holder["state"], batch, keys)
+        jax.block_until_ready((holder["state"], metrics))
+        holder["losses"].append(float(metrics["loss"][0]))
+
+    inference = common.time_calls(predict, job["steps"], job["warmup"], batch_size)
+    training = common.time_calls(train, job["steps"], job["warmup"], batch_size)
+    return {"framework": "pneumojax", "config": job["config"], "setup_s": setup_s,
+            "rss_after_import_mb": rss_after_import, "devices": common.accelerators_jax(),
+            "peak_device_mb": common.peak_device_mb_jax(), "train": training,
+            "inference": inference, "trainable_params": plan.trainable_params,
+            "first_loss": holder["losses"][0], "last_loss": holder["losses"][-1],
+            "probe_probabilities": probes[0][:4].tolist(),
+            "step": "Steps.train (jit, batch sharded over a 'data' mesh axis, 1 member)"}
+
+
+def device_tensor(keras, x: np.ndarray):
+    """``x`` placed on the backend's first accelerator (or CPU), so steps do not copy it."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf  # noqa: PLC0415
+        gpus = tf.config.list_logical_devices("GPU")
+        with tf.device(gpus[0].name if gpus else "/CPU:0"):
+            return tf.identity(tf.convert_to_tensor(x))
+    return keras.ops.convert_to_tensor(x)
+
+
+def keras_devices(keras) -> tuple[list[str], float | None]:
+    """The backend's devices and the peak memory used on its first GPU (None on CPU)."""
+    if keras.backend.backend() == "jax":
+        return common.accelerators_jax(), common.peak_device_mb_jax()
+    import tensorflow as tf  # noqa: PLC0415
+    devices = [f"{d.device_type.lower()}: {d.name}" for d in tf.config.list_physical_devices()]
+    gpus = tf.config.list_logical_devices("GPU")
+    peak = (round(tf.config.experimental.get_memory_info(gpus[0].name)["peak"] / 2 ** 20, 1)
+            if gpus else None)
+    return devices, peak
+
+
+def measure_keras(job: dict) -> dict:
+    """Keras 3 on the backend in KERAS_BACKEND: ``train_on_batch``, ``predict_on_batch``."""
+    import keras  # noqa: PLC0415
+
+    from pneumojax.backbones import get_backbone  # noqa: PLC0415
+    from ports.keras_port import keras_preprocess, set_keras_weights  # noqa: PLC0415
+
+    rss_after_import = common.peak_rss_mb()
+    images, labels, weights = fixed_batch(job)
+    batch_size = job["batch_size"]
+    t0 = time.perf_counter()
+    keras.utils.set_random_seed(job["seed"])
+    info = get_backbone(job["backbone"])
+    _, model = common.build_keras_classifier(info, job["cut"], job["trainable_layers"],
+                                             job["image_size"])
+    source = common.load_weights(job["weights"])
+    set_keras_weights(model, {**source["backbone"], **source["head"]})
+    common.compile_keras(model, LEARNING_RATE)
+    x_host = keras_preprocess(info, images)  # the study's preprocess_input, on the host
+    x = device_tensor(keras, x_host)
+    y = device_tensor(keras, np.eye(2, dtype=np.float32)[labels])
+    sample_weight = device_tensor(keras, weights) if job["class_weights"] else None
+    setup_s = time.perf_counter() - t0
+
+    probes, losses = [], []
+
+    def predict():
+        out = model.predict_on_batch(x_host)  # returns numpy: blocks
+        if not probes:
+            probes.append(np.asarray(out))
+
+    def train():
+        logs = model.train_on_batch(x, y, sample_weight=sample_weight, return_dict=True)
+        losses.append(float(logs["loss"]))  # numpy logs: the step has finished
+
+    inference = common.time_calls(predict, job["steps"], job["warmup"], batch_size)
+    training = common.time_calls(train, job["steps"], job["warmup"], batch_size)
+    devices, peak_device = keras_devices(keras)
+    return {"framework": job["framework"], "config": job["config"], "setup_s": setup_s,
+            "rss_after_import_mb": rss_after_import, "devices": devices,
+            "peak_device_mb": peak_device, "train": training, "inference": inference,
+            "trainable_params": common.keras_trainable_params(model),
+            "first_loss": losses[0], "last_loss": losses[-1],
+            "probe_probabilities": probes[0][:4].tolist(),
+            "keras_backend": keras.backend.backend(), "jit_compile": model.jit_compile,
+            "step": "model.train_on_batch (Keras's compiled train function)"}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
