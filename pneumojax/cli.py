@@ -102,13 +102,18 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
                    "auto = bfloat16 on GPU/TPU, float32 on CPU.")
 @click.option("--distributed", is_flag=True,
               help="Call jax.distributed.initialize() first (multi-host; see README).")
+@click.option("--coordinator", default=None, help="With --distributed: host:port of process 0 "
+              "[default: auto-detected on Cloud TPU / SLURM, or JAX_COORDINATOR_ADDRESS].")
+@click.option("--num-processes", default=None, type=int, help="With --distributed.")
+@click.option("--process-id", default=None, type=int, help="With --distributed.")
 @click.option("--feature-cache/--no-feature-cache", default=True, show_default=True,
               help="Compute the frozen part's activations once and train the rest on them.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (its own "
               "config.json is used).")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and exit without loading data.")
-def train(resume, overwrite, dry_run, distributed, **options):
+def train(resume, overwrite, dry_run, distributed, coordinator, num_processes, process_id,
+          **options):
     """Train and evaluate a classifier; everything lands in the run folder."""
     from pneumojax.model import TrainableSpecError, make_plan  # noqa: PLC0415
     from pneumojax.run import TrainConfig, train_run  # noqa: PLC0415
@@ -117,7 +122,7 @@ def train(resume, overwrite, dry_run, distributed, **options):
     cfg = TrainConfig(**options)
     if distributed:
         import jax  # noqa: PLC0415
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator, num_processes, process_id)
     if dry_run:
         try:
             plan = make_plan(get_backbone(cfg.backbone), cfg.cut, cfg.trainable, cfg.image_size)
