@@ -106,6 +106,8 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
               "[default: auto-detected on Cloud TPU / SLURM, or JAX_COORDINATOR_ADDRESS].")
 @click.option("--num-processes", default=None, type=int, help="With --distributed.")
 @click.option("--process-id", default=None, type=int, help="With --distributed.")
+@click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of "
+              "skipping unreadable images with a warning.")
 @click.option("--feature-cache/--no-feature-cache", default=True, show_default=True,
               help="Compute the frozen part's activations once and train the rest on them.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (its own "
@@ -115,6 +117,8 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
 def train(resume, overwrite, dry_run, distributed, coordinator, num_processes, process_id,
           **options):
     """Train and evaluate a classifier; everything lands in the run folder."""
+    from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
+    from pneumojax.data import DataError  # noqa: PLC0415
     from pneumojax.model import TrainableSpecError, make_plan  # noqa: PLC0415
     from pneumojax.run import TrainConfig, train_run  # noqa: PLC0415
     from pneumojax.train import Interrupted, NonFiniteLoss  # noqa: PLC0415
@@ -123,23 +127,32 @@ def train(resume, overwrite, dry_run, distributed, coordinator, num_processes, p
     if distributed:
         import jax  # noqa: PLC0415
         jax.distributed.initialize(coordinator, num_processes, process_id)
-    if dry_run:
+    if not resume:  # usage errors first, before any data is touched (exit status 2)
         try:
             plan = make_plan(get_backbone(cfg.backbone), cfg.cut, cfg.trainable, cfg.image_size)
         except (TrainableSpecError, KeyError, ValueError) as e:
             _fail(_text(e), 2)
-        for line in plan.lines():
-            click.echo(line)
-        return
+        if dry_run:
+            for line in plan.lines():
+                click.echo(line)
+            return
     try:
         train_run(cfg, resume=resume, overwrite=overwrite, log=_log_above_bars)
-    except TrainableSpecError as e:
-        _fail(_text(e), 2)
     except Interrupted as e:
         click.echo(f"{e}\ncontinue with: pneumojax train --out {cfg.out} --resume", err=True)
         sys.exit(130)
-    except (KeyError, ValueError, FileNotFoundError, OSError, NonFiniteLoss) as e:
-        _fail(_text(e), 2 if isinstance(e, KeyError) else 1)
+    except FileExistsError as e:
+        _fail(_text(e), 2)
+    except (KeyError, ValueError, OSError, NonFiniteLoss, CheckpointError, DataError) as e:
+        _fail(_describe_os_error(e) if isinstance(e, OSError) else _text(e))
+
+
+def _describe_os_error(e: OSError) -> str:
+    import errno  # noqa: PLC0415
+    if e.errno == errno.ENOSPC:
+        return (f"disk full while writing {e.filename or 'the run folder'}: free space (or choose "
+                "another --out) and continue with --resume; the previous checkpoint is intact")
+    return str(e)
 
 
 @main.command()
@@ -149,12 +162,15 @@ def train(resume, overwrite, dry_run, distributed, coordinator, num_processes, p
               type=click.Choice(["test", "val", "all"]),
               help="'all' takes every image of the folder (an external test set).")
 @click.option("--out", default=None, help="metrics.json path [default: RUN/eval-SPLIT/metrics.json].")
-def evaluate(run_dir, data, split, out):
+@click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
+def evaluate(run_dir, data, split, out, strict):
     """Metrics (at the run's validation-chosen threshold) and plots on any data."""
+    from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
+    from pneumojax.data import DataError  # noqa: PLC0415
     from pneumojax.run import evaluate_run  # noqa: PLC0415
     try:
-        evaluate_run(run_dir, data, split, out, log=click.echo)
-    except (ValueError, FileNotFoundError, OSError) as e:
+        evaluate_run(run_dir, data, split, out, log=click.echo, strict=strict)
+    except (ValueError, OSError, CheckpointError, DataError) as e:
         _fail(_text(e))
 
 
@@ -167,10 +183,12 @@ def predict(run_dir, as_json, paths):
     import csv  # noqa: PLC0415
     import json  # noqa: PLC0415
 
+    from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
+    from pneumojax.data import DataError  # noqa: PLC0415
     from pneumojax.run import predict_paths  # noqa: PLC0415
     try:
         rows = predict_paths(run_dir, list(paths))
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, OSError, CheckpointError, DataError) as e:
         _fail(_text(e))
     if as_json:
         click.echo(json.dumps(rows, indent=1))
@@ -205,3 +223,7 @@ def _log_above_bars(line: str):
 def _text(e: Exception) -> str:
     # KeyError's str() adds quotes around the message.
     return e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+
+
+if __name__ == "__main__":
+    main()

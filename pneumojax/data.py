@@ -28,8 +28,10 @@ import os
 import random
 import re
 import shutil
+import struct
 import tempfile
 import warnings
+import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -91,11 +93,13 @@ class DataSource:
 
     ``splits`` maps a split name to sorted ``(path, label)`` items: ``train``/``val``/``test`` for
     the ``kaggle`` layout (``val`` empty when the folder is absent), ``all`` for ``flat``.
+    ``skipped`` lists the ``(path, reason)`` of the image files left out as unreadable.
     """
 
     root: Path
     layout: str
     splits: dict[str, list[Item]]
+    skipped: tuple[tuple[str, str], ...] = ()
 
     @property
     def items(self) -> list[Item]:
@@ -103,15 +107,37 @@ class DataSource:
         return [item for split in self.splits.values() for item in split]
 
 
-def find_images(data_dir: str | os.PathLike) -> DataSource:
+def find_images(
+    data_dir: str | os.PathLike,
+    *,
+    check: bool = True,
+    strict: bool = False,
+    warn: Warn | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int = 2,
+    progress: bool = False,
+) -> DataSource:
     """Find the labelled images under ``data_dir``, in the Kaggle or the flat layout.
 
-    Folder names are matched case-insensitively; only ``.jpeg``/``.jpg``/``.png`` files count.
-    Raises :class:`DataError` when the folder is missing, matches neither layout, or a class
-    folder is missing or holds no image.
+    Folder names are matched case-insensitively; only ``.jpeg``/``.jpg``/``.png`` files count
+    (dot files such as ``.DS_Store`` and macOS ``._name.jpeg`` forks are ignored). Raises
+    :class:`DataError` when the folder is missing, matches neither layout, or a class folder is
+    missing or holds no (readable) image.
+
+    With ``check`` (the default) every image is test-decoded by :func:`check_images` before
+    anything else sees it: unreadable ones are left out with one ``warn`` (``DataSource.skipped``
+    lists them), or with ``strict`` the first one raises :class:`DataError`. ``cache_dir`` keeps
+    the result of the check (keyed by the files' paths, sizes and mtimes) so that later calls on
+    unchanged files only ``stat`` them.
     """
     root = Path(data_dir).expanduser().resolve()
     if not root.is_dir():
+        if root.is_file():
+            raise DataError(
+                f"data folder {root} is a file, not a folder\n"
+                f"expected a folder with {'/'.join(KAGGLE_SPLITS)}/ or {'/'.join(CLASS_NAMES)}/ "
+                "inside (unpack an archive first, e.g. unzip chest-xray-pneumonia.zip)"
+            )
         raise DataError(
             f"data folder not found: {root}\n"
             f"expected a folder with {'/'.join(KAGGLE_SPLITS)}/ or {'/'.join(CLASS_NAMES)}/ inside"
@@ -125,10 +151,40 @@ def find_images(data_dir: str | os.PathLike) -> DataSource:
             "expected one of the two layouts, not both"
         )
     if has_splits:
-        return DataSource(root, "kaggle", _kaggle_splits(root, subdirs))
-    if has_classes:
-        return DataSource(root, "flat", {"all": _class_items(root)})
-    raise DataError(_no_layout_message(root, subdirs))
+        source = DataSource(root, "kaggle", _kaggle_splits(root, subdirs))
+    elif has_classes:
+        source = DataSource(root, "flat", {"all": _class_items(root)})
+    else:
+        raise DataError(_no_layout_message(root, subdirs))
+    if not check:
+        return source
+    bad = _unreadable(
+        [path for path, _ in source.items], strict, warn, cache_dir, workers, progress, root
+    )
+    if not bad:
+        return source
+    splits = {
+        name: [item for item in items if item[0] not in bad]
+        for name, items in source.splits.items()
+    }
+    _check_classes_readable(source.splits, splits, bad, root)
+    return DataSource(root, source.layout, splits, tuple(bad.items()))
+
+
+def _check_classes_readable(
+    before: dict[str, list[Item]], after: dict[str, list[Item]], bad: dict[str, str], root: Path
+) -> None:
+    for name, items in before.items():
+        for label in (0, 1):
+            if not items or any(item_label == label for _, item_label in after[name]):
+                continue
+            paths = [path for path, item_label in items if item_label == label]
+            folder = os.path.dirname(paths[0])
+            raise DataError(
+                f"class folder {folder} holds no readable image: all {len(paths)} files failed "
+                f"to decode (first: {_shown(paths[0], root)}: {bad[paths[0]]})\n"
+                "replace them with JPEG or PNG chest X-rays"
+            )
 
 
 def _subdirs_by_lower_name(folder: Path) -> dict[str, Path]:
@@ -162,7 +218,8 @@ def _class_items(folder: Path) -> list[Item]:
         if not paths:
             raise DataError(
                 f"class folder {class_dir} holds no image\n"
-                f"expected files ending in {', '.join(IMAGE_EXTENSIONS)}"
+                f"expected files ending in {', '.join(IMAGE_EXTENSIONS)}; "
+                f"found: {_contents(class_dir)}"
             )
         items.extend((str(p), label) for p in paths)
     return items
@@ -185,16 +242,205 @@ def _listing(subdirs: dict[str, Path], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def _contents(folder: Path, limit: int = 5) -> str:
+    """What ``folder`` holds, for messages: ``sub/, notes.txt, scan.tif (+3 more)``."""
+    entries = sorted(folder.iterdir(), key=lambda p: (not p.is_dir(), p.name))
+    if not entries:
+        return "nothing (empty folder)"
+    names = [p.name + ("/" if p.is_dir() else "") for p in entries]
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 def _no_layout_message(root: Path, subdirs: dict[str, Path]) -> str:
+    found = _listing(subdirs) if subdirs else _contents(root)
     message = (
         f"no chest X-ray layout in {root}: expected train/ val/ test/ (Kaggle) or NORMAL/ "
-        f"PNEUMONIA/ (flat); found: {_listing(subdirs)}"
+        f"PNEUMONIA/ (flat); found: {found}"
     )
     # The Kaggle archive unpacks into chest_xray/; point at it instead of leaving a puzzle.
     nested = [p for p in subdirs.values() if "train" in _subdirs_by_lower_name(p)]
     if nested:
         message += f"\ndid you mean {nested[0]}?"
     return message
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking images
+
+
+def check_images(
+    items: Sequence[Item] | Sequence[str | os.PathLike],
+    strict: bool = False,
+    warn: Warn | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int = 2,
+    progress: bool = False,
+    root: str | os.PathLike | None = None,
+) -> list:
+    """``items`` (``(path, label)`` pairs or paths) without the files that do not decode, in order.
+
+    Each file is opened and test-decoded cheaply (JPEG at 1/8 scale via ``Image.draft``, then the
+    same mode conversion :func:`decode_image` does): truncated or corrupt files, non-images with an
+    image name, images over :data:`MAX_IMAGE_PIXELS` and missing or unreadable files fail. The bad
+    ones are dropped with a single ``warn`` (default: a :class:`DataWarning`) that counts them and
+    names a few; with ``strict`` a :class:`DataError` names the first bad file and its reason
+    instead. Messages show paths relative to ``root`` (default: the files' common folder).
+    ``cache_dir`` keeps the result, keyed by the files' paths, sizes and mtimes.
+    """
+    paths = [_item_path(item) for item in items]
+    bad = _unreadable(paths, strict, warn, cache_dir, workers, progress, root)
+    return [item for item, path in zip(items, paths) if path not in bad]
+
+
+def image_problem(path: str | os.PathLike) -> str | None:
+    """Why the image at ``path`` cannot be used (``"empty file ..."``), or None if it decodes."""
+    try:
+        with open_image(path) as image:
+            small = _shrink(image, 8, always=True)
+            to_8bit_rgb_or_gray(small).resize((8, 8), Image.Resampling.BILINEAR)
+    except _DECODE_ERRORS as error:
+        return _reason(error, path)
+    return None
+
+
+def _unreadable(
+    paths: Sequence[str],
+    strict: bool,
+    warn: Warn | None,
+    cache_dir: str | os.PathLike | None,
+    workers: int,
+    progress: bool,
+    root: str | os.PathLike | None,
+) -> dict[str, str]:
+    """``{path: reason}`` of the files that do not decode, in input order; warns or raises."""
+    bad = _cached_problems(paths, cache_dir, workers, progress)
+    if not bad:
+        return bad
+    if root is None:
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    first, reason = next(iter(bad.items()))
+    if strict:
+        raise DataError(
+            f"unreadable image {_shown(first, root)}: {reason}\n"
+            "remove or replace it (without strict, unreadable images are skipped with a warning)"
+        )
+    names = [_shown(path, root) for path in bad]
+    more = f", +{len(names) - 3} more" if len(names) > 3 else ""
+    (warn or _default_warn)(
+        f"skipped {_count(len(bad), 'unreadable image')} of {len(paths)} "
+        f"({', '.join(names[:3])}{more}): {names[0]}: {reason}\n"
+        "they are left out of every split; remove or replace them, or use --strict "
+        "(strict=True) to stop on them instead"
+    )
+    return bad
+
+
+def _cached_problems(
+    paths: Sequence[str], cache_dir: str | os.PathLike | None, workers: int, progress: bool
+) -> dict[str, str]:
+    # The cache is only a shortcut: a file that cannot be stat'ed, or a cache folder that cannot
+    # be written, means checking without it (the file then fails the check with its reason).
+    cache_file = None
+    if cache_dir is not None:
+        abs_paths = [os.path.abspath(p) for p in paths]
+        try:
+            key = _key(f"pneumojax-check:{_CHECK_VERSION}:{MAX_IMAGE_PIXELS}", abs_paths)
+            cache_file = Path(cache_dir) / f"checked-{len(paths)}-{key}.json"
+            stored = json.loads(cache_file.read_text())["unreadable"]
+            return {paths[index]: reason for index, reason in stored}
+        except (DataError, OSError, ValueError, KeyError, TypeError, IndexError):
+            pass
+    bad = _problems(paths, workers, progress)
+    if cache_file is not None:
+        index = {path: i for i, path in enumerate(paths)}
+        stored = [[index[path], reason] for path, reason in bad.items()]
+        try:
+            _write_atomic(cache_file, json.dumps({"unreadable": stored}))
+        except OSError:
+            pass
+    return bad
+
+
+def _problems(paths: Sequence[str], workers: int, progress: bool) -> dict[str, str]:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
+        reasons = tqdm(
+            pool.map(image_problem, paths),
+            total=len(paths),
+            desc="checking images",
+            unit="img",
+            disable=not progress,
+        )
+        return {path: reason for path, reason in zip(paths, reasons) if reason is not None}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C stops at once
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def _shown(path: str, root: str | os.PathLike) -> str:
+    """``path`` relative to ``root`` when inside it, for messages."""
+    relative = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    return path if relative.startswith("..") else relative
+
+
+class _Unusable(Exception):
+    """An image file PIL opens but pneumojax refuses; the message is the reason."""
+
+
+# What PIL's decoders raise on bad files (fuzzing finds all of these); not AssertionError and the
+# like, which are bugs rather than bad data.
+_DECODE_ERRORS = (
+    OSError,  # includes UnidentifiedImageError and "image file is truncated"
+    ValueError,
+    SyntaxError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    MemoryError,
+    struct.error,
+    zlib.error,
+    Image.DecompressionBombError,
+    _Unusable,
+)
+
+
+def _reason(error: BaseException, path: str | os.PathLike) -> str:
+    """A short, plain reason for a failure to open or decode ``path``."""
+    if isinstance(error, _Unusable):
+        return str(error)
+    if isinstance(error, Image.DecompressionBombError):  # over PIL's limit (raised at import)
+        return f"too large for PIL ({error}); shrink it first"
+    if isinstance(error, Image.UnidentifiedImageError):
+        try:
+            if os.path.getsize(path) == 0:
+                return "empty file (0 bytes)"
+        except OSError:
+            pass
+        return "not an image (PIL cannot identify its content as JPEG, PNG or another format)"
+    if isinstance(error, OSError) and error.strerror:  # the file system's own error
+        return error.strerror[0].lower() + error.strerror[1:]
+    text = str(error) or type(error).__name__
+    if isinstance(error, (OSError, SyntaxError, EOFError)):  # PIL's ways of saying "broken data"
+        return f"corrupt or truncated image data: {text}"
+    return f"cannot decode ({type(error).__name__}: {text})"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +538,8 @@ def make_splits(
     test_fraction: float = 0.15,
     seed: int = 0,
     merge_kaggle_val: bool = True,
+    *,
+    warn: Warn | None = None,
 ) -> Splits:
     """Patient-grouped train/val/test splits of ``source``.
 
@@ -301,7 +549,9 @@ def make_splits(
     from all images. Carving is seeded, moves whole patients, and is stratified: each carved
     split gets about its fraction of each class's images. ``test_fraction`` is unused for the
     Kaggle layout. Raises :class:`DataError` when a split would lack a class or a patient would
-    be in two splits.
+    be in two splits. Files with identical content in two splits (a copy of a train image in the
+    official test folder, say) are kept but reported with one ``warn`` (default: a
+    :class:`DataWarning`); ``info["duplicates_across_splits"]`` counts them.
     """
     info = {
         "layout": source.layout,
@@ -319,6 +569,10 @@ def make_splits(
     splits = {name: sorted(items) for name, items in splits.items()}
     _check_patients_disjoint(splits)
     _check_both_classes(splits)
+    duplicates = duplicates_across_splits(splits)
+    info["duplicates_across_splits"] = len(duplicates)
+    if duplicates:
+        (warn or _default_warn)(_duplicates_message(duplicates, str(source.root)))
     return Splits(**splits, root=str(source.root), info=info)
 
 
@@ -392,14 +646,97 @@ def _check_patients_disjoint(splits: dict[str, list[Item]]) -> None:
 
 
 def _check_both_classes(splits: dict[str, list[Item]]) -> None:
+    pool = [item for items in splits.values() for item in items]
     for name, items in splits.items():
         labels = {label for _, label in items}
-        if labels != {0, 1}:
-            found = ", ".join(CLASS_NAMES[c] for c in sorted(labels)) or "no image"
+        if labels == {0, 1}:
+            continue
+        if not items:
             raise DataError(
-                f"split {name} would hold {found} only ({len(items)} images)\n"
-                "expected both classes: use more data or larger split fractions"
+                f"split {name} would be empty\n"
+                f"give it a fraction above 0 (val_fraction/test_fraction) or use more images"
             )
+        scarce = "/".join(CLASS_NAMES[c] for c in (0, 1) if c not in labels)
+        have = ", ".join(
+            f"{CLASS_NAMES[c]} {_count(n, 'image')} of {_count(p, 'patient')}"
+            for c, (n, p) in enumerate(_class_counts(pool))
+        )
+        raise DataError(
+            f"split {name} would hold {CLASS_NAMES[labels.pop()]} only "
+            f"({_count(len(items), 'image')}); "
+            f"all splits together: {have}\n"
+            f"every split needs both classes: add {scarce} images (of more patients) or use "
+            "larger split fractions (val_fraction/test_fraction)"
+        )
+
+
+def _class_counts(items: Sequence[Item]) -> list[tuple[int, int]]:
+    """Per class: (images, distinct patients)."""
+    return [
+        (
+            sum(label == c for _, label in items),
+            len({patient_id(path) for path, label in items if label == c}),
+        )
+        for c in (0, 1)
+    ]
+
+
+def duplicates_across_splits(
+    splits: Mapping[str, Sequence[Item]],
+) -> list[list[tuple[str, str, int]]]:
+    """Groups of files with byte-identical content found in more than one split.
+
+    Each group lists ``(split, path, label)``, sorted; groups are sorted too. Only files whose size
+    matches a file of another split are read (and sha256-hashed), so this is cheap.
+    """
+    by_size: dict[int, list[tuple[str, str, int]]] = collections.defaultdict(list)
+    for name, items in splits.items():
+        for path, label in items:
+            try:
+                by_size[os.stat(path).st_size].append((name, path, label))
+            except OSError:
+                continue  # a vanished file is reported when it is loaded
+    groups = []
+    for entries in by_size.values():
+        if len({name for name, _, _ in entries}) < 2:
+            continue
+        by_digest: dict[str, list[tuple[str, str, int]]] = collections.defaultdict(list)
+        for entry in entries:
+            try:
+                by_digest[_file_sha256(entry[1])].append(entry)
+            except OSError:
+                continue
+        groups += [sorted(g) for g in by_digest.values() if len({n for n, _, _ in g}) > 1]
+    return sorted(groups)
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _duplicates_message(groups: list[list[tuple[str, str, int]]], root: str) -> str:
+    def pair(group: list[tuple[str, str, int]]) -> str:
+        # Two copies from different splits, and how many more there are.
+        first = group[0]
+        second = next(entry for entry in group if entry[0] != first[0])
+        extra = f" (+{len(group) - 2} more copies)" if len(group) > 2 else ""
+        shown = (f"{_shown(path, root)} ({name})" for name, path, _ in (first, second))
+        return " = ".join(shown) + extra
+
+    shown = [pair(g) for g in groups[:3]]
+    more = f"; +{len(groups) - 3} more" if len(groups) > 3 else ""
+    conflicting = sum(len({label for _, _, label in g}) > 1 for g in groups)
+    labels = f"; {conflicting} with different labels" if conflicting else ""
+    images = sum(len(g) for g in groups)
+    return (
+        f"{images} images in {_count(len(groups), 'group')} of identical files span several splits "
+        f"({'; '.join(shown)}{more}){labels}: figures on those splits are not independent of "
+        "training\nremove the copies from the data folder (they are kept; this is a warning)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,9 +744,15 @@ def _check_both_classes(splits: dict[str, list[Item]]) -> None:
 
 
 def decode_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
-    """One image as uint8 ``(S, S, 3)`` RGB, resized with PIL bilinear (aspect ratio not kept)."""
-    with Image.open(path) as image:
-        image = to_8bit_rgb_or_gray(image)
+    """One image as uint8 ``(S, S, 3)`` RGB, resized with PIL bilinear (aspect ratio not kept).
+
+    Images over 16 Mpx are first shrunk to about twice the output size (JPEG: decoded at reduced
+    scale, never in full), so a 12000 x 12000 image needs no more memory than its stored pixels
+    (PNG) or a small fraction of that (JPEG). Raises
+    PIL's errors for unreadable files (:func:`load_images` turns them into :class:`DataError`).
+    """
+    with open_image(path) as image:
+        image = to_8bit_rgb_or_gray(_shrink(image, image_size))
         image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
         array = np.asarray(image)
     # Grayscale is resized on one channel (a third of the work) and replicated afterwards.
@@ -420,19 +763,71 @@ def to_8bit_rgb_or_gray(image: Image.Image) -> Image.Image:
     """``image`` as 8-bit ``L`` or ``RGB``, whatever mode it was stored in.
 
     16-bit and 32-bit integer grayscale is scaled from 0..65535 to 0..255 (PIL's own conversion
-    clips instead, which turns most X-rays white); float images are clipped to 0..255.
+    clips instead, which turns most X-rays white); float images are clipped to 0..255. The
+    arithmetic runs on blocks of rows, so no float64 copy of the whole image is ever made.
     """
     if image.mode in ("L", "RGB"):
         return image
     if image.mode.startswith("I"):
-        array = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8), "L")
+        # round(v / 257) == (v + 128) // 257 for integers (257 is odd: no ties), clipped to 0..255.
+        return _to_8bit(image, lambda a: np.clip((a.astype(np.int64) + 128) // 257, 0, 255))
     if image.mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L")
+        return _to_8bit(image, lambda a: np.clip(np.rint(a), 0, 255))
     if image.mode in ("1", "LA", "La"):
         return image.convert("L")
     return image.convert("RGB")  # CMYK, P, RGBA, YCbCr, LAB, ...
+
+
+def _to_8bit(image: Image.Image, scale: Callable[[np.ndarray], np.ndarray]) -> Image.Image:
+    array = np.asarray(image)
+    out = np.empty(array.shape, np.uint8)
+    rows = max(1, (1 << 20) // max(1, array.shape[1]))  # ~1 Mpx per block
+    for start in range(0, array.shape[0], rows):
+        out[start : start + rows] = scale(array[start : start + rows])
+    return Image.fromarray(out, "L")
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """``Image.open(path)``, refusing images over :data:`MAX_IMAGE_PIXELS` with a clear reason.
+
+    Raises PIL's errors for files that are no image; use it as a context manager.
+    """
+    image = Image.open(path)
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise _Unusable(
+            f"too large: {width} x {height} = {width * height:,} pixels, over pneumojax's limit "
+            f"of {MAX_IMAGE_PIXELS:,} (pneumojax.data.MAX_IMAGE_PIXELS); shrink it first"
+        )
+    if width < 1 or height < 1:
+        image.close()
+        raise _Unusable(f"empty image ({width} x {height} pixels)")
+    return image
+
+
+def _shrink(image: Image.Image, image_size: int, always: bool = False) -> Image.Image:
+    """``image`` reduced cheaply to no less than ``2 * image_size`` a side, when it is large.
+
+    Only images over ``_LARGE_PIXELS`` are touched unless ``always``. JPEG is decoded at a reduced
+    scale (``Image.draft``: 1/2, 1/4 or 1/8, never below the target), so the full-size image is
+    never in memory; other formats are decoded and then reduced by an integer factor (box filter).
+    """
+    width, height = image.size
+    if not always and width * height <= _LARGE_PIXELS:
+        return image
+    target = 2 * image_size
+    if image.format == "JPEG":
+        image.draft(None, (target, target))  # takes effect on load
+        return image
+    factor = min(width, height) // target
+    if factor < 2:
+        return image
+    try:
+        return image.reduce(factor)
+    except ValueError:  # modes reduce() lacks (I;16, P, 1): resize, box filter (P/1: nearest)
+        size = (max(1, width // factor), max(1, height // factor))
+        return image.resize(size, Image.Resampling.BOX)
 
 
 def load_images(
@@ -477,9 +872,19 @@ def image_set_key(paths: Sequence[str], image_size: int) -> str:
 
 
 def _cache_key(paths: Sequence[str], image_size: int) -> str:
-    digest = hashlib.sha256(f"pneumojax-images:{_DECODER_VERSION}:{image_size}\n".encode())
+    return _key(f"pneumojax-images:{_DECODER_VERSION}:{image_size}", paths)
+
+
+def _key(header: str, paths: Sequence[str]) -> str:
+    digest = hashlib.sha256(f"{header}\n".encode())
     for path in paths:
-        stat = os.stat(path)
+        try:
+            stat = os.stat(path)
+        except OSError as error:
+            raise DataError(
+                f"cannot read image file {path}: {_reason(error, path)}\n"
+                "the data folder changed after the images were listed: check it and run again"
+            ) from error
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:24]
 
@@ -515,10 +920,14 @@ def _decode_into(
     def decode(path: str) -> np.ndarray:
         try:
             return decode_image(path, image_size)
-        except (OSError, ValueError, SyntaxError) as error:  # PIL's ways of saying "not an image"
-            raise DataError(f"cannot decode {path}: {error}") from error
+        except _DECODE_ERRORS as error:
+            raise DataError(
+                f"cannot decode {path}: {_reason(error, path)}\n"
+                "remove or replace the file (pneumojax.data.check_images finds all such files)"
+            ) from error
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
         decoded = pool.map(decode, paths)  # map yields in input order
         bar = tqdm(
             decoded,
@@ -529,6 +938,9 @@ def _decode_into(
         )
         for index, image in enumerate(bar):
             out[index] = image
+    finally:
+        # On an error, do not decode the rest of a large set before reporting it.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -62,6 +63,7 @@ class TrainConfig:
     out: str = "runs/latest"
     feature_cache: bool = True
     balance: str = "none"
+    strict: bool = False
     precision: str = "auto"
     augment: str = "cxr"
     ensemble_size: int | None = None
@@ -71,13 +73,21 @@ class TrainConfig:
                           self.patience, self.seed)
 
 
-def resolve_data(spec: str, log: Callable[[str], None] = print) -> D.DataSource:
-    """``demo`` makes (once) and uses the synthetic set; anything else is a data folder."""
+def _warn(log):
+    return lambda message: log(f"warning: {message}")
+
+
+def resolve_data(spec: str, log: Callable[[str], None] = print,
+                 strict: bool = False) -> D.DataSource:
+    """``demo`` makes (once) and uses the synthetic set; anything else is a data folder.
+
+    Unreadable images are skipped with one warning (or stop the run with ``strict``)."""
+    kwargs = dict(strict=strict, warn=_warn(log), cache_dir=cache_dir() / "images")
     if spec == "demo":
         folder = D.make_demo_dataset(cache_dir() / "demo")
         log(f"data: SYNTHETIC demo images ({folder}), not real X-rays: for trying the pipeline only")
-        return D.find_images(folder)
-    return D.find_images(spec)
+        return D.find_images(folder, **kwargs)
+    return D.find_images(spec, **kwargs)
 
 
 def resolve_weights(weights: str, backbone: str) -> tuple[dict | None, dict]:
@@ -124,11 +134,12 @@ def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     for line in plan.lines():
         log(line)
 
-    source = resolve_data(cfg.data, log)
+    source = resolve_data(cfg.data, log, strict=cfg.strict)
     if resume:
         splits = D.Splits.from_json((run_dir / "splits.json").read_text())
     else:
-        splits = D.make_splits(source, cfg.val_fraction, cfg.test_fraction, seed=cfg.seed)
+        splits = D.make_splits(source, cfg.val_fraction, cfg.test_fraction, seed=cfg.seed,
+                               warn=_warn(log))
     for name, s in splits.summary().items():
         log(f"split {name}: {s['n']} images ({s['normal']} NORMAL, {s['pneumonia']} PNEUMONIA), "
             f"{s['patients']} patients")
@@ -138,10 +149,12 @@ def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     if not resume:
         config = {**dataclasses.asdict(cfg), "cut": plan.cut, "plan": dataclasses.asdict(plan),
                   "weights_source": weights_record, "environment": environment(),
-                  "data_layout": source.layout}
+                  "data_layout": source.layout,
+                  "skipped_images": [[os.path.relpath(p, source.root), r]
+                                     for p, r in source.skipped]}
         config["plan"]["trainable_layers"] = sorted(plan.trainable_layers)
-        _write_json(run_dir / "config.json", config)
-        (run_dir / "splits.json").write_text(splits.to_json())
+        _write_text(run_dir / "splits.json", splits.to_json())
+        _write_json(run_dir / "config.json", config)  # last: its presence marks a run
 
     train_x, train_y = load_split_arrays(splits.train, cfg.image_size, log)
     val_x, val_y = load_split_arrays(splits.val, cfg.image_size, log)
@@ -339,8 +352,13 @@ def combined_metrics(y: np.ndarray, member_p: np.ndarray, thresholds: list[float
 
 
 def _write_json(path: Path, payload: dict):
+    _write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def _write_text(path: Path, text: str):
+    """Atomic: a reader (or a resume after kill -9) sees the old file or the new one."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -373,7 +391,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "test",
-                 out: str | Path | None = None, log=print) -> dict:
+                 out: str | Path | None = None, log=print, strict: bool = False) -> dict:
     """Evaluates a run's best model on a split of its own data or of another folder.
 
     The threshold is the one the run chose on its validation split.
@@ -384,7 +402,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "tes
         splits = D.Splits.from_json((run.run_dir / "splits.json").read_text())
         items = splits.as_dict()[split] if split != "all" else splits.train + splits.val + splits.test
     else:
-        source = resolve_data(data, log)
+        source = resolve_data(data, log, strict=strict)
         if split == "all":
             items = [it for v in source.splits.values() for it in v]
         elif source.layout == "kaggle" and split in source.splits and source.splits[split]:
@@ -418,6 +436,9 @@ def predict_paths(run_dir: str | Path, paths: list[str]) -> list[dict]:
             raise FileNotFoundError(f"{p}: no such file or folder")
     if not files:
         raise FileNotFoundError("no images found in " + ", ".join(paths))
+    files = D.check_images(files, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    if not files:
+        raise FileNotFoundError("no readable images among " + ", ".join(paths))
     images = D.load_images(files, run.config["image_size"], progress=len(files) > 50)
     p = member_probabilities(run.steps, run.variables, images, run.config["batch_size"])
     if len(run.thresholds) == 1:

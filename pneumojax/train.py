@@ -262,12 +262,22 @@ class RunCheckpoints:
 
     def __init__(self, directory: Path):
         directory = Path(directory).absolute()  # orbax requires absolute paths
-        opts = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
+        # Writes are atomic (temporary folder, then rename): a kill -9 mid-write leaves the
+        # previous checkpoint usable; leftovers of such a write are cleaned up on the next start.
+        opts = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False,
+                                            cleanup_tmp_directories=True)
         self.last = ocp.CheckpointManager(directory / "last", options=opts)
         self.best = ocp.CheckpointManager(directory / "best", options=opts)
 
+    @staticmethod
+    def _replace(manager, step: int):
+        # A resumed run can redo a step whose checkpoint an earlier (killed) attempt wrote.
+        if step in manager.all_steps():
+            manager.delete(step)
+
     def save_last(self, state: TrainState, progress: Progress):
         step = int(state.step[0])
+        self._replace(self.last, step)
         self.last.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             progress=ocp.args.JsonSave(dataclasses.asdict(progress))), force=True)
@@ -282,6 +292,7 @@ class RunCheckpoints:
         return restored["state"], Progress(**restored["progress"])
 
     def save_best(self, weights: dict, epoch: int, val_loss: float):
+        self._replace(self.best, epoch)
         self.best.save(epoch, args=ocp.args.Composite(
             variables=ocp.args.StandardSave(weights),
             info=ocp.args.JsonSave({"epoch": epoch, "val_loss": val_loss})), force=True)
@@ -333,11 +344,12 @@ def fit(steps: Steps, variables: dict | list[dict], train: tuple, val: tuple,
     if resume:
         restored = ckpt.restore_last(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
         if restored is None:
-            raise FileNotFoundError(f"{run_dir} has no checkpoint to resume from")
-        state, progress = restored
-        if ckpt.best.latest_step() is not None:
-            best = ckpt.restore_best(jax.tree.map(ocp.utils.to_shape_dtype_struct, best))
-        log(f"resuming at epoch {progress.epoch + 1}, batch {progress.batch}")
+            log("no checkpoint was saved before the interruption: starting from the beginning")
+        else:
+            state, progress = restored
+            if ckpt.best.latest_step() is not None:
+                best = ckpt.restore_best(jax.tree.map(ocp.utils.to_shape_dtype_struct, best))
+            log(f"resuming at epoch {progress.epoch + 1}, batch {progress.batch}")
     keys = jax.random.split(jax.random.key(opts.seed), k) if k > 1 else \
         jax.random.key(opts.seed)[None]
     _write_history(run_dir, progress.history)
@@ -460,7 +472,8 @@ def _set_learning_rate(state: TrainState, lr: float) -> TrainState:
         if isinstance(x, _HYPERPARAM_STATES):
             hp = dict(x.hyperparams)
             old = jnp.asarray(hp["learning_rate"])
-            hp["learning_rate"] = jnp.full(old.shape, lr, old.dtype)
+            # Same sharding as before, or the step would see a new input type and recompile.
+            hp["learning_rate"] = jax.device_put(jnp.full(old.shape, lr, old.dtype), old.sharding)
             return x._replace(hyperparams=hp)
         return x
     opt_state = jax.tree.map(visit, state.opt_state,

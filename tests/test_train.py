@@ -264,7 +264,7 @@ def test_train_evaluate_predict_cli_end_to_end(tiny_data, tmp_path):
     assert config["plan"]["trainable_params"] > 0 and config["cut"] == CUT
 
     again = CliRunner().invoke(main, args)
-    assert again.exit_code == 1 and "already holds a run" in again.output
+    assert again.exit_code == 2 and "already holds a run" in again.output
 
     result = CliRunner().invoke(main, ["evaluate", "--run", str(run), "--data", str(tiny_data),
                                        "--split", "all", "--out", str(tmp_path / "ext.json")])

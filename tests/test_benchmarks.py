@@ -1,0 +1,136 @@
+"""The benchmark suite: quick runs end to end (subprocesses), and its table logic.
+
+The quick runs check that every framework produced every figure and that the tables carry the
+ratio columns; they assert nothing about speed (CI machines vary).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import recall  # noqa: E402
+import throughput  # noqa: E402
+
+
+def _run(script: str, *args: str, timeout: float) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+
+
+def _check_rate(figures: dict) -> None:
+    for key in ("first_call_s", "median_s", "min_s", "max_s", "images_per_s", "cores_used"):
+        assert figures[key] > 0, key
+    lo, hi = figures["images_per_s_range"]
+    assert lo <= figures["images_per_s"] <= hi
+    assert figures["n"] == throughput.QUICK["steps"]
+
+
+@pytest.mark.tensorflow
+@pytest.mark.slow
+def test_throughput_quick_measures_every_framework(tmp_path):
+    out = tmp_path / "throughput.json"
+    _run("throughput.py", "--quick", "--out", str(out), timeout=480)
+    payload = json.loads(out.read_text())
+    assert payload["hardware"]["cpu"] and payload["hardware"]["accelerators"]
+    assert set(payload["versions"]) == set(throughput.FRAMEWORKS)
+    assert [e["number"] for e in payload["configs"]] == throughput.QUICK["configs"]
+    for entry in payload["configs"]:
+        assert set(entry["results"]) == set(throughput.FRAMEWORKS)
+        for framework, result in entry["results"].items():
+            assert "error" not in result, (framework, result)
+            _check_rate(result["train"])
+            _check_rate(result["inference"])
+            assert result["peak_rss_mb"] > 0 and result["setup_s"] > 0
+        for other in ("keras-tf", "keras-jax"):
+            assert all(entry["ratios"][f"pneumojax/{other}"][phase] > 0
+                       for phase in ("train", "inference"))
+        # The same model on every side: same trainable set, same outputs from the same weights.
+        assert entry["checks"]["trainable_params_equal"]
+        assert max(entry["checks"]["max_abs_probability_diff_vs_pneumojax"].values()) < 1e-3
+    reused = [e for e in payload["configs"] if e["same_step_as"]]
+    assert reused and all(e["measured_as"] == e["same_step_as"] and e["note"] for e in reused)
+    table = out.with_suffix(".md").read_text()
+    for column in ("pneumojax / Keras-TF", "pneumojax / Keras-JAX", "peak RSS MB",
+                   "first train step s", "cores used training"):
+        assert column in table
+
+
+@pytest.mark.tensorflow
+@pytest.mark.slow
+def test_recall_quick_runs_both_frameworks_on_the_same_splits(tmp_path):
+    out = tmp_path / "recall.json"
+    _run("recall.py", "--quick", "--out", str(out), timeout=360)
+    payload = json.loads(out.read_text())
+    assert payload["splits_identical"] is True
+    assert set(payload["results"]) == set(recall.FRAMEWORKS)
+    for framework, result in payload["results"].items():
+        assert "error" not in result, (framework, result)
+        m = result["metrics"]
+        for figure in recall.FIGURES:
+            lo, hi = m["ci95"][figure]
+            assert lo <= m[figure] <= hi, (framework, figure)
+        assert 0 <= m["threshold"] <= 1
+        assert result["epochs_run"] == recall.QUICK["epochs"]
+        assert result["seconds"]["total"] > 0 and result["seconds"]["first_epoch"] > 0
+    assert set(payload["intervals_overlap"]) == set(recall.OVERLAP_FIGURES)
+    table = out.with_suffix(".md").read_text()
+    assert "95% intervals overlap" in table and "pneumojax" in table and "Keras-TF" in table
+
+
+def test_config_5_reuses_the_step_of_config_4():
+    selected = [throughput.CONFIGS[n] for n in (1, 4, 5, 6)]
+    assert throughput.timed_configs(selected) == [1, 4, 6]
+    assert throughput.timed_configs([throughput.CONFIGS[5]]) == [4]
+
+
+def test_study_class_weights_follow_the_formula():
+    w_normal, w_pneumonia = throughput.study_class_weights()
+    total = sum(throughput.STUDY_CLASS_COUNTS)
+    assert w_normal == pytest.approx(total / (2 * 1341))
+    assert w_pneumonia == pytest.approx(total / (2 * 3875))
+
+
+def test_intervals_overlap():
+    assert recall.intervals_overlap([0.1, 0.5], [0.4, 0.9]) is True
+    assert recall.intervals_overlap([0.1, 0.3], [0.4, 0.9]) is False
+    assert recall.intervals_overlap([0.1, 0.3], [None, None]) is None
+
+
+def test_summarize_reports_median_and_spread():
+    import common  # noqa: PLC0415
+    s = common.summarize([0.5, 1.0, 2.0], batch_size=8)
+    assert s["median_s"] == 1.0 and s["images_per_s"] == 8.0
+    assert s["images_per_s_range"] == [4.0, 16.0]
+
+
+def test_throughput_table_marks_failures_and_skips():
+    ok = {"setup_s": 1.0, "peak_rss_mb": 100.0, "trainable_params": 10,
+          "probe_probabilities": [[0.25, 0.75]],
+          "train": {"images_per_s": 20.0, "images_per_s_range": [18.0, 21.0],
+                    "first_call_s": 3.0, "cores_used": 1.9},
+          "inference": {"images_per_s": 40.0, "images_per_s_range": [39.0, 41.0],
+                        "first_call_s": 1.0, "cores_used": 1.9}}
+    results = {"pneumojax": ok, "keras-tf": {**ok, "train": {**ok["train"], "images_per_s": 10.0}},
+               "keras-jax": {"error": "exit status 1"}}
+    cfg = throughput.CONFIGS[6]
+    entry = {"number": 6, "label": cfg.label, "same_step_as": None, "trainable_params": 10,
+             "results": results, "checks": throughput.checks(results, {"trainable_params": 10}),
+             "ratios": {f"pneumojax/{o}": {p: throughput.ratio(results, p, "pneumojax", o)
+                                           for p in ("train", "inference")}
+                        for o in ("keras-tf", "keras-jax")}}
+    payload = {"settings": {"frameworks": list(throughput.FRAMEWORKS), "batch_size": 8,
+                            "image_size": 96, "steps": 3, "warmup": 1, "quick": True},
+               "hardware": {"cpu": "x", "cpu_count": 2, "usable_cores": 2, "memory_gb": 1,
+                            "load_average": [0, 0, 0], "load_average_before": [0, 0, 0],
+                            "accelerators": ["cpu: cpu"]},
+               "versions": {}, "configs": [entry], "wall_s": 1.0}
+    table = throughput.render_markdown(payload)
+    assert "2.00×" in table  # pneumojax / Keras-TF training: 20 / 10
+    assert "failed" in table and "Not measured: config 6 Keras-JAX: exit status 1." in table
