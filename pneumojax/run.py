@@ -42,8 +42,9 @@ def checkpoints_dir() -> Path:
 
 
 @dataclasses.dataclass
-class TrainConfig:
-    """Every option of ``pneumojax train``; saved resolved as ``config.json``."""
+class TrainConfig(FitOptions):
+    """Every option of ``pneumojax train`` (the fit options plus the rest); saved resolved as
+    ``config.json``."""
 
     data: str = "demo"
     backbone: str = "densenet121"
@@ -51,12 +52,6 @@ class TrainConfig:
     weights: str = "imagenet"
     trainable: str = "none"
     image_size: int = 256
-    epochs: int = 20
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    lr_schedule: str = "keras-seed"
-    patience: int = 5
-    seed: int = 0
     target_recall: float = 0.98
     val_fraction: float = 0.15
     test_fraction: float = 0.15
@@ -69,8 +64,8 @@ class TrainConfig:
     ensemble_size: int | None = None
 
     def fit_options(self) -> FitOptions:
-        return FitOptions(self.epochs, self.batch_size, self.learning_rate, self.lr_schedule,
-                          self.patience, self.seed)
+        return FitOptions(**{f.name: getattr(self, f.name)
+                             for f in dataclasses.fields(FitOptions)})
 
 
 def _warn(log):
