@@ -25,8 +25,10 @@ Usage: ``python benchmarks/throughput.py [--quick] [--out FILE.json] [--configs 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import os
 import sys
 import tempfile
 import time
@@ -71,7 +73,7 @@ CONFIGS = {c.number: c for c in (
     StudyConfig(6, "resnet50v2", "post_relu", "ResNet50V2 + class weights", class_weights=True),
 )}
 
-QUICK = {"image_size": 96, "batch_size": 8, "steps": 3, "warmup": 1, "configs": [4]}
+QUICK = {"image_size": 96, "batch_size": 8, "steps": 3, "warmup": 1, "configs": [4, 5, 6]}
 FULL = {"image_size": 256, "batch_size": 32, "steps": 10, "warmup": 2,
         "configs": sorted(CONFIGS)}
 
@@ -106,8 +108,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "so (0 = no budget)")
     p.add_argument("--worker-timeout", type=float, default=3600,
                    help="seconds one framework may take on one configuration")
+    p.add_argument("--keep-workdir", type=Path, default=None,
+                   help="keep the shared weights and the workers' jobs, results and logs here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.worker:
+        return args  # a worker reads everything from its job file
     defaults = QUICK if args.quick else FULL
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -144,18 +150,35 @@ def make_job(args, cfg: StudyConfig, plan: dict, framework: str, weights: Path) 
 
 
 def framework_env(framework: str) -> dict[str, str]:
-    return {"KERAS_BACKEND": KERAS_BACKENDS.get(framework, "jax")}
+    """Keras's backend, and GPU memory left to the framework being measured: Keras-TF also
+    imports JAX (which would otherwise claim most of a GPU) and TensorFlow must not grab a
+    GPU in a JAX worker."""
+    if framework == "keras-tf":
+        return {"KERAS_BACKEND": "tensorflow", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    return {"KERAS_BACKEND": KERAS_BACKENDS.get(framework, "jax"),
+            "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
+
+
+@contextlib.contextmanager
+def workdir_of(keep: Path | None):
+    """``keep`` (created) if given, else a temporary folder removed afterwards."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield keep.resolve()
+        return
+    with tempfile.TemporaryDirectory(prefix="pneumojax-throughput-") as tmp:
+        yield Path(tmp)
 
 
 def run_suite(args) -> dict:
     """Prepares the shared weights, runs every (configuration, framework) worker, collects."""
     t0 = time.perf_counter()
+    load_before = list(os.getloadavg())  # a busy machine makes every figure smaller
     selected = [CONFIGS[n] for n in args.configs]
     numbers = timed_configs(selected)
     plans = {n: plan_record(CONFIGS[n], args.image_size) for n in numbers}
     results: dict[int, dict[str, dict]] = {n: {} for n in numbers}
-    with tempfile.TemporaryDirectory(prefix="pneumojax-throughput-") as tmp:
-        workdir = Path(tmp)
+    with workdir_of(args.keep_workdir) as workdir:
         weights = {n: workdir / f"weights-config{n}.npz" for n in numbers}
         print(f"preparing shared weights for configurations {numbers} ...", flush=True)
         prep = common.run_worker(SCRIPT, {
@@ -164,7 +187,7 @@ def run_suite(args) -> dict:
                 {"number": n, "backbone": CONFIGS[n].backbone, "cut": CONFIGS[n].cut,
                  "trainable_layers": plans[n]["trainable_layers"], "weights": str(weights[n])}
                 for n in numbers]}, workdir, env=framework_env("keras-tf"),
-            timeout=args.worker_timeout)
+            timeout=min(args.worker_timeout, args.time_budget or args.worker_timeout))
         if "error" in prep:
             raise SystemExit(f"preparing weights failed: {prep['error']}\n{prep['log_tail']}")
         for n in numbers:
@@ -175,20 +198,23 @@ def run_suite(args) -> dict:
                                                         "spent before this worker started"}
                     continue
                 timeout = args.worker_timeout
-                if args.time_budget:
-                    timeout = min(timeout, max(args.time_budget - elapsed, 1.0) + 60)
+                if args.time_budget:  # a hard limit: a worker still running then is stopped
+                    timeout = min(timeout, max(args.time_budget - elapsed, 1.0))
                 print(f"config {n} ({CONFIGS[n].label}): {TITLES[framework]} ...", flush=True)
                 result = common.run_worker(SCRIPT, make_job(args, CONFIGS[n], plans[n],
                                                             framework, weights[n]),
                                            workdir, env=framework_env(framework), timeout=timeout)
                 print("  " + one_line(result), flush=True)
                 results[n][framework] = result
-    return assemble(args, selected, plans, results, time.perf_counter() - t0)
+    return assemble(args, selected, plans, results, time.perf_counter() - t0, load_before)
 
 
 def one_line(result: dict) -> str:
-    if "error" in result or "skipped" in result:
-        return f"FAILED: {result.get('error') or result.get('skipped')}\n{result.get('log_tail', '')}"
+    """A worker's outcome for the progress log."""
+    if "skipped" in result:
+        return f"SKIPPED: {result['skipped']}"
+    if "error" in result:
+        return f"FAILED: {result['error']}\n{result.get('log_tail', '')}"
     return (f"train {result['train']['images_per_s']:.2f} img/s, "
             f"inference {result['inference']['images_per_s']:.2f} img/s, "
             f"first step {result['train']['first_call_s']:.1f} s, "
@@ -210,14 +236,18 @@ def checks(results: dict, plan: dict) -> dict:
     out = {"trainable_params": counts,
            "trainable_params_equal": len(set(counts.values()) | {plan["trainable_params"]}) == 1}
     if "pneumojax" in ok:
-        ref = np.asarray(ok["pneumojax"]["probe_probabilities"])
-        out["max_abs_probability_diff_vs_pneumojax"] = {
-            fw: float(np.max(np.abs(np.asarray(r["probe_probabilities"]) - ref)))
+        # Logits, not probabilities: a randomized ResNet152 saturates the sigmoid, where equal
+        # probabilities would prove nothing. Relative to the logits' scale (1e5 there).
+        ref = np.asarray(ok["pneumojax"]["probe_logits"])
+        scale = max(float(np.max(np.abs(ref))), 1e-6)
+        out["logit_diff_vs_pneumojax"] = {
+            fw: float(np.max(np.abs(np.asarray(r["probe_logits"]) - ref))) / scale
             for fw, r in ok.items() if fw != "pneumojax"}
     return out
 
 
-def assemble(args, selected, plans, results, wall_s: float) -> dict:
+def assemble(args, selected, plans, results, wall_s: float,
+             load_before: list[float]) -> dict:
     """The JSON payload: settings, machine, versions, and one entry per configuration."""
     configs = []
     for cfg in selected:
@@ -233,7 +263,6 @@ def assemble(args, selected, plans, results, wall_s: float) -> dict:
                              "changes which images fill a batch): its measurement is reused, "
                              "not repeated")
         configs.append(entry)
-    first = next((r for rs in results.values() for r in rs.values() if "versions" in r), {})
     accelerators = next((r["devices"] for rs in results.values()
                          for fw, r in rs.items() if fw == "pneumojax" and "devices" in r), [])
     return {
@@ -245,9 +274,10 @@ def assemble(args, selected, plans, results, wall_s: float) -> dict:
                      "dtype": "float32", "learning_rate": LEARNING_RATE, "seed": args.seed,
                      "frameworks": args.frameworks, "configs": args.configs,
                      "time_budget_s": args.time_budget or None},
-        "hardware": {**common.hardware(), "accelerators": accelerators},
+        "hardware": {**common.hardware(), "load_average_before": load_before,
+                     "accelerators": accelerators},
         "versions": {fw: r["versions"] for rs in results.values() for fw, r in rs.items()
-                     if "versions" in r} or first,
+                     if "versions" in r},
         "wall_s": round(wall_s, 1),
         "configs": configs,
     }
@@ -276,74 +306,118 @@ def _per_framework(entry: dict, frameworks, fmt) -> str:
     return " / ".join(cells)
 
 
-def render_markdown(payload: dict) -> str:
-    """The tables a reader looks at: training, inference, then compile/memory/cores."""
+def _first_results(payload: dict) -> dict[str, dict]:
+    """Each framework's first successful result (devices and settings are per process)."""
+    out: dict[str, dict] = {}
+    for e in payload["configs"]:
+        for fw, r in e["results"].items():
+            if "devices" in r:
+                out.setdefault(fw, r)
+    return out
+
+
+def _intro(payload: dict) -> list[str]:
+    """Title, machine, versions and how to read the figures."""
     s, hw = payload["settings"], payload["hardware"]
-    fws = s["frameworks"]
     acc = ", ".join(a for a in hw["accelerators"] if not a.startswith("cpu")) or "none"
-    vers = next(iter(payload["versions"].values()), {}) if payload["versions"] else {}
-    all_versions = {k: v for r in payload["versions"].values() for k, v in r.items()}
+    versions = {k: v for r in payload["versions"].values() for k, v in r.items()}
+    load_before, load_after = hw["load_average_before"][0], hw["load_average"][0]
     lines = [
         f"## Throughput: pneumojax vs Keras 3 (float32, batch {s['batch_size']}, "
         f"{s['image_size']}×{s['image_size']} px{', QUICK' if s['quick'] else ''})",
         "",
         f"CPU: {hw['cpu']} ({hw['usable_cores']} usable cores of {hw['cpu_count']}, "
-        f"{hw['memory_gb']} GB); accelerators: {acc}; load average at the end "
-        f"{hw['load_average'][0]:.2f}.",
-        "Versions: " + ", ".join(f"{k} {all_versions[k]}" for k in
+        f"{hw['memory_gb']} GB); accelerators: {acc}; 1-minute load average before the suite "
+        f"{load_before:.2f}, after {load_after:.2f}.",
+        "Versions: " + ", ".join(f"{k} {versions[k]}" for k in
                                  ("python", "jax", "jaxlib", "flax", "optax", "keras",
-                                  "tensorflow") if k in all_versions) + ".",
+                                  "tensorflow") if k in versions) + ".",
+        "Devices each framework used: " + "; ".join(
+            f"{TITLES[fw]}: {', '.join(r['devices'])}"
+            + (f" (Keras jit_compile={r['jit_compile']})" if "jit_compile" in r else "")
+            for fw, r in _first_results(payload).items()) + ".",
         f"Figures: median images/s over {s['steps']} timed calls after {s['warmup']} warm-up "
         "call(s) (and the first, compiling, call), [slowest–fastest call] in brackets. "
         "Each framework ran alone in its own process. Ratios above 1 mean pneumojax is faster.",
-        "",
     ]
-    del vers
-    for phase, title in (("train", "Training: real train step, no feature cache (images/s)"),
-                         ("inference", "Inference: predict on one batch of host images "
-                                       "(images/s)")):
-        header = ["config", "model", *[TITLES[f] for f in fws]]
-        header += [f"pneumojax / {TITLES[o]}" for o in ("keras-tf", "keras-jax") if o in fws
-                   and "pneumojax" in fws]
-        rows = []
-        for e in payload["configs"]:
-            label = e["label"]
-            if e["same_step_as"]:
-                label += f" (= config {e['same_step_as']}'s step, not re-measured)"
-            row = [str(e["number"]), label, *[_rate(e["results"].get(f, {"skipped": 1}), phase)
-                                              for f in fws]]
-            row += [_ratio_cell(e["ratios"][f"pneumojax/{o}"][phase])
-                    for o in ("keras-tf", "keras-jax") if o in fws and "pneumojax" in fws]
-            rows.append(row)
-        lines += [f"### {title}", "", common.markdown_table(header, rows), ""]
-    order = " / ".join(TITLES[f] for f in fws)
-    header = ["config", f"first train step s ({order})", f"first predict s ({order})",
-              f"peak RSS MB ({order})", f"cores used training ({order})",
-              "trainable params", "same outputs"]
+    if load_before > 0.5:
+        lines.append(f"**Warning:** the machine was busy before the suite started (load "
+                     f"{load_before:.2f}): other processes shared the cores, so these figures "
+                     "understate every framework and their ratios are noisy.")
+    return lines + [""]
+
+
+def _rate_table(payload: dict, phase: str) -> str:
+    """Images/s per framework and pneumojax's ratios, one row per configuration."""
+    fws = payload["settings"]["frameworks"]
+    others = [o for o in ("keras-tf", "keras-jax") if o in fws and "pneumojax" in fws]
+    header = ["config", "model", *[TITLES[f] for f in fws],
+              *[f"pneumojax / {TITLES[o]}" for o in others]]
     rows = []
     for e in payload["configs"]:
-        diffs = e["checks"].get("max_abs_probability_diff_vs_pneumojax", {})
-        same = "yes" if e["checks"]["trainable_params_equal"] else "PARAMS DIFFER"
-        if diffs:
-            same += f" (max |Δp| {max(diffs.values()):.1e})"
+        label = e["label"]
+        if e["same_step_as"]:
+            label += f" (= config {e['same_step_as']}'s step, not re-measured)"
+        rows.append([str(e["number"]), label,
+                     *[_rate(e["results"].get(f, {"skipped": True}), phase) for f in fws],
+                     *[_ratio_cell(e["ratios"][f"pneumojax/{o}"][phase]) for o in others]])
+    return common.markdown_table(header, rows)
+
+
+def _resource_table(payload: dict) -> str:
+    """Set-up, compile, memory and core use, and the checks that the models are the same."""
+    fws = payload["settings"]["frameworks"]
+    order = " / ".join(TITLES[f] for f in fws)
+    header = ["config", f"model setup s ({order})", f"first train step s ({order})",
+              f"first predict s ({order})", f"peak RSS MB ({order})",
+              f"cores used training ({order})", "trainable params",
+              "first-batch logits: max abs diff vs pneumojax / max abs logit"]
+    rows = []
+    for e in payload["configs"]:
+        counts = e["checks"]["trainable_params"]
+        params = (f"{e['trainable_params']:,}" if e["checks"]["trainable_params_equal"] else
+                  "DIFFER: " + ", ".join(f"{TITLES[fw]} {n:,}" for fw, n in counts.items()))
+        diffs = e["checks"].get("logit_diff_vs_pneumojax", {})
         rows.append([str(e["number"]),
+                     _per_framework(e, fws, lambda r: f"{r['setup_s']:.1f}"),
                      _per_framework(e, fws, lambda r: f"{r['train']['first_call_s']:.1f}"),
                      _per_framework(e, fws, lambda r: f"{r['inference']['first_call_s']:.1f}"),
                      _per_framework(e, fws, lambda r: f"{r['peak_rss_mb']:.0f}"),
                      _per_framework(e, fws, lambda r: f"{r['train']['cores_used']:.2f}"),
-                     f"{e['trainable_params']:,}", same])
-    lines += ["### Compile, memory, core use", "", common.markdown_table(header, rows), ""]
-    device = [e for e in payload["configs"]
-              if any(r.get("peak_device_mb") for r in e["results"].values())]
+                     params, ", ".join(f"{TITLES[fw]} {d:.1e}" for fw, d in diffs.items())
+                     or "–"])
+    return common.markdown_table(header, rows)
+
+
+def _device_memory_table(payload: dict) -> str | None:
+    """Peak accelerator memory, when any worker ran on one."""
+    fws = payload["settings"]["frameworks"]
+    entries = [e for e in payload["configs"]
+               if any(r.get("peak_device_mb") for r in e["results"].values())]
+    if not entries:
+        return None
+    rows = [[str(e["number"]), _per_framework(
+        e, fws, lambda r: f"{r['peak_device_mb']:.0f}" if r.get("peak_device_mb") else "?")]
+        for e in entries]
+    return common.markdown_table(["config", f"MB ({' / '.join(TITLES[f] for f in fws)})"], rows)
+
+
+def render_markdown(payload: dict) -> str:
+    """The tables a reader looks at: training, inference, then set-up/memory/cores."""
+    lines = _intro(payload)
+    lines += ["### Training: real train step, no feature cache (images/s)", "",
+              _rate_table(payload, "train"), "",
+              "### Inference: predict on one batch of host images (images/s)", "",
+              _rate_table(payload, "inference"), "",
+              "### Set-up, compile, memory, core use", "", _resource_table(payload), ""]
+    device = _device_memory_table(payload)
     if device:
-        rows = [[str(e["number"]), _per_framework(
-            e, fws, lambda r: f"{r['peak_device_mb']:.0f}" if r.get("peak_device_mb") else "?")]
-            for e in device]
-        lines += ["### Peak device memory", "",
-                  common.markdown_table(["config", f"MB ({order})"], rows), ""]
-    notes = [e["note"] for e in payload["configs"] if e.get("note")]
+        lines += ["### Peak device memory", "", device, ""]
     lines += [f"Config {e['number']}: {e['note']}." for e in payload["configs"] if e.get("note")]
-    del notes
+    failed = [f"config {e['number']} {TITLES[fw]}: {r.get('error') or r.get('skipped')}"
+              for e in payload["configs"] for fw, r in e["results"].items()
+              if "error" in r or "skipped" in r]
+    lines += [f"Not measured: {f}." for f in dict.fromkeys(failed)]
     lines.append(f"Total wall time of the suite: {payload['wall_s']:.0f} s.")
     return "\n".join(lines)
 
@@ -447,7 +521,7 @@ def measure_pneumojax(job: dict) -> dict:
     def predict():
         logits = predict_logits(steps, predict_variables, images, batch_size)  # numpy: blocks
         if not probes:
-            probes.append(np.asarray(jax.nn.sigmoid(logits)))
+            probes.append(logits)
 
     def train():
         holder["state"], metrics = steps.train(holder["state"], batch, keys)
@@ -461,7 +535,7 @@ def measure_pneumojax(job: dict) -> dict:
             "peak_device_mb": common.peak_device_mb_jax(), "train": training,
             "inference": inference, "trainable_params": plan.trainable_params,
             "first_loss": holder["losses"][0], "last_loss": holder["losses"][-1],
-            "probe_probabilities": probes[0][:4].tolist(),
+            "probe_logits": probes[0].tolist(),
             "step": "Steps.train (jit, batch sharded over a 'data' mesh axis, 1 member)"}
 
 
@@ -475,15 +549,28 @@ def device_tensor(keras, x: np.ndarray):
     return keras.ops.convert_to_tensor(x)
 
 
+def keras_logits(keras, model, x: np.ndarray) -> np.ndarray:
+    """The pre-sigmoid outputs of the last Dense layer (Keras's model ends in the sigmoid)."""
+    last = model.get_layer(common.HEAD_LAYERS[1])
+    hidden = keras.Model(model.inputs, last.input).predict_on_batch(x)
+    kernel, bias = (np.asarray(w) for w in last.get_weights())
+    return np.asarray(hidden, np.float64) @ kernel + bias
+
+
 def keras_devices(keras) -> tuple[list[str], float | None]:
     """The backend's devices and the peak memory used on its first GPU (None on CPU)."""
     if keras.backend.backend() == "jax":
         return common.accelerators_jax(), common.peak_device_mb_jax()
     import tensorflow as tf  # noqa: PLC0415
+    gpus = tf.config.list_physical_devices("GPU")
     devices = [f"{d.device_type.lower()}: {d.name}" for d in tf.config.list_physical_devices()]
-    gpus = tf.config.list_logical_devices("GPU")
-    peak = (round(tf.config.experimental.get_memory_info(gpus[0].name)["peak"] / 2 ** 20, 1)
-            if gpus else None)
+    if gpus:  # the GPU's name, as JAX's device_kind gives it
+        details = tf.config.experimental.get_device_details(gpus[0])
+        devices[devices.index(f"gpu: {gpus[0].name}")] += f" ({details.get('device_name', '?')})"
+    try:
+        peak = round(tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 20, 1)
+    except (ValueError, RuntimeError):  # no GPU
+        peak = None
     return devices, peak
 
 
@@ -498,7 +585,8 @@ def measure_keras(job: dict) -> dict:
     images, labels, weights = fixed_batch(job)
     batch_size = job["batch_size"]
     t0 = time.perf_counter()
-    keras.utils.set_random_seed(job["seed"])
+    # No keras.utils.set_random_seed: it imports TensorFlow even on the JAX backend, which
+    # would inflate Keras-JAX's memory; dropout masks need not be reproducible here.
     info = get_backbone(job["backbone"])
     _, model = common.build_keras_classifier(info, job["cut"], job["trainable_layers"],
                                              job["image_size"])
@@ -511,17 +599,17 @@ def measure_keras(job: dict) -> dict:
     sample_weight = device_tensor(keras, weights) if job["class_weights"] else None
     setup_s = time.perf_counter() - t0
 
-    probes, losses = [], []
+    losses = []
 
     def predict():
-        out = model.predict_on_batch(x_host)  # returns numpy: blocks
-        if not probes:
-            probes.append(np.asarray(out))
+        model.predict_on_batch(x_host)  # returns numpy: blocks
 
     def train():
         logs = model.train_on_batch(x, y, sample_weight=sample_weight, return_dict=True)
         losses.append(float(logs["loss"]))  # numpy logs: the step has finished
 
+    # Before any training step: the same weights pneumojax's probe saw.
+    probe = keras_logits(keras, model, x_host)
     inference = common.time_calls(predict, job["steps"], job["warmup"], batch_size)
     training = common.time_calls(train, job["steps"], job["warmup"], batch_size)
     devices, peak_device = keras_devices(keras)
@@ -530,8 +618,9 @@ def measure_keras(job: dict) -> dict:
             "peak_device_mb": peak_device, "train": training, "inference": inference,
             "trainable_params": common.keras_trainable_params(model),
             "first_loss": losses[0], "last_loss": losses[-1],
-            "probe_probabilities": probes[0][:4].tolist(),
+            "probe_logits": probe.tolist(),
             "keras_backend": keras.backend.backend(), "jit_compile": model.jit_compile,
+            "tensorflow_imported": "tensorflow" in sys.modules,
             "step": "model.train_on_batch (Keras's compiled train function)"}
 
 

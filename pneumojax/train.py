@@ -72,8 +72,10 @@ def loss_and_accuracy(logits, labels, weights):
     onehot = jax.nn.one_hot(labels, 2)
     per_example = optax.sigmoid_binary_cross_entropy(logits, onehot).mean(-1)
     correct = ((pneumonia_probability(logits) >= 0.5) == (labels == 1)).astype(jnp.float32)
-    total = jnp.maximum(weights.sum(), 1e-12)
-    return (per_example * weights).sum() / total, (correct * weights).sum() / total
+    # Keras's reduction: the weighted sum over the batch size (not over the weights' sum), so
+    # class weights scale the gradient exactly as they do in the study.
+    loss = (per_example * weights).sum() / weights.shape[-1]
+    return loss, (correct * weights).sum() / jnp.maximum(weights.sum(), 1e-12)
 
 
 @dataclasses.dataclass

@@ -53,7 +53,7 @@ def test_throughput_quick_measures_every_framework(tmp_path):
                        for phase in ("train", "inference"))
         # The same model on every side: same trainable set, same outputs from the same weights.
         assert entry["checks"]["trainable_params_equal"]
-        assert max(entry["checks"]["max_abs_probability_diff_vs_pneumojax"].values()) < 1e-3
+        assert max(entry["checks"]["logit_diff_vs_pneumojax"].values()) < 1e-3
     reused = [e for e in payload["configs"] if e["same_step_as"]]
     assert reused and all(e["measured_as"] == e["same_step_as"] and e["note"] for e in reused)
     table = out.with_suffix(".md").read_text()
@@ -112,7 +112,7 @@ def test_summarize_reports_median_and_spread():
 
 def test_throughput_table_marks_failures_and_skips():
     ok = {"setup_s": 1.0, "peak_rss_mb": 100.0, "trainable_params": 10,
-          "probe_probabilities": [[0.25, 0.75]],
+          "probe_logits": [[0.25, 0.75]],
           "train": {"images_per_s": 20.0, "images_per_s_range": [18.0, 21.0],
                     "first_call_s": 3.0, "cores_used": 1.9},
           "inference": {"images_per_s": 40.0, "images_per_s_range": [39.0, 41.0],
