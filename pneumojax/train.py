@@ -96,10 +96,19 @@ class Steps:
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
         self.member_batch_sharding = NamedSharding(self.mesh, P(None, "data"))
-        self.train = jax.jit(jax.vmap(self._train), donate_argnums=0,
+        self.train = jax.jit(self._train_members, donate_argnums=0,
                              in_shardings=(self.replicated, self.member_batch_sharding,
                                            self.replicated),
                              out_shardings=(self.replicated, self.replicated))
+
+    def _train_members(self, state: TrainState, batch, keys):
+        if keys.shape[0] == 1:
+            # One member: drop the member axis rather than vmap, whose batching of
+            # convolutions over stacked kernels (grouped convolutions) costs ~15% on CPU.
+            one = lambda t: jax.tree.map(lambda x: x[0], t)  # noqa: E731
+            new, metrics = self._train(one(state), one(batch), keys[0])
+            return jax.tree.map(lambda x: x[None], (new, metrics))
+        return jax.vmap(self._train)(state, batch, keys)
 
     def _train(self, state: TrainState, batch, key):
         key = jax.random.fold_in(key, state.step)

@@ -191,11 +191,13 @@ def test_one_device_and_four_devices_train_the_same(tmp_path):
     one, four = _run_on_devices(1, tmp_path / "one"), _run_on_devices(4, tmp_path / "four")
     assert one.keys() == four.keys()
     # Same math; only the order of the cross-device sums differs. Adam turns that rounding
-    # into at most a fraction of one step (lr = 1e-3) on near-zero gradients; a real
+    # into at most a fraction of one step (lr = 1e-3) on a few near-zero gradients; a real
     # difference (per-device BatchNorm statistics, a lost gradient shard) is far larger.
     for k in one:
         if "params" in k:
-            np.testing.assert_allclose(four[k], one[k], rtol=0, atol=1e-4, err_msg=k)
+            diff = np.abs(four[k] - one[k])
+            assert diff.max() < 5e-4, k          # under half of one Adam step everywhere
+            assert (diff > 1e-5).mean() < 1e-2, k  # and tiny almost everywhere
         else:  # losses and BatchNorm moving statistics
             np.testing.assert_allclose(four[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
