@@ -331,6 +331,7 @@ def combined_metrics(y: np.ndarray, member_p: np.ndarray, thresholds: list[float
     if len(thresholds) == 1:
         metrics = evaluate_predictions(y, member_p[:, 0], thresholds[0])
     else:
+        # The vote fraction at 0.5 gives exactly balance.vote's labels (ties -> PNEUMONIA).
         votes = (member_p >= np.asarray(thresholds)).mean(1)
         metrics = evaluate_predictions(y, votes, 0.5)
         mean_p = member_p.mean(1)
@@ -436,10 +437,8 @@ def predict_paths(run_dir: str | Path, paths: list[str]) -> list[dict]:
         raise FileNotFoundError("no readable images among " + ", ".join(paths))
     images = D.load_images(files, run.config["image_size"], progress=len(files) > 50)
     p = member_probabilities(run.steps, run.variables, images, run.config["batch_size"])
-    if len(run.thresholds) == 1:
-        labels = p[:, 0] >= run.thresholds[0]
-    else:
-        labels = (p >= np.asarray(run.thresholds)).mean(1) >= 0.5
+    from pneumojax.balance import mean_probability, vote  # noqa: PLC0415
+    labels = vote(p.T, run.thresholds)  # one member: its own threshold
     return [{"path": f, "p_pneumonia": float(q), "label": "PNEUMONIA" if lab else "NORMAL",
              "threshold": run.thresholds[0] if len(run.thresholds) == 1 else "vote"}
-            for f, q, lab in zip(files, p.mean(1), labels)]
+            for f, q, lab in zip(files, mean_probability(p.T), labels)]
