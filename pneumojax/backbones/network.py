@@ -39,6 +39,7 @@ class KerasGraph(nn.Module):
         need = ancestors(self.layers, self.outputs, self.given)
         values: dict[str, jax.Array] = {}
         grad_flows: dict[str, bool] = {}
+        fan_out = _fan_out(self.layers, need)
         for spec in self.layers:
             if spec.name not in need:
                 continue
@@ -54,6 +55,11 @@ class KerasGraph(nn.Module):
                 grad_flows[i] for i in spec.inputs)
             if not grad_flows[spec.name]:
                 y = jax.lax.stop_gradient(y)
+            if fan_out[spec.name] > 1:
+                # Materialize tensors read by several layers. Otherwise XLA:CPU fuses a
+                # residual block's elementwise output into each consumer and recomputes
+                # the whole residual stream in every block (ResNet152 ran at half speed).
+                y = jax.lax.optimization_barrier(y)
             values[spec.name] = y
         return {name: values[name] for name in self.outputs}
 
@@ -86,3 +92,14 @@ class KerasGraph(nn.Module):
         if kind == "Concatenate":
             return jnp.concatenate(inputs, axis=-1)
         raise ValueError(f"layer {spec.name}: unsupported kind {kind}")
+
+
+def _fan_out(layers: Sequence[LayerSpec], need: set[str]) -> dict[str, int]:
+    """How many of the needed layers read each needed layer's output."""
+    counts = dict.fromkeys(need, 0)
+    for spec in layers:
+        if spec.name in need:
+            for i in spec.inputs:
+                if i in counts:  # a given layer's inputs are not computed
+                    counts[i] += 1
+    return counts
