@@ -110,6 +110,10 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
               "skipping unreadable images with a warning.")
 @click.option("--feature-cache/--no-feature-cache", default=True, show_default=True,
               help="Compute the frozen part's activations once and train the rest on them.")
+@click.option("--feature-cache-dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16"]),
+              help="How cached activations are stored. auto = as computed (training on them "
+                   "is identical to the full model); bfloat16 halves a float32 cache.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (its own "
               "config.json is used).")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")

@@ -24,7 +24,7 @@ from pneumojax import data as D
 from pneumojax.backbones import get_backbone
 from pneumojax.checkpoint import load_variables, save_variables
 from pneumojax.features import (cacheable_frontier, cached_activations, merge_variables,
-                                prefix_model, suffix_variables)
+                                prefix_model, storage_dtype, suffix_variables)
 from pneumojax.metrics import choose_threshold, evaluate_predictions, format_metrics
 from pneumojax.model import build_classifier, compute_dtype, init_variables, make_optimizer, \
     make_plan, pneumonia_probability
@@ -57,6 +57,7 @@ class TrainConfig(FitOptions):
     test_fraction: float = 0.15
     out: str = "runs/latest"
     feature_cache: bool = True
+    feature_cache_dtype: str = "auto"
     balance: str = "none"
     strict: bool = False
     precision: str = "auto"
@@ -176,6 +177,7 @@ def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     if frontier:
         # Train the suffix on activations computed once; same results as the full model.
         prefix = prefix_model(info, frontier, dtype)
+        storage = storage_dtype(cfg.feature_cache_dtype, dtype)
         probe = Steps(model, optax.identity(), mesh)
         inputs = {}
         for name, x, key in (("train", balanced.images, balanced.key),
@@ -185,9 +187,10 @@ def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
                                                               cfg.image_size))):
             inputs[name] = cached_activations(
                 prefix, member_vars[0], x, key, cache_dir() / "features", cfg.batch_size,
-                lambda *a, name=name: probe.map(*a, desc=f"frozen activations ({name})"))
-        log(f"feature cache: training on cached activations of {', '.join(frontier)} "
-            "(the frozen part runs once; --no-feature-cache turns this off)")
+                lambda *a, name=name: probe.map(*a, desc=f"frozen activations ({name})"),
+                storage)
+        log(f"feature cache: training on cached activations of {', '.join(frontier)}, stored "
+            f"as {storage.name} (the frozen part runs once; --no-feature-cache turns this off)")
         train_model = build_classifier(info, plan.cut, plan.trainable_layers, dtype, given=frontier)
         example = jax.tree.map(lambda a: np.asarray(a[:1]), inputs["val"])
         template = jax.eval_shape(train_model.init, jax.random.key(0), example)
