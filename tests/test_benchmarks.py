@@ -14,6 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import profile_step  # noqa: E402
 import recall  # noqa: E402
 import throughput  # noqa: E402
 
@@ -134,3 +135,68 @@ def test_throughput_table_marks_failures_and_skips():
     table = throughput.render_markdown(payload)
     assert "2.00×" in table  # pneumojax / Keras-TF training: 20 / 10
     assert "failed" in table and "Not measured: config 6 Keras-JAX: exit status 1." in table
+
+
+HLO = """HloModule m
+
+%fused_fwd (p0: f32[4,8,8,16], p1: f32[3,3,16,32]) -> f32[4,8,8,32] {
+  %p0 = f32[4,8,8,16]{3,2,1,0} parameter(0)
+  ROOT %c = f32[4,8,8,32]{3,2,1,0} convolution(%p0, %p1), window={size=3x3}, metadata={op_name="jit(f)/jvp(Classifier)/backbone/backbone._apply/conv2d_7/conv_general_dilated"}
+}
+
+%fused_dx (p0: f32[4,8,8,32], p1: f32[3,3,32,16]) -> f32[4,8,8,16] {
+  ROOT %c = f32[4,8,8,16]{3,2,1,0} convolution(%p0, %p1), window={size=3x3}, metadata={op_name="jit(f)/transpose(jvp(Classifier))/backbone/backbone._apply/conv2d_7/conv_general_dilated"}
+}
+
+%fused_dw (p0: f32[16,8,8,4], p1: f32[8,8,4,32]) -> f32[16,3,3,32] {
+  ROOT %c = f32[16,3,3,32]{3,2,1,0} convolution(%p0, %p1), window={size=8x8}
+}
+
+%fused_add (p0: f32[4,8,8,16], p1: f32[4,8,8,16]) -> f32[4,8,8,16] {
+  %p0 = f32[4,8,8,16]{3,2,1,0} parameter(0)
+  %p1 = f32[4,8,8,16]{3,2,1,0} parameter(1)
+  ROOT %s = f32[4,8,8,16]{3,2,1,0} add(%p0, %p1)
+}
+
+%fused_copy (p0: f32[4,8,8,16]) -> f32[4,16,8,8] {
+  %p0 = f32[4,8,8,16]{3,2,1,0} parameter(0)
+  ROOT %t = f32[4,16,8,8]{3,2,1,0} transpose(%p0), dimensions={0,3,1,2}
+}
+
+ENTRY %main (a: f32[4,8,8,16]) -> f32[4,8,8,16] {
+  %transpose_copy_fusion = f32[4,16,8,8]{3,2,1,0} fusion(%a), kind=kLoop, calls=%fused_copy
+  %ynn_fusion.1 = f32[4,8,8,32]{3,2,1,0} fusion(%a, %w), kind=kCustom, calls=%fused_fwd
+  %ynn_fusion.2 = f32[4,8,8,16]{3,2,1,0} fusion(%g, %w), kind=kCustom, calls=%fused_dx
+  %ynn_fusion.3 = f32[16,3,3,32]{3,2,1,0} fusion(%a, %g), kind=kCustom, calls=%fused_dw
+  %reduce_window_max.0 = f32[4,4,4,16]{3,2,1,0} reduce-window(%a, %z), window={size=1x3x3x1 stride=1x2x2x1}, to_apply=%max, metadata={op_name="jit(f)/jvp(Classifier)/backbone/backbone._apply/max_pooling2d/reduce_window_max"}
+  ROOT %add_fusion = f32[4,8,8,16]{3,2,1,0} fusion(%a, %b), kind=kLoop, calls=%fused_add
+}
+"""
+
+
+def test_profile_attributes_operations_to_kinds_and_layers():
+    ops = profile_step.hlo_operations(HLO)
+    kinds = {name: profile_step.classify(ops[name], batch=4) for name in
+             ("ynn_fusion.1", "ynn_fusion.2", "ynn_fusion.3", "reduce_window_max.0",
+              "add_fusion", "transpose_copy_fusion")}
+    assert kinds == {"ynn_fusion.1": ("convolution forward", "conv2d_7"),
+                     "ynn_fusion.2": ("convolution input gradient", "conv2d_7"),
+                     "ynn_fusion.3": ("convolution weight gradient", "-"),
+                     "reduce_window_max.0": ("pooling", "max_pooling2d"),
+                     "add_fusion": ("elementwise fusions and other", "-"),
+                     "transpose_copy_fusion": ("layout copies", "-")}
+
+
+@pytest.mark.slow
+def test_profile_step_runs_a_trainable_range(tmp_path):
+    out = tmp_path / "profile.json"
+    _run("profile_step.py", "--config", "4", "--batch-size", "2", "--image-size", "96",
+         "--steps", "1", "--out", str(out), timeout=300)
+    payload = json.loads(out.read_text())
+    kinds = payload["kinds"]
+    for kind in ("convolution forward", "convolution input gradient",
+                 "convolution weight gradient"):
+        assert kinds[kind] > 0, kind  # the trainable range runs backward
+    assert payload["op_ms_per_step"] == pytest.approx(sum(kinds.values()), abs=1.0)
+    assert payload["top"] and all(r["kind"] in profile_step.KINDS for r in payload["top"])
+    assert "kind of operation" in out.with_suffix(".md").read_text()
