@@ -9,6 +9,7 @@ import click
 from pneumojax.backbones import REGISTRY, get_backbone, layer_table
 
 BACKBONES = click.Choice(sorted(REGISTRY))
+DTYPES = click.Choice(["auto", "float32", "bfloat16"])  # --precision, --feature-cache-dtype
 
 
 def _fail(message: str, code: int = 1):
@@ -97,7 +98,7 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
 @click.option("--ensemble-size", default=None, type=int,
               help="Ensemble members K [default: round(majority / minority)].")
 @click.option("--precision", default="auto", show_default=True,
-              type=click.Choice(["auto", "float32", "bfloat16"]),
+              type=DTYPES,
               help="bfloat16 = bfloat16 compute, float32 parameters and optimizer state; "
                    "auto = bfloat16 on GPU/TPU, float32 on CPU.")
 @click.option("--distributed", is_flag=True,
@@ -111,7 +112,7 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
 @click.option("--feature-cache/--no-feature-cache", default=True, show_default=True,
               help="Compute the frozen part's activations once and train the rest on them.")
 @click.option("--feature-cache-dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "float32", "bfloat16"]),
+              type=DTYPES,
               help="How cached activations are stored. auto = as computed (training on them "
                    "is identical to the full model); bfloat16 halves a float32 cache.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (its own "
