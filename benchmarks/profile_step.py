@@ -31,11 +31,11 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_cpu_enable_xprof_traceme=true").strip()
 
-import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from throughput import CONFIGS, LEARNING_RATE  # noqa: E402
+from throughput import (CONFIGS, fixed_batch, pneumojax_step,  # noqa: E402
+                        study_class_weights)
 
 KINDS = ("convolution forward", "convolution input gradient", "convolution weight gradient",
          "pooling", "matrix products", "layout copies", "elementwise fusions and other")
@@ -118,24 +118,15 @@ def _layer(text: str) -> str:
 def profile(args) -> dict:
     import jax  # noqa: PLC0415
 
-    from pneumojax.backbones import get_backbone  # noqa: PLC0415
-    from pneumojax.model import (build_classifier, init_variables, make_optimizer,  # noqa: PLC0415
-                                 make_plan)
-    from pneumojax.train import Steps, make_mesh  # noqa: PLC0415
-
     cfg = CONFIGS[args.config]
-    info = get_backbone(cfg.backbone)
-    plan = make_plan(info, cfg.cut, cfg.trainable, args.image_size)
-    model = build_classifier(info, plan.cut, plan.trainable_layers)
-    variables = init_variables(model, args.image_size, 0)
-    steps = Steps(model, make_optimizer(variables["params"], plan.trainable_layers,
-                                        LEARNING_RATE), make_mesh())
-    rng = np.random.default_rng(0)
     n = args.batch_size
-    batch = steps.shard({"image": rng.integers(0, 256, (1, n, args.image_size, args.image_size,
-                                                        3), dtype=np.uint8),
-                         "label": np.resize(np.array([0, 1, 1, 1], np.int32), n)[None],
-                         "weight": np.ones((1, n), np.float32)}, members=True)
+    _, steps, variables = pneumojax_step(cfg.backbone, cfg.cut, cfg.trainable, args.image_size,
+                                         seed=0)
+    images, labels, weights = fixed_batch({
+        "batch_size": n, "image_size": args.image_size, "seed": 0,
+        "class_weights": study_class_weights() if cfg.class_weights else None})
+    batch = steps.shard({"image": images[None], "label": labels[None], "weight": weights[None]},
+                        members=True)
     keys = jax.random.key(0)[None]
     state = steps.init_state([variables])
     hlo = steps.train.lower(state, batch, keys).compile().as_text()

@@ -483,30 +483,43 @@ def fixed_batch(job: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return images, labels, weights
 
 
+def pneumojax_step(backbone: str, cut: str, trainable: str, image_size: int, seed: int,
+                   weights: dict | None = None):
+    """(plan, ``Steps``, variables) of the pneumojax classifier the suite measures: the
+    backbone and head from ``weights`` (as ``prepare_weights`` saves them) or, without them,
+    Keras-style random ones (a step's speed does not depend on the values)."""
+    from pneumojax.backbones import get_backbone  # noqa: PLC0415
+    from pneumojax.model import (build_classifier, init_variables, make_optimizer,  # noqa: PLC0415
+                                 make_plan)
+    from pneumojax.train import Steps, make_mesh  # noqa: PLC0415
+    from ports.keras_port import port_keras_weights  # noqa: PLC0415
+
+    info = get_backbone(backbone)
+    plan = make_plan(info, cut, trainable, image_size)
+    model = build_classifier(info, plan.cut, plan.trainable_layers)
+    ported = None if weights is None else port_keras_weights(weights["backbone"], info, image_size)
+    variables = init_variables(model, image_size, seed, ported)
+    if weights is not None:
+        for layer in common.HEAD_LAYERS:  # the Keras head's values, not pneumojax's own draws
+            variables["params"][layer] = {k: np.asarray(v)
+                                          for k, v in weights["head"][layer].items()}
+    steps = Steps(model, make_optimizer(variables["params"], plan.trainable_layers,
+                                        LEARNING_RATE), make_mesh())
+    return plan, steps, variables
+
+
 def measure_pneumojax(job: dict) -> dict:
     """pneumojax: ``Steps.train`` on the full classifier (no feature cache), ``predict_logits``."""
     import jax  # noqa: PLC0415
 
-    from pneumojax.backbones import get_backbone  # noqa: PLC0415
-    from pneumojax.model import (build_classifier, init_variables, make_optimizer,  # noqa: PLC0415
-                                 make_plan)
-    from pneumojax.train import Steps, make_mesh, predict_logits  # noqa: PLC0415
-    from ports.keras_port import port_keras_weights  # noqa: PLC0415
+    from pneumojax.train import predict_logits  # noqa: PLC0415
 
     rss_after_import = common.peak_rss_mb()
     images, labels, weights = fixed_batch(job)
     size, batch_size = job["image_size"], job["batch_size"]
     t0 = time.perf_counter()
-    info = get_backbone(job["backbone"])
-    plan = make_plan(info, job["cut"], job["trainable"], size)
-    model = build_classifier(info, plan.cut, plan.trainable_layers)
-    source = common.load_weights(job["weights"])
-    variables = init_variables(model, size, job["seed"],
-                               port_keras_weights(source["backbone"], info, size))
-    for layer in common.HEAD_LAYERS:  # the Keras head's values, not pneumojax's own draws
-        variables["params"][layer] = {k: np.asarray(v) for k, v in source["head"][layer].items()}
-    steps = Steps(model, make_optimizer(variables["params"], plan.trainable_layers,
-                                        LEARNING_RATE), make_mesh())
+    plan, steps, variables = pneumojax_step(job["backbone"], job["cut"], job["trainable"], size,
+                                            job["seed"], common.load_weights(job["weights"]))
     predict_variables = jax.device_put(variables, steps.replicated)
     # Training runs K=1 member: state and batch carry a leading member axis.
     holder = {"state": steps.init_state([variables]), "losses": []}

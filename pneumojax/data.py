@@ -356,7 +356,7 @@ def _cached_problems(
         index = {path: i for i, path in enumerate(paths)}
         stored = [[index[path], reason] for path, reason in bad.items()]
         try:
-            _write_atomic(cache_file, json.dumps({"unreadable": stored}))
+            write_text_atomic(cache_file, json.dumps({"unreadable": stored}))
         except OSError:
             pass
     return bad
@@ -377,7 +377,10 @@ def _problems(paths: Sequence[str], workers: int, progress: bool) -> dict[str, s
         pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C stops at once
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to ``path`` so that a reader (or a resume after kill -9) sees the old file
+    or the new one, never half of it."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import optax
 
+from pneumojax import balance as B
 from pneumojax import data as D
 from pneumojax.backbones import get_backbone
 from pneumojax.checkpoint import load_variables, save_variables
@@ -149,7 +150,7 @@ def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
                   "skipped_images": [[os.path.relpath(p, source.root), r]
                                      for p, r in source.skipped]}
         config["plan"]["trainable_layers"] = sorted(plan.trainable_layers)
-        _write_text(run_dir / "splits.json", splits.to_json())
+        D.write_text_atomic(run_dir / "splits.json", splits.to_json())
         _write_json(run_dir / "config.json", config)  # last: its presence marks a run
 
     train_x, train_y = load_split_arrays(splits.train, cfg.image_size, log)
@@ -239,7 +240,6 @@ class BalancedTrain:
 
 def apply_balance(cfg: TrainConfig, images, labels, image_key: str, log=print) -> BalancedTrain:
     """Applies ``cfg.balance`` to the train split (validation and test are never touched)."""
-    from pneumojax import balance as B  # noqa: PLC0415
     if cfg.balance not in B.METHODS:
         raise ValueError(f"unknown --balance {cfg.balance!r}; choose one of {', '.join(B.METHODS)}")
     counts = np.bincount(labels, minlength=2).tolist()
@@ -351,14 +351,7 @@ def combined_metrics(y: np.ndarray, member_p: np.ndarray, thresholds: list[float
 
 
 def _write_json(path: Path, payload: dict):
-    _write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
-
-
-def _write_text(path: Path, text: str):
-    """Atomic: a reader (or a resume after kill -9) sees the old file or the new one."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    D.write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 # --- using a finished run ---------------------------------------------------------------------
@@ -440,8 +433,7 @@ def predict_paths(run_dir: str | Path, paths: list[str]) -> list[dict]:
         raise FileNotFoundError("no readable images among " + ", ".join(paths))
     images = D.load_images(files, run.config["image_size"], progress=len(files) > 50)
     p = member_probabilities(run.steps, run.variables, images, run.config["batch_size"])
-    from pneumojax.balance import mean_probability, vote  # noqa: PLC0415
-    labels = vote(p.T, run.thresholds)  # one member: its own threshold
+    labels = B.vote(p.T, run.thresholds)  # one member: its own threshold
     return [{"path": f, "p_pneumonia": float(q), "label": "PNEUMONIA" if lab else "NORMAL",
              "threshold": run.thresholds[0] if len(run.thresholds) == 1 else "vote"}
-            for f, q, lab in zip(files, mean_probability(p.T), labels)]
+            for f, q, lab in zip(files, B.mean_probability(p.T), labels)]
