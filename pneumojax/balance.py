@@ -1,11 +1,15 @@
 """Class-imbalance methods of the study, applied to the TRAIN split only.
 
 * ``class-weight``: w_c = (1 / count_c) * total / 2 per sample in the loss.
-* ``undersample``: a seeded subset of the majority class, as large as the minority class.
+* ``undersample``: a seeded subset of the majority class, as large as the minority class
+  (equal classes: every image is kept).
 * ``oversample``: minority images augmented with albumentations until the classes are equal;
   generated once per (images, seed, pipeline) and cached, so frozen activations cache too.
 * ``ensemble``: the majority class cut into K disjoint chunks; member k trains on chunk k plus
   all minority images; members vote for the label and average their probabilities.
+
+With equal classes NORMAL counts as the minority and PNEUMONIA as the majority, so "minority"
+and "majority" are always two different classes and every method keeps both.
 """
 
 from __future__ import annotations
@@ -30,6 +34,14 @@ def class_counts(labels: np.ndarray) -> np.ndarray:
     return counts
 
 
+def minority_majority(labels: np.ndarray) -> tuple[int, int, np.ndarray]:
+    """(minority class, majority class, counts); two different classes even when the counts are
+    equal (argmin and argmax would both say NORMAL then)."""
+    counts = class_counts(labels)
+    minority = int(counts[1] < counts[0])
+    return minority, 1 - minority, counts
+
+
 def class_weights(labels: np.ndarray) -> dict[int, float]:
     """The study's formula: w_c = (1 / count_c) * total / 2."""
     counts = class_counts(labels)
@@ -45,8 +57,7 @@ def sample_weights(labels: np.ndarray, weights: dict[int, float] | None) -> np.n
 
 def undersample_indices(labels: np.ndarray, seed: int) -> np.ndarray:
     """All minority indices plus a seeded random subset of the majority of the same size."""
-    counts = class_counts(labels)
-    minority, majority = int(np.argmin(counts)), int(np.argmax(counts))
+    minority, majority, counts = minority_majority(labels)
     rng = np.random.default_rng([seed, 1])
     keep = rng.choice(np.flatnonzero(labels == majority), counts[minority], replace=False)
     return np.sort(np.concatenate([np.flatnonzero(labels == minority), keep]))
@@ -55,8 +66,7 @@ def undersample_indices(labels: np.ndarray, seed: int) -> np.ndarray:
 def ensemble_chunks(labels: np.ndarray, k: int | None, seed: int) -> list[np.ndarray]:
     """K disjoint majority chunks covering the majority class, each joined with all minority
     indices. K defaults to round(majority / minority)."""
-    counts = class_counts(labels)
-    minority, majority = int(np.argmin(counts)), int(np.argmax(counts))
+    minority, majority, counts = minority_majority(labels)
     k = k or max(1, int(round(counts[majority] / counts[minority])))
     if not 1 <= k <= counts[majority]:
         raise ValueError(f"--ensemble-size {k} must be between 1 and the majority count "
@@ -114,9 +124,8 @@ def oversample(images: np.ndarray, labels: np.ndarray, seed: int, spec: str,
     Returns (augmented images, their labels, a key identifying them). The copies are made
     once per (images, seed, pipeline) and cached as uint8.
     """
-    counts = class_counts(labels)
-    minority = int(np.argmin(counts))
-    n_new = int(counts.max() - counts.min())
+    minority, majority, counts = minority_majority(labels)
+    n_new = int(counts[majority] - counts[minority])
     sources = np.flatnonzero(labels == minority)
     key = hashlib.sha256(json.dumps({"images": image_key, "seed": seed, "n": n_new,
                                      "pipeline": pipeline_description(spec)},

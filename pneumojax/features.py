@@ -86,11 +86,24 @@ def cached_activations(prefix: Prefix, variables: dict, images: np.ndarray, imag
 
     ``image_key`` identifies the images (file list and size); ``run_batches(fn, variables,
     inputs, batch_size, sink)`` runs ``fn`` over fixed-size batches and hands each result to
-    ``sink(start, stop, outputs)``.
+    ``sink(start, stop, outputs)``. With ``cache_dir`` None the activations are computed in
+    memory, rounded to ``storage`` exactly as the cache stores them.
     """
     storage = np.dtype(prefix.backbone.dtype if storage is None else storage)
     on_disk = np.dtype(np.uint16) if storage == STORAGE["bfloat16"] else storage
     backbone_vars = {c: v["backbone"] for c, v in variables.items() if "backbone" in v}
+    prefix_vars = {"params": {"backbone": backbone_vars.get("params", {})},
+                   "batch_stats": {"backbone": backbone_vars.get("batch_stats", {})}}
+    if cache_dir is None:
+        arrays: dict[str, np.ndarray] = {}
+
+        def keep(start, stop, outputs):
+            for name, value in outputs.items():
+                if name not in arrays:
+                    arrays[name] = np.empty((len(images),) + value.shape[1:], storage)
+                arrays[name][start:stop] = np.asarray(value).astype(storage)
+        run_batches(prefix.apply, prefix_vars, images, batch_size, keep)
+        return {n: arrays[n] for n in prefix.backbone.outputs}
     key = hashlib.sha256(json.dumps({
         "images": image_key, "outputs": prefix.backbone.outputs,
         "preprocess": prefix.preprocess_mode, "dtype": str(np.dtype(prefix.backbone.dtype)),
@@ -112,9 +125,7 @@ def cached_activations(prefix: Prefix, variables: dict, images: np.ndarray, imag
                     shape=(len(images),) + value.shape[1:])
             arrays[name][start:stop] = np.asarray(value).astype(storage).view(on_disk)
 
-    run_batches(prefix.apply, {"params": {"backbone": backbone_vars.get("params", {})},
-                               "batch_stats": {"backbone": backbone_vars.get("batch_stats", {})}},
-                images, batch_size, sink)
+    run_batches(prefix.apply, prefix_vars, images, batch_size, sink)
     for a in arrays.values():
         a.flush()
     (tmp / "done").write_text("")

@@ -151,14 +151,20 @@ def _resolve(token: str, info: BackboneInfo, default: int) -> int:
 PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def compute_dtype(precision: str | None):
-    """``--precision``: float32, or bfloat16 compute with float32 parameters and optimizer
-    state (mixed precision). Default: bfloat16 on GPU/TPU, float32 on CPU."""
+def resolve_precision(precision: str | None) -> str:
+    """``--precision`` as a dtype name: ``auto`` (or None) is bfloat16 on GPU/TPU and float32
+    on CPU, decided on the machine that calls this."""
     if precision is None or precision == "auto":
         precision = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     if precision not in PRECISIONS:
         raise ValueError(f"unknown --precision {precision!r}; choose float32 or bfloat16")
-    return PRECISIONS[precision]
+    return precision
+
+
+def compute_dtype(precision: str | None):
+    """``--precision``: float32, or bfloat16 compute with float32 parameters and optimizer
+    state (mixed precision); see :func:`resolve_precision`."""
+    return PRECISIONS[resolve_precision(precision)]
 
 
 def build_classifier(info: BackboneInfo, cut: str, trainable: frozenset[str],

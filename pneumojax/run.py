@@ -17,18 +17,19 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from pneumojax import balance as B
 from pneumojax import data as D
 from pneumojax.backbones import get_backbone
-from pneumojax.checkpoint import load_variables, save_variables
+from pneumojax.checkpoint import CheckpointError, load_variables, save_variables
 from pneumojax.features import (cacheable_frontier, cached_activations, merge_variables,
-                                prefix_model, storage_dtype, suffix_variables)
+                                prefix_model, storage_dtype, suffix_variables, variables_digest)
 from pneumojax.metrics import choose_threshold, evaluate_predictions, format_metrics
-from pneumojax.model import build_classifier, compute_dtype, init_variables, make_optimizer, \
-    make_plan, pneumonia_probability
+from pneumojax.model import (build_classifier, compute_dtype, init_variables, make_optimizer,
+                             make_plan, pneumonia_probability, resolve_precision)
 from pneumojax.plots import plot_confusion_matrix, plot_history, plot_roc
 from pneumojax.train import FitOptions, Steps, fit, make_mesh, member_logits
 
@@ -126,6 +127,11 @@ def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         cfg = TrainConfig(**{k: v for k, v in _read_json(run_dir / "config.json").items()
                              if k in {f.name for f in dataclasses.fields(TrainConfig)}})
         cfg.out = str(run_dir)
+    requested = {"precision": cfg.precision, "feature_cache_dtype": cfg.feature_cache_dtype}
+    # Resolved once, here: the run is thresholded and re-scored in what it was trained in.
+    cfg.precision = resolve_precision(cfg.precision)
+    cfg.feature_cache_dtype = storage_dtype(cfg.feature_cache_dtype,
+                                            compute_dtype(cfg.precision)).name
     info = get_backbone(cfg.backbone)
     plan = make_plan(info, cfg.cut, cfg.trainable, cfg.image_size)
     for line in plan.lines():
@@ -146,7 +152,7 @@ def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     if not resume:
         config = {**dataclasses.asdict(cfg), "cut": plan.cut, "plan": dataclasses.asdict(plan),
                   "weights_source": weights_record, "environment": environment(),
-                  "data_layout": source.layout,
+                  "data_layout": source.layout, "requested": requested,
                   "skipped_images": [[os.path.relpath(p, source.root), r]
                                      for p, r in source.skipped]}
         config["plan"]["trainable_layers"] = sorted(plan.trainable_layers)
@@ -167,49 +173,40 @@ def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     dtype = compute_dtype(cfg.precision)
     model = build_classifier(info, plan.cut, plan.trainable_layers, dtype)
     k = len(balanced.members)
-    member_vars = [init_variables(model, cfg.image_size, cfg.seed + i, backbone_vars)
-                   for i in range(k)]
+    member_vars = member_initial_variables(model, cfg.image_size, cfg.seed, k, backbone_vars)
     mesh = make_mesh()
     log(f"devices: {mesh.devices.size} x {jax.default_backend()} ({jax.process_count()} "
         f"host(s)), {np.dtype(dtype).name} compute; global batch {cfg.batch_size}, "
         f"{cfg.batch_size // mesh.devices.size} per device"
         + (f"; {k} ensemble members trained side by side (vmap)" if k > 1 else ""))
     frontier = cacheable_frontier(info, plan.cut, plan.trainable_layers) if cfg.feature_cache else ()
+    # Members share the backbone (member_initial_variables), so member 0's prefix serves all.
+    run_model = RunModel.build(info, plan.cut, plan.trainable_layers, cfg.precision, frontier,
+                               cfg.feature_cache_dtype, cfg.image_size, member_vars[0],
+                               cfg.batch_size, mesh, make_optimizer, cfg.learning_rate)
+    image_keys = {"train": balanced.key,
+                  **{n: D.image_set_key([p for p, _ in getattr(splits, n)], cfg.image_size)
+                     for n in ("val", "test")}}
+    inputs = {name: run_model.inputs(x, image_keys[name], desc=f"frozen activations ({name})")
+              for name, x in (("train", balanced.images), ("val", val_x), ("test", test_x))}
     if frontier:
-        # Train the suffix on activations computed once; same results as the full model.
-        prefix = prefix_model(info, frontier, dtype)
-        storage = storage_dtype(cfg.feature_cache_dtype, dtype)
-        probe = Steps(model, optax.identity(), mesh)
-        inputs = {}
-        for name, x, key in (("train", balanced.images, balanced.key),
-                             ("val", val_x, D.image_set_key([p for p, _ in splits.val],
-                                                            cfg.image_size)),
-                             ("test", test_x, D.image_set_key([p for p, _ in splits.test],
-                                                              cfg.image_size))):
-            inputs[name] = cached_activations(
-                prefix, member_vars[0], x, key, cache_dir() / "features", cfg.batch_size,
-                lambda *a, name=name: probe.map(*a, desc=f"frozen activations ({name})"),
-                storage)
         log(f"feature cache: training on cached activations of {', '.join(frontier)}, stored "
-            f"as {storage.name} (the frozen part runs once; --no-feature-cache turns this off)")
-        train_model = build_classifier(info, plan.cut, plan.trainable_layers, dtype, given=frontier)
-        example = jax.tree.map(lambda a: np.asarray(a[:1]), inputs["val"])
-        template = jax.eval_shape(train_model.init, jax.random.key(0), example)
-        train_vars = [suffix_variables(v, template) for v in member_vars]
-    else:
-        inputs = {"train": balanced.images, "val": val_x, "test": test_x}
-        train_model, train_vars = model, member_vars
-    steps = Steps(train_model, make_optimizer(train_vars[0]["params"], plan.trainable_layers,
-                                              cfg.learning_rate), mesh)
+            f"as {cfg.feature_cache_dtype} (the frozen part runs once; --no-feature-cache turns "
+            "this off)")
+    train_vars = [run_model.own_variables(v) for v in member_vars]
+    steps = run_model.steps
     best, progress = fit(steps, train_vars, (inputs["train"], balanced.labels, balanced.weights),
                          (inputs["val"], val_y), cfg.fit_options(), run_dir,
                          members=balanced.members, resume=resume, log=log,
                          stop_after_steps=stop_after_steps)
     t_fit = time.perf_counter() - t0 - t_data
 
-    stacked = stack_members(best)
-    metrics = evaluate_arrays(steps, stacked, (inputs["val"], val_y), (inputs["test"], test_y),
-                              cfg.target_recall, cfg.batch_size, run_dir / "plots", "test")
+    run_model.variables = stack_members(best)
+    p_val = run_model.member_probabilities(inputs["val"])
+    p_test = run_model.member_probabilities(inputs["test"], desc="predict test")
+    thresholds = validation_thresholds(val_y, p_val, cfg.target_recall)
+    metrics = score_split(test_y, p_test, thresholds, cfg.target_recall, run_dir / "plots", "test")
+    write_predictions(run_dir / "predictions" / "test.csv", splits.test, p_test)
     full = stack_members([merge_variables(v, b) for v, b in zip(member_vars, best)])
     save_variables(run_dir / "model", full,
                    {"backbone": info.name, "cut": plan.cut, "image_size": cfg.image_size,
@@ -224,6 +221,19 @@ def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     log(format_metrics(metrics))
     log(f"run folder: {run_dir.absolute()}")
     return metrics
+
+
+def member_initial_variables(model, image_size: int, seed: int, k: int,
+                             backbone_vars: dict | None) -> list[dict]:
+    """Initial variables of K members. The backbone starts the same for all, as with ported
+    weights (one random init from ``seed`` under ``--weights none``): the frozen part's
+    activations are computed once and shared, and the saved model must pair each head with the
+    backbone it trained on. Member i's head starts from ``seed + i``."""
+    first = init_variables(model, image_size, seed, backbone_vars)
+    if backbone_vars is None:
+        backbone_vars = {c: first[c]["backbone"] for c in first if "backbone" in first[c]}
+    return [first] + [init_variables(model, image_size, seed + i, backbone_vars)
+                      for i in range(1, k)]
 
 
 @dataclasses.dataclass
@@ -269,6 +279,9 @@ def apply_balance(cfg: TrainConfig, images, labels, image_key: str, log=print) -
     elif cfg.balance == "ensemble":
         members = B.ensemble_chunks(labels, cfg.ensemble_size, cfg.seed)
     record["member_counts"] = [np.bincount(labels[m], minlength=2).tolist() for m in members]
+    if any(min(c) == 0 for c in record["member_counts"]):  # a method's bug, never the data's
+        raise AssertionError(f"balance {cfg.balance} left a member with one class: "
+                             f"{record['member_counts']}")
     if cfg.balance != "none":
         for i, c in enumerate(record["member_counts"]):
             who = f"member {i + 1}: " if len(members) > 1 else ""
@@ -296,34 +309,119 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def evaluate_arrays(steps: Steps, member_variables, val, target, target_recall: float,
-                    batch_size: int, plots_dir: Path, split_name: str,
-                    thresholds: list[float] | None = None) -> dict:
-    """Thresholds from validation (unless given), figures and plots on ``target``.
+@dataclasses.dataclass
+class RunModel:
+    """A run's classifier as it was trained: images -> (frozen prefix -> activations, rounded to
+    their storage dtype) -> trainable suffix -> member logits; or the full classifier when the
+    run trained without the feature cache. Training, ``evaluate`` and ``predict`` all score
+    through this one path, so a saved run re-scores exactly to its own metrics.json.
 
-    ``member_variables`` holds K models stacked on a leading axis (K = 1 for a plain run).
+    ``variables`` holds the suffix's variables of K members stacked on a leading axis (set once
+    trained); ``prefix_variables`` the shared frozen prefix's.
     """
-    if thresholds is None:
-        p_val = member_probabilities(steps, member_variables, val[0], batch_size)
-        thresholds = [choose_threshold(val[1], p_val[:, i], target_recall)
-                      for i in range(p_val.shape[1])]
-    p = member_probabilities(steps, member_variables, target[0], batch_size,
-                             desc=f"predict {split_name}")
-    metrics = combined_metrics(target[1], p, thresholds)
+
+    steps: Steps
+    prefix: object | None
+    prefix_variables: dict | None
+    storage: np.dtype | None
+    batch_size: int
+    variables: dict | None = None
+
+    @classmethod
+    def build(cls, info, cut: str, trainable: frozenset[str], precision: str,
+              frontier: tuple[str, ...], cache_dtype: str, image_size: int,
+              backbone_source: dict, batch_size: int, mesh, optimizer=None,
+              learning_rate: float = 0.0) -> "RunModel":
+        """``backbone_source``: full classifier variables whose backbone is the run's frozen
+        one; ``optimizer(params, trainable, lr)`` makes the training optimizer (None: the
+        model only scores)."""
+        dtype = compute_dtype(precision)
+        images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8)
+        prefix = prefix_vars = storage = None
+        example = images
+        if frontier:
+            prefix = prefix_model(info, frontier, dtype)
+            storage = storage_dtype(cache_dtype, dtype)
+            prefix_vars = suffix_variables(backbone_source,
+                                           jax.eval_shape(prefix.init, jax.random.key(0), images))
+            example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, storage),
+                                   jax.eval_shape(prefix.apply, prefix_vars, images))
+        model = build_classifier(info, cut, trainable, dtype, given=frontier)
+        template = jax.eval_shape(model.init, jax.random.key(0), example)
+        tx = optax.identity()
+        if optimizer is not None:
+            tx = optimizer(suffix_variables(backbone_source, template)["params"], trainable,
+                           learning_rate)
+        self = cls(Steps(model, tx, mesh), prefix, prefix_vars, storage, batch_size)
+        self._template = template
+        return self
+
+    def own_variables(self, full: dict) -> dict:
+        """Full classifier variables restricted to what this model's suffix holds."""
+        return suffix_variables(full, self._template)
+
+    def inputs(self, images, image_key: str | None = None, desc: str | None = None):
+        """What the suffix takes for ``images``: the images themselves, or the prefix's
+        activations (from the activation cache when ``image_key`` identifies the images)."""
+        if self.prefix is None:
+            return images
+        return cached_activations(
+            self.prefix, self.prefix_variables, images, image_key,
+            cache_dir() / "features" if image_key else None, self.batch_size,
+            lambda *a: self.steps.map(*a, desc=desc), self.storage)
+
+    def member_probabilities(self, inputs, desc: str | None = None) -> np.ndarray:
+        """P(pneumonia) per input and member, (n, members), for inputs from :meth:`inputs`."""
+        return np.asarray(pneumonia_probability(member_logits(
+            self.steps, self.variables, inputs, self.batch_size, desc)))
+
+    def probabilities_of_images(self, images, chunk: int = 512) -> np.ndarray:
+        """:meth:`member_probabilities` of raw images, a chunk at a time (bounded memory)."""
+        chunk = max(self.batch_size, chunk // self.batch_size * self.batch_size)
+        parts = [self.member_probabilities(self.inputs(images[i:i + chunk]))
+                 for i in range(0, len(images), chunk)]
+        return np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
+
+
+def validation_thresholds(y_val, p_val: np.ndarray, target_recall: float) -> list[float]:
+    """One threshold per member, each the most specific reaching ``target_recall`` on
+    validation (never on test)."""
+    return [choose_threshold(y_val, p_val[:, i], target_recall) for i in range(p_val.shape[1])]
+
+
+def score_split(y, member_p: np.ndarray, thresholds: list[float], target_recall: float,
+                plots_dir: Path, split_name: str) -> dict:
+    """Figures and plots of one split at the given (validation-chosen) thresholds.
+
+    ``member_p`` holds P(pneumonia) per image and member, (n, members).
+    """
+    metrics = combined_metrics(y, member_p, thresholds)
     metrics.update(split=split_name, threshold_source="validation", target_recall=target_recall)
-    score = p.mean(1)
     plot_confusion_matrix(metrics["confusion_matrix"], plots_dir / "confusion_matrix.png",
                           title=f"{split_name}, threshold {metrics['threshold']:.3f}"
                           + (f" ({len(thresholds)}-member vote)" if len(thresholds) > 1 else ""))
-    plot_roc(target[1], score, plots_dir / "roc.png", auc=metrics["auc"],
+    plot_roc(y, B.mean_probability(member_p.T), plots_dir / "roc.png", auc=metrics["auc"],
              threshold=thresholds[0] if len(thresholds) == 1 else None)
     return metrics
 
 
-def member_probabilities(steps, member_variables, inputs, batch_size, desc=None) -> np.ndarray:
-    """P(pneumonia) per input and member: (n, members)."""
-    return np.asarray(pneumonia_probability(member_logits(steps, member_variables, inputs,
-                                                          batch_size, desc)))
+def write_predictions(path: Path, items, member_p: np.ndarray):
+    """Per image: path, label, P(pneumonia) (the members' mean) and each member's, exactly
+    (float32 values written in full), so that a run's figures can be recomputed from it."""
+    k = member_p.shape[1]
+    header = "path,label,p_pneumonia" + ("".join(f",p_member{i + 1}" for i in range(k))
+                                         if k > 1 else "")
+    mean = B.mean_probability(member_p.T)
+    lines = [header] + [
+        ",".join([_csv_field(str(item[0])), D.CLASS_NAMES[item[1]], repr(float(m))]
+                 + ([repr(float(v)) for v in row] if k > 1 else []))
+        for item, m, row in zip(items, mean, member_p)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    D.write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def _csv_field(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
 
 
 def combined_metrics(y: np.ndarray, member_p: np.ndarray, thresholds: list[float]) -> dict:
@@ -337,7 +435,7 @@ def combined_metrics(y: np.ndarray, member_p: np.ndarray, thresholds: list[float
         # The vote fraction at 0.5 gives exactly balance.vote's labels (ties -> PNEUMONIA).
         votes = (member_p >= np.asarray(thresholds)).mean(1)
         metrics = evaluate_predictions(y, votes, 0.5)
-        mean_p = member_p.mean(1)
+        mean_p = B.mean_probability(member_p.T)
         auc_ci = bootstrap_ci(y, mean_p, 0.5)["auc"]
         auc = binary_metrics(y, mean_p, 0.5)["auc"]
         metrics["auc"], metrics["ci95"]["auc"] = auc, auc_ci
@@ -360,13 +458,25 @@ def _write_json(path: Path, payload: dict):
 class LoadedRun:
     run_dir: Path
     config: dict
-    steps: Steps
-    variables: dict              # members stacked on a leading axis
+    model: RunModel              # members stacked on a leading axis, as trained
     thresholds: list[float]      # one per member, chosen on validation
+    precision: str               # what it scores in (the run's own unless overridden)
 
 
-def load_run(run_dir: str | Path) -> LoadedRun:
-    """The model, best weights and validation-chosen threshold of a finished run."""
+def run_precision(config: dict) -> str:
+    """The precision a run was trained in. Runs made before it was stored resolved say
+    ``auto``: that meant float32 on the CPU backend they record, bfloat16 elsewhere."""
+    stored = config.get("precision")
+    if stored in (None, "auto"):
+        backend = config.get("environment", {}).get("backend")
+        return resolve_precision("auto") if backend is None else \
+            "float32" if backend == "cpu" else "bfloat16"
+    return stored
+
+
+def load_run(run_dir: str | Path, precision: str | None = None, log=print) -> LoadedRun:
+    """The model, best weights and validation-chosen thresholds of a finished run, scoring in
+    the run's own precision unless ``precision`` overrides it (then it says so)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise FileNotFoundError(f"{run_dir} is not a pneumojax run folder (no config.json)")
@@ -376,19 +486,38 @@ def load_run(run_dir: str | Path) -> LoadedRun:
                                 "did not finish; continue it with pneumojax train --resume")
     variables, manifest = load_variables(run_dir / "model")
     info = get_backbone(config["backbone"])
-    model = build_classifier(info, config["cut"], frozenset(),
-                             compute_dtype(config.get("precision")))
-    steps = Steps(model, optax.identity(), make_mesh())
-    return LoadedRun(run_dir, config, steps, variables, list(manifest["thresholds"]))
+    own = run_precision(config)
+    used = own if precision is None else resolve_precision(precision)
+    if used != own:
+        log(f"note: scoring in {used} as asked (--precision), not in the run's own {own}: "
+            "figures can differ slightly from its metrics.json")
+    trainable = frozenset(config["plan"]["trainable_layers"])
+    frontier = (cacheable_frontier(info, config["cut"], trainable)
+                if config.get("feature_cache") else ())
+    members = [jax.tree.map(lambda a, i=i: np.asarray(a[i]), variables)
+               for i in range(manifest["members"])]
+    cache_dtype = config.get("feature_cache_dtype", "auto") if used == own else "auto"
+    model = RunModel.build(info, config["cut"], trainable, used, frontier, cache_dtype,
+                           config["image_size"], members[0], config["batch_size"], make_mesh())
+    if frontier and any(variables_digest(suffix_variables(m, model.prefix_variables))
+                        != variables_digest(model.prefix_variables) for m in members[1:]):
+        raise CheckpointError(
+            f"{run_dir}: the ensemble's members do not share their frozen layers, so they cannot "
+            "all have trained on one set of cached activations (a run made before pneumojax "
+            "0.1.1); train it again")
+    model.variables = stack_members([model.own_variables(v) for v in members])
+    return LoadedRun(run_dir, config, model, list(manifest["thresholds"]), used)
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "test",
-                 out: str | Path | None = None, log=print, strict: bool = False) -> dict:
+                 out: str | Path | None = None, log=print, strict: bool = False,
+                 precision: str | None = None) -> dict:
     """Evaluates a run's best model on a split of its own data or of another folder.
 
-    The threshold is the one the run chose on its validation split.
+    The thresholds are the ones the run chose on its validation split. On the run's own test
+    split this reproduces its metrics.json exactly (same precision, same scoring path).
     """
-    run = load_run(run_dir)
+    run = load_run(run_dir, precision, log)
     size = run.config["image_size"]
     if data is None:
         splits = D.Splits.from_json((run.run_dir / "splits.json").read_text())
@@ -404,20 +533,26 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "tes
                              "flat NORMAL/ PNEUMONIA/ folder use --split all")
     x, y = load_split_arrays(items, size, log)
     out = Path(out) if out else run.run_dir / f"eval-{split}" / "metrics.json"
-    metrics = evaluate_arrays(run.steps, run.variables, None, (x, y), run.config["target_recall"],
-                              run.config["batch_size"], out.parent / "plots", split,
-                              thresholds=run.thresholds)
+    key = D.image_set_key([p for p, _ in items], size)
+    p = run.model.member_probabilities(run.model.inputs(x, key, desc=f"frozen activations ({split})"),
+                                       desc=f"predict {split}")
+    metrics = score_split(y, p, run.thresholds, run.config["target_recall"], out.parent / "plots",
+                          split)
     metrics["data"] = str(data or run.config["data"])
+    metrics["compute_precision"] = run.precision
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_json(out, metrics)
+    write_predictions(out.parent / "predictions.csv", items, p)
     log(format_metrics(metrics))
     log(f"wrote {out}")
     return metrics
 
 
-def predict_paths(run_dir: str | Path, paths: list[str]) -> list[dict]:
+def predict_paths(run_dir: str | Path, paths: list[str], precision: str | None = None,
+                  log=None) -> list[dict]:
     """Pneumonia probability and label for each image (folders are searched for images)."""
-    run = load_run(run_dir)
+    log = log or (lambda m: print(m, file=sys.stderr))
+    run = load_run(run_dir, precision, log)
     files: list[str] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -428,11 +563,11 @@ def predict_paths(run_dir: str | Path, paths: list[str]) -> list[dict]:
             raise FileNotFoundError(f"{p}: no such file or folder")
     if not files:
         raise FileNotFoundError("no images found in " + ", ".join(paths))
-    files = D.check_images(files, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    files = D.check_images(files, warn=lambda m: log(f"warning: {m}"))
     if not files:
         raise FileNotFoundError("no readable images among " + ", ".join(paths))
     images = D.load_images(files, run.config["image_size"], progress=len(files) > 50)
-    p = member_probabilities(run.steps, run.variables, images, run.config["batch_size"])
+    p = run.model.probabilities_of_images(images)
     labels = B.vote(p.T, run.thresholds)  # one member: its own threshold
     return [{"path": f, "p_pneumonia": float(q), "label": "PNEUMONIA" if lab else "NORMAL",
              "threshold": run.thresholds[0] if len(run.thresholds) == 1 else "vote"}
