@@ -213,11 +213,14 @@ def test_make_splits_kaggle_without_merge_keeps_official_val(tmp_path):
     assert splits.val == source.splits["val"] and splits.train == source.splits["train"]
 
 
-def test_make_splits_rejects_shared_patient_between_official_folders(tmp_path):
+def test_make_splits_warns_about_shared_patients_between_given_folders(tmp_path):
     _kaggle_tree(tmp_path, {"train": 3, "val": 1, "test": 1})
     _write_image(tmp_path / "val/NORMAL/IM-0001-0002.jpeg")  # IM-0001 is a train patient
-    with pytest.raises(DataError, match="IM-0001 is in both"):
-        data.make_splits(data.find_images(tmp_path), merge_kaggle_val=False)
+    warnings = []
+    splits = data.make_splits(data.find_images(tmp_path), merge_kaggle_val=False,
+                              warn=warnings.append)
+    assert splits.info["shared_patients"]["val"]["examples"] == ["IM-0001"]
+    assert sum("used as given" in w for w in warnings) == 1
 
 
 def test_make_splits_raises_when_a_split_gets_one_class(tmp_path):
