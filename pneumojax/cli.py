@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import click
@@ -12,21 +13,63 @@ BACKBONES = click.Choice(sorted(REGISTRY))
 DTYPES = click.Choice(["auto", "float32", "bfloat16"])  # --precision, --feature-cache-dtype
 
 
+class _FiniteRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (which every range comparison lets by)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{rv} is not a finite number.", param, ctx)
+        return rv
+
+
+POSITIVE = click.IntRange(min=1)
+NON_NEGATIVE = click.IntRange(min=0)
+FRACTION = _FiniteRange(0.0, 1.0, max_open=True)  # of the images, carved off as a split
+
+
 def _fail(message: str, code: int = 1):
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
 
+def _print_version(ctx, _param, value):
+    if not value or ctx.resilient_parsing:
+        return
+    import platform  # noqa: PLC0415
+    from importlib import metadata  # noqa: PLC0415
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+    click.echo(f"pneumojax {version('pneumojax')} (jax {version('jax')}, jaxlib "
+               f"{version('jaxlib')}, flax {version('flax')}, Python {platform.python_version()})")
+    ctx.exit()
+
+
+def _check_input_size(backbone: str, size: int, option: str) -> None:
+    info = get_backbone(backbone)
+    if size < info.min_input_size:
+        raise click.BadParameter(f"{backbone} needs {option} >= {info.min_input_size}, got {size}",
+                                 param_hint=f"'{option}'")
+
+
 @click.group()
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_print_version, help="Print the pneumojax, JAX and Flax versions and exit.")
 def main():
     """Chest X-ray pneumonia classifiers by transfer learning, in JAX/Flax."""
 
 
 @main.command()
 @click.option("--backbone", required=True, type=BACKBONES, help="Backbone name.")
-@click.option("--input-size", default=256, show_default=True, type=int, help="Input side in px.")
+@click.option("--input-size", default=256, show_default=True, type=POSITIVE,
+              help="Input side in px.")
 def layers(backbone: str, input_size: int):
     """List every layer as keras.Model.layers does: index, name, kind, output shape, params."""
+    _check_input_size(backbone, input_size, "--input-size")
     info = get_backbone(backbone)
     try:
         rows = layer_table(info, input_size)
@@ -47,14 +90,15 @@ def layers(backbone: str, input_size: int):
 @click.option("--weights", default="imagenet", show_default=True,
               help="imagenet (Keras downloads them: needs internet), none (Keras's random "
                    "init), or a Keras .h5 / .weights.h5 / .keras file.")
-@click.option("--input-size", default=256, show_default=True, type=int)
+@click.option("--input-size", default=256, show_default=True, type=POSITIVE)
 @click.option("--out", default=None, help="Checkpoint folder [default: checkpoints/BACKBONE-SOURCE].")
-@click.option("--randomize", "randomize_seed", type=int, default=None, metavar="SEED",
+@click.option("--randomize", "randomize_seed", type=NON_NEGATIVE, default=None, metavar="SEED",
               help="Randomize every Keras variable (BatchNorm statistics too) before porting: "
                    "a strict parity self-test.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint folder.")
 def port(backbone, weights, input_size, out, randomize_seed, overwrite):
     """Port keras.applications weights into Flax, prove parity, save an orbax checkpoint."""
+    _check_input_size(backbone, input_size, "--input-size")  # before TensorFlow loads
     from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
     from ports.keras_port import PortError, port_backbone  # noqa: PLC0415
 
@@ -77,25 +121,35 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
 @click.option("--trainable", default="none", show_default=True,
               help="Backbone layers to train: START:END by Keras name or index (end exclusive, "
                    "open ends allowed), comma-separated ranges, 'all', or 'none' (head only).")
-@click.option("--image-size", default=256, show_default=True, type=int)
-@click.option("--epochs", default=20, show_default=True, type=int)
-@click.option("--batch-size", default=32, show_default=True, type=int)
-@click.option("--lr", "learning_rate", default=1e-3, show_default=True, type=float)
+@click.option("--image-size", default=256, show_default=True, type=POSITIVE)
+@click.option("--epochs", default=20, show_default=True, type=POSITIVE)
+@click.option("--batch-size", default=32, show_default=True, type=POSITIVE,
+              help="Global batch: a multiple of the number of devices.")
+@click.option("--lr", "learning_rate", default=1e-3, show_default=True,
+              type=_FiniteRange(min=0.0, min_open=True))
 @click.option("--lr-schedule", default="keras-seed", show_default=True,
               type=click.Choice(["keras-seed", "exponential", "constant"]),
               help="keras-seed: the study's compounding x0.85**epoch per epoch.")
-@click.option("--patience", default=5, show_default=True, type=int,
+@click.option("--patience", default=5, show_default=True, type=NON_NEGATIVE,
               help="Early stopping on validation loss (restores the best epoch); 0 = off.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--target-recall", default=0.98, show_default=True, type=float,
+@click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE)
+@click.option("--target-recall", default=0.98, show_default=True,
+              type=_FiniteRange(0.0, 1.0, min_open=True),
               help="The threshold is the most specific one reaching this recall on validation.")
+@click.option("--val-fraction", default=0.15, show_default=True,
+              type=_FiniteRange(0.0, 1.0, min_open=True, max_open=True),
+              help="Share of the images carved off for validation, by patient and per class "
+                   "(from train/ + val/ in a Kaggle folder).")
+@click.option("--test-fraction", default=0.15, show_default=True, type=FRACTION,
+              help="Flat NORMAL/ PNEUMONIA/ folder only: share carved off for test (a Kaggle "
+                   "folder's test/ is used as given).")
 @click.option("--out", default="runs/latest", show_default=True, help="Run folder.")
 @click.option("--balance", default="none", show_default=True,
               type=click.Choice(["none", "class-weight", "undersample", "oversample", "ensemble"]),
               help="Class-imbalance method, applied to the train split only.")
 @click.option("--augment", default="cxr", show_default=True,
               help="Oversampling augmentation: preset 'cxr' or an albumentations file (A.save).")
-@click.option("--ensemble-size", default=None, type=int,
+@click.option("--ensemble-size", default=None, type=POSITIVE,
               help="Ensemble members K [default: round(majority / minority)].")
 @click.option("--precision", default="auto", show_default=True,
               type=DTYPES,
@@ -105,8 +159,8 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
               help="Call jax.distributed.initialize() first (multi-host; see README).")
 @click.option("--coordinator", default=None, help="With --distributed: host:port of process 0 "
               "[default: auto-detected on Cloud TPU / SLURM, or JAX_COORDINATOR_ADDRESS].")
-@click.option("--num-processes", default=None, type=int, help="With --distributed.")
-@click.option("--process-id", default=None, type=int, help="With --distributed.")
+@click.option("--num-processes", default=None, type=POSITIVE, help="With --distributed.")
+@click.option("--process-id", default=None, type=NON_NEGATIVE, help="With --distributed.")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of "
               "skipping unreadable images with a warning.")
 @click.option("--feature-cache/--no-feature-cache", default=True, show_default=True,
@@ -122,6 +176,7 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
 def train(resume, overwrite, dry_run, distributed, coordinator, num_processes, process_id,
           **options):
     """Train and evaluate a classifier; everything lands in the run folder."""
+    _check_train_options(options, distributed, coordinator, num_processes, process_id)
     from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
     from pneumojax.data import DataError  # noqa: PLC0415
     from pneumojax.model import TrainableSpecError, make_plan  # noqa: PLC0415
@@ -150,6 +205,22 @@ def train(resume, overwrite, dry_run, distributed, coordinator, num_processes, p
         _fail(_text(e), 2)
     except (KeyError, ValueError, OSError, NonFiniteLoss, CheckpointError, DataError) as e:
         _fail(_describe_os_error(e) if isinstance(e, OSError) else _text(e))
+
+
+def _check_train_options(options, distributed, coordinator, num_processes, process_id) -> None:
+    # What click's per-option types cannot see: options that only make sense together.
+    if options["val_fraction"] + options["test_fraction"] >= 1.0:
+        raise click.BadOptionUsage("test_fraction", "--val-fraction plus --test-fraction must be "
+                                   f"below 1 (got {options['val_fraction']} + "
+                                   f"{options['test_fraction']}): nothing would be left to train")
+    if not distributed:
+        for name, value in (("--coordinator", coordinator), ("--num-processes", num_processes),
+                            ("--process-id", process_id)):
+            if value is not None:
+                raise click.BadOptionUsage(name, f"{name} needs --distributed")
+    if num_processes is not None and process_id is not None and process_id >= num_processes:
+        raise click.BadParameter(f"{process_id} is not below --num-processes {num_processes}",
+                                 param_hint="'--process-id'")
 
 
 def _describe_os_error(e: OSError) -> str:
@@ -221,8 +292,8 @@ def compare(runs, out, metrics_file):
 
 
 def _log_above_bars(line: str):
-    from tqdm.auto import tqdm  # noqa: PLC0415
-    tqdm.write(line)
+    from pneumojax.progress import write  # noqa: PLC0415
+    write(line)
 
 
 def _text(e: Exception) -> str:

@@ -37,7 +37,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+
+from pneumojax.progress import progress_bar
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
 KAGGLE_SPLITS = ("train", "val", "test")
@@ -365,7 +366,7 @@ def _cached_problems(
 def _problems(paths: Sequence[str], workers: int, progress: bool) -> dict[str, str]:
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers))
     try:
-        reasons = tqdm(
+        reasons = progress_bar(
             pool.map(image_problem, paths),
             total=len(paths),
             desc="checking images",
@@ -657,7 +658,7 @@ def _check_both_classes(splits: dict[str, list[Item]]) -> None:
         if not items:
             raise DataError(
                 f"split {name} would be empty\n"
-                f"give it a fraction above 0 (val_fraction/test_fraction) or use more images"
+                f"give it a fraction above 0 (--val-fraction/--test-fraction) or use more images"
             )
         scarce = "/".join(CLASS_NAMES[c] for c in (0, 1) if c not in labels)
         have = ", ".join(
@@ -669,7 +670,7 @@ def _check_both_classes(splits: dict[str, list[Item]]) -> None:
             f"({_count(len(items), 'image')}); "
             f"all splits together: {have}\n"
             f"every split needs both classes: add {scarce} images (of more patients) or use "
-            "larger split fractions (val_fraction/test_fraction)"
+            "larger split fractions (--val-fraction/--test-fraction)"
         )
 
 
@@ -932,7 +933,7 @@ def _decode_into(
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers))
     try:
         decoded = pool.map(decode, paths)  # map yields in input order
-        bar = tqdm(
+        bar = progress_bar(
             decoded,
             total=len(paths),
             desc=f"decoding {image_size}px",

@@ -23,9 +23,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm.auto import tqdm
 
 from pneumojax.model import Classifier, make_optimizer, pneumonia_probability
+from pneumojax.progress import progress_bar
 
 LR_SCHEDULES = ("keras-seed", "exponential", "constant")
 
@@ -169,7 +169,8 @@ class Steps:
         jitted = self._jitted[fn]
         variables = jax.device_put(variables, self.replicated)
         n = len(jax.tree.leaves(inputs)[0])
-        for start in tqdm(range(0, n, batch_size), desc=desc, leave=False, disable=desc is None):
+        for start in progress_bar(range(0, n, batch_size), desc=desc, unit="batch", leave=False,
+                                  disable=desc is None):
             stop = min(start + batch_size, n)
 
             def take(a):
@@ -366,8 +367,8 @@ def fit(steps: Steps, variables: dict | list[dict], train: tuple, val: tuple,
     _write_history(run_dir, progress.history)
 
     with _StopFlag() as stop:
-        epochs = tqdm(range(progress.epoch, opts.epochs), desc="epochs", initial=progress.epoch,
-                      total=opts.epochs)
+        epochs = progress_bar(range(progress.epoch, opts.epochs), desc="epochs",
+                              initial=progress.epoch, total=opts.epochs, summary=False)
         for epoch in epochs:
             if progress.finished:
                 break
@@ -375,8 +376,9 @@ def fit(steps: Steps, variables: dict | list[dict], train: tuple, val: tuple,
             state = _set_learning_rate(state, lr)
             orders = [m[np.random.default_rng([opts.seed, epoch, i]).permutation(len(m))]
                       for i, m in enumerate(members)]
-            bar = tqdm(range(progress.batch, steps_per_epoch), desc=f"epoch {epoch + 1}",
-                       initial=progress.batch, total=steps_per_epoch, leave=False)
+            bar = progress_bar(range(progress.batch, steps_per_epoch), desc=f"epoch {epoch + 1}",
+                               initial=progress.batch, total=steps_per_epoch, leave=False,
+                               summary=False)
 
             def make_batch(b, orders=orders):
                 idx = [np.sort(o[b * opts.batch_size:(b + 1) * opts.batch_size]) for o in orders]
