@@ -192,6 +192,12 @@ def train(resume, overwrite, dry_run, distributed, coordinator, num_processes, p
             plan = make_plan(get_backbone(cfg.backbone), cfg.cut, cfg.trainable, cfg.image_size)
         except (TrainableSpecError, KeyError, ValueError) as e:
             _fail(_text(e), 2)
+        if cfg.ensemble_size is not None and cfg.balance != "ensemble":
+            _fail("--ensemble-size needs --balance ensemble", 2)
+        import jax  # noqa: PLC0415
+        if cfg.batch_size % jax.device_count():
+            _fail(f"--batch-size {cfg.batch_size} is not a multiple of the {jax.device_count()} "
+                  "devices: every device takes an equal share of each batch", 2)
         if dry_run:
             for line in plan.lines():
                 click.echo(line)
@@ -239,13 +245,17 @@ def _describe_os_error(e: OSError) -> str:
               help="'all' takes every image of the folder (an external test set).")
 @click.option("--out", default=None, help="metrics.json path [default: RUN/eval-SPLIT/metrics.json].")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
-def evaluate(run_dir, data, split, out, strict):
+@click.option("--precision", default=None, type=DTYPES,
+              help="Score in this precision instead of the run's own (the one it was trained "
+                   "and thresholded in) [default: the run's].")
+def evaluate(run_dir, data, split, out, strict, precision):
     """Metrics (at the run's validation-chosen threshold) and plots on any data."""
     from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
     from pneumojax.data import DataError  # noqa: PLC0415
     from pneumojax.run import evaluate_run  # noqa: PLC0415
     try:
-        evaluate_run(run_dir, data, split, out, log=click.echo, strict=strict)
+        evaluate_run(run_dir, data, split, out, log=click.echo, strict=strict,
+                     precision=precision)
     except (ValueError, OSError, CheckpointError, DataError) as e:
         _fail(_text(e))
 
@@ -254,7 +264,9 @@ def evaluate(run_dir, data, split, out, strict):
 @click.option("--run", "run_dir", required=True, help="A run folder made by `pneumojax train`.")
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of CSV.")
 @click.argument("paths", nargs=-1, required=True)
-def predict(run_dir, as_json, paths):
+@click.option("--precision", default=None, type=DTYPES,
+              help="Score in this precision instead of the run's own [default: the run's].")
+def predict(run_dir, as_json, paths, precision):
     """Pneumonia probability and label for images or folders of images."""
     import csv  # noqa: PLC0415
     import json  # noqa: PLC0415
@@ -263,7 +275,7 @@ def predict(run_dir, as_json, paths):
     from pneumojax.data import DataError  # noqa: PLC0415
     from pneumojax.run import predict_paths  # noqa: PLC0415
     try:
-        rows = predict_paths(run_dir, list(paths))
+        rows = predict_paths(run_dir, list(paths), precision=precision)
     except (ValueError, OSError, CheckpointError, DataError) as e:
         _fail(_text(e))
     if as_json:

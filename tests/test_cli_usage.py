@@ -163,3 +163,15 @@ def test_split_errors_name_the_cli_options():
     with pytest.raises(DataError, match="--val-fraction/--test-fraction"):
         _check_both_classes({"train": [("person1_bacteria_1.jpeg", 1), ("IM-0001-0001.jpeg", 0)],
                              "val": [("person2_bacteria_2.jpeg", 1)]})
+
+
+def test_ensemble_size_without_ensemble_is_a_usage_error(tmp_path):
+    r = CliRunner().invoke(main, ["train", "--data", str(tmp_path / "nowhere"), "--ensemble-size",
+                                  "3", "--dry-run"])
+    assert r.exit_code == 2 and "--ensemble-size needs --balance ensemble" in r.output
+
+
+def test_evaluate_and_predict_take_a_precision_override():
+    for command in ("evaluate", "predict"):
+        r = CliRunner().invoke(main, [command, "--help"])
+        assert "--precision" in r.output
