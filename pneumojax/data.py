@@ -42,12 +42,15 @@ from pneumojax.progress import progress_bar
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
 KAGGLE_SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+# DICOM (.dcm, .dicom) is read with pydicom, see pneumojax.dicom; any file that holds DICOM (the
+# 'DICM' marker after its 128-byte preamble) is read as DICOM, whatever its name.
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png") + DICOM_EXTENSIONS
 
 # Bump when decoding changes, so that stale caches are not reused.
 _DECODER_VERSION = "1"
 # Bump when check_images changes what it calls unreadable.
-_CHECK_VERSION = "1"
+_CHECK_VERSION = "2"  # 2: DICOM is read
 
 # Images with more pixels are refused as unreadable (16384 x 16384: far beyond any radiograph
 # detector; a grayscale image this size takes 256 MiB to decode). PIL's own decompression-bomb
@@ -282,7 +285,8 @@ def check_images(
     """``items`` (``(path, label)`` pairs or paths) without the files that do not decode, in order.
 
     Each file is opened and test-decoded cheaply (JPEG at 1/8 scale via ``Image.draft``, then the
-    same mode conversion :func:`decode_image` does): truncated or corrupt files, non-images with an
+    same mode conversion :func:`decode_image` does; DICOM in full, as it has no reduced-scale
+    decoding): truncated or corrupt files, non-images with an
     image name, images over :data:`MAX_IMAGE_PIXELS` and missing or unreadable files fail. The bad
     ones are dropped with a single ``warn`` (default: a :class:`DataWarning`) that counts them and
     names a few; with ``strict`` a :class:`DataError` names the first bad file and its reason
@@ -434,7 +438,7 @@ def _reason(error: BaseException, path: str | os.PathLike) -> str:
                 return "empty file (0 bytes)"
         except OSError:
             pass
-        return "not an image (PIL cannot identify its content as JPEG, PNG or another format)"
+        return "not an image (neither DICOM nor JPEG, PNG or another format PIL can identify)"
     if isinstance(error, OSError) and error.strerror:  # the file system's own error
         return error.strerror[0].lower() + error.strerror[1:]
     text = str(error) or type(error).__name__
@@ -752,8 +756,10 @@ def decode_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
 
     Images over 16 Mpx are first shrunk to about twice the output size (JPEG: decoded at reduced
     scale, never in full), so a 12000 x 12000 image needs no more memory than its stored pixels
-    (PNG) or a small fraction of that (JPEG). Raises
-    PIL's errors for unreadable files (:func:`load_images` turns them into :class:`DataError`).
+    (PNG) or a small fraction of that (JPEG). DICOM is decoded in full (pydicom has no
+    reduced-scale decoding), made 8-bit (:mod:`pneumojax.dicom`) and then shrunk the same way.
+    Raises PIL's errors for unreadable files (:func:`load_images` turns them into
+    :class:`DataError`).
     """
     with open_image(path) as image:
         image = to_8bit_rgb_or_gray(_shrink(image, image_size))
@@ -794,20 +800,52 @@ def _to_8bit(image: Image.Image, scale: Callable[[np.ndarray], np.ndarray]) -> I
 def open_image(path: str | os.PathLike) -> Image.Image:
     """``Image.open(path)``, refusing images over :data:`MAX_IMAGE_PIXELS` with a clear reason.
 
-    Raises PIL's errors for files that are no image; use it as a context manager.
+    DICOM files are decoded to an 8-bit ``L`` or ``RGB`` image by :func:`pneumojax.dicom.to_image`
+    (modality LUT, VOI LUT or window, MONOCHROME1 inverted), their size checked before their
+    pixel data is read. Raises PIL's errors for files that are no image; use it as a context
+    manager.
     """
-    image = Image.open(path)
-    width, height = image.size
+    if _holds_dicom(path):
+        return _open_dicom(path)
+    try:
+        image = Image.open(path)
+    except Image.UnidentifiedImageError:
+        if Path(path).suffix.lower() in DICOM_EXTENSIONS and os.path.getsize(path) > 0:
+            raise _Unusable(
+                "not a DICOM file (no 'DICM' marker after the 128-byte preamble) and no image "
+                "PIL can read either"
+            ) from None
+        raise
+    _check_size(*image.size, close=image.close)
+    return image
+
+
+def _check_size(width: int, height: int, close: Callable[[], None] = lambda: None) -> None:
     if width * height > MAX_IMAGE_PIXELS:
-        image.close()
+        close()
         raise _Unusable(
             f"too large: {width} x {height} = {width * height:,} pixels, over pneumojax's limit "
             f"of {MAX_IMAGE_PIXELS:,} (pneumojax.data.MAX_IMAGE_PIXELS); shrink it first"
         )
     if width < 1 or height < 1:
-        image.close()
+        close()
         raise _Unusable(f"empty image ({width} x {height} pixels)")
-    return image
+
+
+def _holds_dicom(path: str | os.PathLike) -> bool:
+    with open(path, "rb") as f:
+        return f.read(132)[128:] == b"DICM"
+
+
+def _open_dicom(path: str | os.PathLike) -> Image.Image:
+    from pneumojax import dicom  # pydicom is imported only once a DICOM file is met
+
+    try:
+        ds = dicom.read(path)
+        _check_size(*dicom.size(ds))
+        return dicom.to_image(ds)
+    except dicom.DicomError as error:
+        raise _Unusable(str(error)) from error
 
 
 def _shrink(image: Image.Image, image_size: int, always: bool = False) -> Image.Image:

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from PIL import Image
 
 from pneumojax import data
 
@@ -135,9 +134,10 @@ def _encodable_image(path: str):
 
     JPEG/PNG in mode L or RGB are kept byte for byte (no second lossy encoding, grayscale stays
     small on disk): TFDS decodes with ``channels=3``, which expands grayscale to RGB. Other modes
-    (16-bit, CMYK, palette) are converted the way :func:`pneumojax.data.decode_image` does.
+    (16-bit, CMYK, palette) and DICOM are converted the way :func:`pneumojax.data.decode_image`
+    does.
     """
-    with Image.open(path) as image:
+    with data.open_image(path) as image:
         if image.format in ("JPEG", "PNG") and image.mode in ("L", "RGB"):
             return path
         converted = data.to_8bit_rgb_or_gray(image).convert("RGB")
