@@ -551,37 +551,94 @@ def make_splits(
 ) -> Splits:
     """Patient-grouped train/val/test splits of ``source``.
 
-    Kaggle layout: test is the official test folder; the official val (16 images) joins train
-    when ``merge_kaggle_val`` (otherwise it is the validation split as is), and a validation
-    split of ``val_fraction`` is carved from train. Flat layout: val and test are both carved
-    from all images. Carving is seeded, moves whole patients, and is stratified: each carved
-    split gets about its fraction of each class's images. ``test_fraction`` is unused for the
-    Kaggle layout. Raises :class:`DataError` when a split would lack a class or a patient would
-    be in two splits. Files with identical content in two splits (a copy of a train image in the
-    official test folder, say) are kept but reported with one ``warn`` (default: a
-    :class:`DataWarning`); ``info["duplicates_across_splits"]`` counts them.
+    Kaggle layout: test is the official test folder, used **as given**; the official val (16
+    images) joins train when ``merge_kaggle_val`` (otherwise it is the validation split as
+    given), and a validation split of ``val_fraction`` is carved from train. Flat layout: val
+    and test are both carved from all images. Carving is seeded, moves whole patients, and is
+    stratified: each carved split gets about its fraction of each class's images.
+    ``test_fraction`` is unused for the Kaggle layout.
+
+    The guarantee: splits that pneumojax carves never share a patient. A split the user gives
+    is kept as it is, even when file names suggest that some of its patients are also in
+    another split (the official Kaggle folders reuse patient numbers: names cannot tell whether
+    equal numbers are the same child); that is one ``warn`` with the count and a few examples,
+    recorded in ``info["shared_patients"]``. Raises :class:`DataError` when a split would lack a
+    class. Files with identical content in two splits are kept but reported with one ``warn``
+    (default: a :class:`DataWarning`); ``info["duplicates_across_splits"]`` counts them.
     """
+    kaggle = source.layout == "kaggle"
     info = {
         "layout": source.layout,
         "seed": seed,
         "val_fraction": val_fraction,
-        "test_fraction": test_fraction if source.layout == "flat" else None,
-        "merge_kaggle_val": merge_kaggle_val if source.layout == "kaggle" else None,
+        "test_fraction": None if kaggle else test_fraction,
+        "merge_kaggle_val": merge_kaggle_val if kaggle else None,
         "grouping": "patient",
     }
-    if source.layout == "kaggle":
+    if kaggle:
         splits = _kaggle_splits_by_patient(source.splits, val_fraction, seed, merge_kaggle_val)
+        given = ("test",) if merge_kaggle_val else ("train", "val", "test")
     else:
         fractions = {"test": test_fraction, "val": val_fraction}
         splits = _carve(source.splits["all"], fractions, seed)
+        given = ()
     splits = {name: sorted(items) for name, items in splits.items()}
-    _check_patients_disjoint(splits)
+    info["given_splits"] = list(given)
+    info["carved_splits"] = [name for name in KAGGLE_SPLITS if name not in given]
     _check_both_classes(splits)
+    carved = [name for name in splits if name not in given]
+    patients = {name: {patient_id(path) for path, _ in items} for name, items in splits.items()}
+    for i, a in enumerate(carved):  # disjoint by construction; this guards the construction
+        for b in carved[i + 1:]:
+            if patients[a] & patients[b]:
+                raise AssertionError(f"carved splits {a} and {b} share patients")
+    shared = shared_patients(splits, given)
+    info["shared_patients"] = shared
+    if shared:
+        (warn or _default_warn)(_shared_patients_message(shared))
     duplicates = duplicates_across_splits(splits)
     info["duplicates_across_splits"] = len(duplicates)
     if duplicates:
         (warn or _default_warn)(_duplicates_message(duplicates, str(source.root)))
     return Splits(**splits, root=str(source.root), info=info)
+
+
+def shared_patients(splits: Mapping[str, Sequence[Item]], given: Sequence[str]) -> dict[str, dict]:
+    """Per given split (train aside): the name-derived patient ids it shares with the other
+    splits, counted (patients, of how many, their images in it) with a few examples."""
+    out = {}
+    for name in (g for g in given if g != "train"):  # train is what the others are held against
+        own = {patient_id(path) for path, _ in splits[name]}
+        others = [o for o in splits if o != name]
+        common = own & {patient_id(path) for o in others for path, _ in splits[o]}
+        if common:
+            out[name] = {
+                "patients": len(common),
+                "of_patients": len(own),
+                "images": sum(patient_id(path) in common for path, _ in splits[name]),
+                "with": others,
+                "examples": sorted(common, key=_natural_key)[:5],
+            }
+    return out
+
+
+def _natural_key(text: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def _shared_patients_message(shared: dict[str, dict]) -> str:
+    parts = [
+        f"{s['patients']} of the {s['of_patients']} patient ids in the given {name} folder "
+        f"({_count(s['images'], 'image')}) also occur in {'/'.join(s['with'])}, e.g. "
+        f"{', '.join(s['examples'][:3])}"
+        for name, s in shared.items()
+    ]
+    return (
+        f"{'; '.join(parts)} (ids read from file names). The folder is used as given: names "
+        "cannot tell whether equal numbers are the same child (the official Kaggle folders reuse "
+        "patient numbers); if they are, figures on it are optimistic. splits.json records the "
+        "overlap; splits that pneumojax carves itself never share a patient"
+    )
 
 
 def _kaggle_splits_by_patient(
@@ -638,19 +695,6 @@ def _closest_split(size: int, targets: dict[str, int], counts: dict[str, int]) -
     # Adding the group moves the count closer to the target iff size < 2 * need.
     helped = [name for name in targets if size < 2 * need[name]]
     return max(helped, key=lambda name: need[name]) if helped else None
-
-
-def _check_patients_disjoint(splits: dict[str, list[Item]]) -> None:
-    seen: dict[str, str] = {}
-    for name, items in splits.items():
-        for patient in {patient_id(path) for path, _ in items}:
-            if patient in seen:
-                raise DataError(
-                    f"patient {patient} is in both {seen[patient]} and {name}\n"
-                    "splits must not share patients (use merge_kaggle_val=True to carve val "
-                    "from train by patient)"
-                )
-            seen[patient] = name
 
 
 def _check_both_classes(splits: dict[str, list[Item]]) -> None:
