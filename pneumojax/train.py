@@ -24,6 +24,8 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from pneumojax.checkpoint import CheckpointError
+from pneumojax.data import write_text_atomic
 from pneumojax.model import Classifier, make_optimizer, pneumonia_probability
 from pneumojax.progress import progress_bar
 
@@ -228,6 +230,7 @@ class Progress:
     stopped_early: bool = False
     finished: bool = False
     steps_per_epoch: int = 0
+    best_save: int | None = None  # which ``best`` checkpoint holds the weights of best_epoch
 
     def global_step(self, batch_index: int) -> int:
         return self.epoch * self.steps_per_epoch + batch_index + 1
@@ -270,57 +273,131 @@ class _StopFlag:
 
 
 class RunCheckpoints:
-    """``last`` (full state + progress, every epoch and on interrupt) and ``best`` (weights)."""
+    """``last`` (full state + progress, every epoch and on interrupt) and ``best`` (weights).
+
+    Never deletes the last good copy first. Every save goes to a new folder named by a save
+    counter (not by step or epoch, so a resumed run that redoes a step never overwrites or
+    deletes the copy it resumed from): orbax writes it under a temporary name and renames it
+    when complete, pneumojax flushes it to disk (fsync of its files and folders), and only then
+    deletes older copies. ``last`` records which ``best`` belongs to it (``Progress.best_save``),
+    and a ``best`` is deleted only once a newer ``last`` refers to another. So at every point of
+    a save, under kill -9 or power loss, a consistent ``last`` and ``best`` pair is on disk;
+    leftovers of an unfinished save are cleaned up on the next start.
+    """
 
     def __init__(self, directory: Path):
         directory = Path(directory).absolute()  # orbax requires absolute paths
-        # Writes are atomic (temporary folder, then rename): a kill -9 mid-write leaves the
-        # previous checkpoint usable; leftovers of such a write are cleaned up on the next start.
-        opts = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False,
+        opts = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=False,
                                             cleanup_tmp_directories=True)
         self.last = ocp.CheckpointManager(directory / "last", options=opts)
         self.best = ocp.CheckpointManager(directory / "best", options=opts)
+        for d in (directory, directory.parent):  # the folders themselves survive power loss
+            _fsync(d)
 
     @staticmethod
-    def _replace(manager, step: int):
-        # A resumed run can redo a step whose checkpoint an earlier (killed) attempt wrote.
-        if step in manager.all_steps():
-            manager.delete(step)
+    def _save(manager, args) -> int:
+        step = max(manager.all_steps(), default=0) + 1
+        manager.save(step, args=args, force=True)
+        manager.wait_until_finished()
+        _fsync_tree(Path(manager.directory) / str(step))
+        return step
+
+    @staticmethod
+    def _drop_all_but(manager, keep: set):
+        for step in manager.all_steps():
+            if step not in keep:
+                manager.delete(step)
 
     def save_last(self, state: TrainState, progress: Progress):
-        step = int(state.step[0])
-        self._replace(self.last, step)
-        self.last.save(step, args=ocp.args.Composite(
+        step = self._save(self.last, ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            progress=ocp.args.JsonSave(dataclasses.asdict(progress))), force=True)
-        self.last.wait_until_finished()
+            progress=ocp.args.JsonSave(dataclasses.asdict(progress))))
+        # Only now, with the new copy on disk, older ones and bests it does not refer to go.
+        self._drop_all_but(self.last, {step})
+        self._drop_all_but(self.best, {progress.best_save} - {None})
 
-    def restore_last(self, abstract_state: TrainState) -> tuple[TrainState, Progress] | None:
-        step = self.last.latest_step()
-        if step is None:
-            return None
-        restored = self.last.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
-        return restored["state"], Progress(**restored["progress"])
+    def restore_last(self, abstract_state: TrainState, log: Callable[[str], None] = print
+                     ) -> tuple[TrainState, Progress] | None:
+        """The newest readable ``last``; an older one if the newest was cut short (power loss
+        after its rename, before it was flushed: the older one is deleted only after that)."""
+        errors = []
+        for step in sorted(self.last.all_steps(), reverse=True):
+            try:
+                restored = self.last.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    progress=ocp.args.JsonRestore()))
+            except Exception as e:  # noqa: BLE001 - any unreadable copy: try the one before
+                errors.append(e)
+                log(f"checkpoint {Path(self.last.directory) / str(step)} is unreadable "
+                    f"({type(e).__name__}: {e}); trying the one before it")
+                continue
+            return restored["state"], Progress(**restored["progress"])
+        if errors:
+            raise CheckpointError(f"no readable checkpoint in {self.last.directory}: "
+                                  f"{errors[0]}") from errors[0]
+        return None
 
-    def save_best(self, weights: dict, epoch: int, val_loss: float):
-        self._replace(self.best, epoch)
-        self.best.save(epoch, args=ocp.args.Composite(
+    def save_best(self, weights: dict, progress: Progress) -> int:
+        """Saves the best weights; returns the save's number, for ``progress.best_save``."""
+        return self._save(self.best, ocp.args.Composite(
             variables=ocp.args.StandardSave(weights),
-            info=ocp.args.JsonSave({"epoch": epoch, "val_loss": val_loss})), force=True)
-        self.best.wait_until_finished()
+            info=ocp.args.JsonSave({"epoch": max(progress.best_epoch),
+                                    "best_epoch": list(progress.best_epoch),
+                                    "best_val_loss": list(progress.best_val_loss)})))
 
-    def restore_best(self, abstract_variables=None) -> dict:
-        step = self.best.latest_step()
-        if step is None:
-            raise FileNotFoundError("no best checkpoint saved yet")
+    def restore_best(self, abstract_variables, progress: Progress) -> dict | None:
+        """The best weights ``progress`` refers to; None while no epoch has been the best.
+
+        Fails, rather than going on with the initial weights, if they are missing or belong
+        to other epochs than ``progress`` records. Sets ``progress.best_save`` where a run
+        saved before it was recorded left it unset."""
+        if max(progress.best_epoch, default=-1) < 1:
+            return None
+        # Runs saved before best_save was recorded named best folders by epoch: take the newest.
+        step = progress.best_save if progress.best_save is not None else self.best.latest_step()
+        epochs = ", ".join(map(str, progress.best_epoch))
+        if step is None or step not in self.best.all_steps():
+            raise CheckpointError(
+                f"{self.best.directory} lacks the best weights (epoch {epochs}) that "
+                f"{self.last.directory} refers to, so this run cannot end with its best "
+                f"weights; start it again with --overwrite")
         restored = self.best.restore(step, args=ocp.args.Composite(
-            variables=ocp.args.StandardRestore(abstract_variables)))
+            variables=ocp.args.StandardRestore(abstract_variables), info=ocp.args.JsonRestore()))
+        info = restored["info"]
+        matches = (info["best_epoch"] == list(progress.best_epoch) if "best_epoch" in info
+                   else info.get("epoch") == max(progress.best_epoch))
+        if not matches:
+            raise CheckpointError(
+                f"{Path(self.best.directory) / str(step)} holds the best weights of epoch "
+                f"{info.get('best_epoch', info.get('epoch'))}, but {self.last.directory} records "
+                f"epoch {epochs} as the best; start the run again with --overwrite")
+        progress.best_save = step
         return restored["variables"]
 
     def close(self):
         self.last.close()
         self.best.close()
+
+
+def _fsync(path: str | os.PathLike):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path):
+    """Flushes a finished checkpoint folder to disk: every file and folder in it, and the folder
+    holding it (which makes its rename durable). Orbax 0.12 fsyncs none of these itself
+    (TensorStore syncs the array files it writes; orbax's JSON files and renames are not)."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {path} is missing right after its save")
+    for root, _, files in os.walk(path):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+    _fsync(path.parent)
 
 
 def fit(steps: Steps, variables: dict | list[dict], train: tuple, val: tuple,
@@ -354,13 +431,15 @@ def fit(steps: Steps, variables: dict | list[dict], train: tuple, val: tuple,
                         steps_per_epoch=steps_per_epoch)
     best = jax.tree.map(jnp.copy, _weights(state))  # the step donates the state's buffers
     if resume:
-        restored = ckpt.restore_last(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+        restored = ckpt.restore_last(jax.tree.map(ocp.utils.to_shape_dtype_struct, state), log)
         if restored is None:
             log("no checkpoint was saved before the interruption: starting from the beginning")
         else:
             state, progress = restored
-            if ckpt.best.latest_step() is not None:
-                best = ckpt.restore_best(jax.tree.map(ocp.utils.to_shape_dtype_struct, best))
+            saved_best = ckpt.restore_best(jax.tree.map(ocp.utils.to_shape_dtype_struct, best),
+                                           progress)
+            if saved_best is not None:
+                best = saved_best
             log(f"resuming at epoch {progress.epoch + 1}, batch {progress.batch}")
     keys = jax.random.split(jax.random.key(opts.seed), k) if k > 1 else \
         jax.random.key(opts.seed)[None]
@@ -443,7 +522,7 @@ def fit(steps: Steps, variables: dict | list[dict], train: tuple, val: tuple,
                 best = jax.tree.map(
                     lambda b_, s_: jnp.where(improved.reshape((-1,) + (1,) * (s_.ndim - 1)),
                                              s_, b_), best, _weights(state))
-                ckpt.save_best(best, epoch + 1, row["val_loss"])
+                progress.best_save = ckpt.save_best(best, progress)
             progress.epoch, progress.batch = epoch + 1, 0
             progress.sums = {key: 0.0 for key in progress.sums}
             if opts.patience and min(progress.wait) >= opts.patience:
@@ -495,6 +574,4 @@ def _set_learning_rate(state: TrainState, lr: float) -> TrainState:
 
 
 def _write_history(run_dir: Path, history: list[dict]):
-    tmp = run_dir / "history.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    os.replace(tmp, run_dir / "history.jsonl")
+    write_text_atomic(run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))

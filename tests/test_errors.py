@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -147,18 +148,35 @@ def test_kill_9_at_random_points_then_resume_completes(tiny_data, tmp_path):
     epochs = 12
     args = _train_args(tiny_data, out, "--epochs", str(epochs), "--patience", "0")
     rng = random.Random(7)
+    checkpointed = []  # whether a complete checkpoint was on disk at each kill
+    outputs = []
     for _ in range(3):
         proc = _spawn(args + (["--resume"] if (out / "config.json").exists() else ["--overwrite"]),
                       _env(tmp_path))
-        time.sleep(rng.uniform(4.0, 12.0))
+        lines = []
+        for line in proc.stdout:  # a random point after the process finishes an epoch
+            lines.append(line)
+            if re.match(r"epoch \d+/\d+ ", line):
+                break
+        time.sleep(rng.uniform(0.0, 3.0))
+        checkpointed.append(_has_checkpoint(out))  # a checkpoint on disk now stays there
         proc.kill()  # SIGKILL: no handler runs
-        proc.communicate()
+        outputs.append("".join(lines) + proc.communicate()[0])
     done = subprocess.run(
         [sys.executable, "-m", "pneumojax.cli"]
         + (["train", "--out", str(out), "--resume"] if (out / "config.json").exists() else args),
         cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+    outputs.append(done.stdout + done.stderr)
+    assert any(checkpointed), "every kill came before the first checkpoint"
+    for had, output in zip(checkpointed, outputs[1:]):  # each run after a kill
+        assert "resuming at epoch" in output or not had, output
     history = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
     predicted = _invoke("predict", "--run", str(out), str(tiny_data / "NORMAL"))
     assert predicted.exit_code == 0 and len(predicted.output.splitlines()) == 41
+
+
+def _has_checkpoint(run_dir):
+    last = run_dir / "checkpoints" / "last"
+    return last.is_dir() and any(p.name.isdigit() for p in last.iterdir())
