@@ -11,6 +11,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pneumojax.io import existing_folder, replace_folder, write_text_atomic
+
 MANIFEST = "manifest.json"
 
 
@@ -22,26 +24,26 @@ def save_variables(directory: str | Path, variables: dict, manifest: dict,
                    overwrite: bool = False) -> Path:
     """Saves ``variables`` under ``directory/variables`` and writes ``manifest.json`` last.
 
-    The manifest is written (atomically) only after orbax has finished, so a folder without
-    one is known to be incomplete.
+    Everything is written into a folder beside ``directory`` first and put in its place when
+    complete and on disk; a folder it replaces stays until then (a kill -9 at any moment leaves
+    one complete copy). A folder without a manifest is known to be incomplete.
     """
     directory = Path(directory).absolute()
-    if directory.exists():
-        if not overwrite:
-            raise CheckpointError(f"{directory} already exists; pass --overwrite to replace it")
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    if existing_folder(directory).exists() and not overwrite:
+        raise CheckpointError(f"{directory} already exists; pass --overwrite to replace it")
+    staging = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory / "variables", jax.tree.map(np.asarray, variables))
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, directory / MANIFEST)
+        ckptr.save(staging / "variables", jax.tree.map(np.asarray, variables))
+    write_text_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    replace_folder(staging, directory)
     return directory
 
 
 def read_manifest(directory: str | Path) -> dict:
     """The manifest of a checkpoint folder, with a clear error when it is not one."""
-    directory = Path(directory)
+    directory = existing_folder(Path(directory))
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint folder {directory} does not exist")
     path = directory / MANIFEST
@@ -53,7 +55,7 @@ def read_manifest(directory: str | Path) -> dict:
 
 def load_variables(directory: str | Path) -> tuple[dict, dict]:
     """Restores ``(variables, manifest)`` saved by :func:`save_variables` as numpy arrays."""
-    directory = Path(directory).absolute()
+    directory = existing_folder(Path(directory).absolute())
     manifest = read_manifest(directory)
     with ocp.StandardCheckpointer() as ckptr:
         variables = ckptr.restore(directory / "variables")

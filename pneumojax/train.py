@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pneumojax.checkpoint import CheckpointError
-from pneumojax.data import write_text_atomic
+from pneumojax.io import fsync_path, fsync_tree, write_text_atomic
 from pneumojax.model import Classifier, make_optimizer, pneumonia_probability
 from pneumojax.progress import progress_bar
 
@@ -292,14 +292,14 @@ class RunCheckpoints:
         self.last = ocp.CheckpointManager(directory / "last", options=opts)
         self.best = ocp.CheckpointManager(directory / "best", options=opts)
         for d in (directory, directory.parent):  # the folders themselves survive power loss
-            _fsync(d)
+            fsync_path(d)
 
     @staticmethod
     def _save(manager, args) -> int:
         step = max(manager.all_steps(), default=0) + 1
         manager.save(step, args=args, force=True)
         manager.wait_until_finished()
-        _fsync_tree(Path(manager.directory) / str(step))
+        fsync_tree(Path(manager.directory) / str(step))
         return step
 
     @staticmethod
@@ -377,27 +377,6 @@ class RunCheckpoints:
     def close(self):
         self.last.close()
         self.best.close()
-
-
-def _fsync(path: str | os.PathLike):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path):
-    """Flushes a finished checkpoint folder to disk: every file and folder in it, and the folder
-    holding it (which makes its rename durable). Orbax 0.12 fsyncs none of these itself
-    (TensorStore syncs the array files it writes; orbax's JSON files and renames are not)."""
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {path} is missing right after its save")
-    for root, _, files in os.walk(path):
-        for name in files:
-            _fsync(os.path.join(root, name))
-        _fsync(root)
-    _fsync(path.parent)
 
 
 def fit(steps: Steps, variables: dict | list[dict], train: tuple, val: tuple,
