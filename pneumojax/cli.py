@@ -8,6 +8,7 @@ import sys
 import click
 
 from pneumojax.backbones import REGISTRY, get_backbone, layer_table
+from pneumojax.resize import RESIZE_METHODS
 
 BACKBONES = click.Choice(sorted(REGISTRY))
 DTYPES = click.Choice(["auto", "float32", "bfloat16"])  # --precision, --feature-cache-dtype
@@ -122,6 +123,11 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
               help="Backbone layers to train: START:END by Keras name or index (end exclusive, "
                    "open ends allowed), comma-separated ranges, 'all', or 'none' (head only).")
 @click.option("--image-size", default=256, show_default=True, type=POSITIVE)
+@click.option("--resize", default="antialias", show_default=True,
+              type=click.Choice(RESIZE_METHODS),
+              help="antialias: PIL bilinear, averaging every source pixel when it downscales; "
+                   "keras: exactly the study's tf.image.resize (bilinear, no antialiasing). "
+                   "evaluate and predict resize as the run did.")
 @click.option("--epochs", default=20, show_default=True, type=POSITIVE)
 @click.option("--batch-size", default=32, show_default=True, type=POSITIVE,
               help="Global batch: a multiple of the number of devices.")

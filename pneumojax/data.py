@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from pneumojax.progress import progress_bar
+from pneumojax.resize import RESIZE_METHODS, resize_image
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
 KAGGLE_SPLITS = ("train", "val", "test")
@@ -803,20 +804,25 @@ def _duplicates_message(groups: list[list[tuple[str, str, int]]], root: str) -> 
 # Decoding
 
 
-def decode_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
-    """One image as uint8 ``(S, S, 3)`` RGB, resized with PIL bilinear (aspect ratio not kept).
+def decode_image(
+    path: str | os.PathLike, image_size: int, resize: str = "antialias"
+) -> np.ndarray:
+    """One image as uint8 ``(S, S, 3)`` RGB, resized (aspect ratio not kept) by ``resize``:
+    ``antialias`` (PIL bilinear, antialiased when downscaling) or ``keras`` (exactly
+    ``tf.image.resize``'s bilinear without antialiasing, the study's pipeline; see
+    :mod:`pneumojax.resize`), rounded to uint8.
 
     Images over 16 Mpx are first shrunk to about twice the output size (JPEG: decoded at reduced
     scale, never in full), so a 12000 x 12000 image needs no more memory than its stored pixels
     (PNG) or a small fraction of that (JPEG). DICOM is decoded in full (pydicom has no
-    reduced-scale decoding), made 8-bit (:mod:`pneumojax.dicom`) and then shrunk the same way.
-    Raises PIL's errors for unreadable files (:func:`load_images` turns them into
-    :class:`DataError`).
+    reduced-scale decoding), made 8-bit (:mod:`pneumojax.dicom`) and then shrunk the same way
+    (so ``keras`` equals ``tf.image.resize`` of the full image up to 16 Mpx: every image of the
+    Kaggle set, at most ~3000 x 2700). Raises PIL's errors for unreadable files
+    (:func:`load_images` turns them into :class:`DataError`).
     """
     with open_image(path) as image:
         image = to_8bit_rgb_or_gray(_shrink(image, image_size))
-        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        array = np.asarray(image)
+        array = resize_image(image, image_size, resize)
     # Grayscale is resized on one channel (a third of the work) and replicated afterwards.
     return np.repeat(array[..., None], 3, axis=-1) if array.ndim == 2 else array
 
@@ -930,29 +936,33 @@ def load_images(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     workers: int = 2,
+    resize: str = "antialias",
 ) -> np.ndarray:
-    """Decode ``items`` (``(path, label)`` pairs or paths) into uint8 ``(N, S, S, 3)``, in order.
+    """Decode ``items`` (``(path, label)`` pairs or paths) into uint8 ``(N, S, S, 3)``, in order,
+    resized by ``resize`` (see :func:`decode_image`).
 
-    With ``cache_dir`` the array is stored there as ``.npy`` under a key over the image size and
-    each file's absolute path, size and mtime; a later call with the same files returns it
-    memory-mapped read-only without decoding. Decoding runs on ``workers`` threads (PIL releases
-    the GIL while decoding and resizing).
+    With ``cache_dir`` the array is stored there as ``.npy`` under a key over the image size, the
+    resize method and each file's absolute path, size and mtime; a later call with the same
+    files returns it memory-mapped read-only without decoding. Decoding runs on ``workers``
+    threads (PIL releases the GIL while decoding and resizing).
     """
+    if resize not in RESIZE_METHODS:
+        raise ValueError(f"resize {resize!r}: expected one of {', '.join(RESIZE_METHODS)}")
     paths = [os.path.abspath(_item_path(item)) for item in items]
     if cache_dir is None:
         out = np.empty((len(paths), image_size, image_size, 3), np.uint8)
-        _decode_into(out, paths, image_size, progress, workers)
+        _decode_into(out, paths, image_size, progress, workers, resize)
         return out
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = _cache_key(paths, image_size)
-    cache_file = cache_dir / f"images-{image_size}px-{len(paths)}-{key}.npy"
+    key = _cache_key(paths, image_size, resize)
+    cache_file = cache_dir / f"images-{image_size}px-{resize}-{len(paths)}-{key}.npy"
     expected_shape = (len(paths), image_size, image_size, 3)
     if cache_file.exists():
         cached = np.load(cache_file, mmap_mode="r")
         if cached.shape == expected_shape and cached.dtype == np.uint8:
             return cached
-    _write_cache(cache_file, expected_shape, paths, image_size, progress, workers)
+    _write_cache(cache_file, expected_shape, paths, image_size, progress, workers, resize)
     return np.load(cache_file, mmap_mode="r")
 
 
@@ -960,13 +970,14 @@ def _item_path(item) -> str:
     return os.fspath(item) if isinstance(item, (str, os.PathLike)) else os.fspath(item[0])
 
 
-def image_set_key(paths: Sequence[str], image_size: int) -> str:
-    """Identifies decoded images: file paths, sizes and mtimes, and the output size."""
-    return _cache_key(paths, image_size)
+def image_set_key(paths: Sequence[str], image_size: int, resize: str = "antialias") -> str:
+    """Identifies decoded images: file paths, sizes and mtimes, the output size and the resize
+    method."""
+    return _cache_key(paths, image_size, resize)
 
 
-def _cache_key(paths: Sequence[str], image_size: int) -> str:
-    return _key(f"pneumojax-images:{_DECODER_VERSION}:{image_size}", paths)
+def _cache_key(paths: Sequence[str], image_size: int, resize: str) -> str:
+    return _key(f"pneumojax-images:{_DECODER_VERSION}:{image_size}:{resize}", paths)
 
 
 def _key(header: str, paths: Sequence[str]) -> str:
@@ -990,6 +1001,7 @@ def _write_cache(
     image_size: int,
     progress: bool,
     workers: int,
+    resize: str,
 ) -> None:
     # Decode straight into a memory-mapped temp file (no second copy in RAM), then publish it
     # with an atomic rename so a reader never sees a half-written cache.
@@ -999,7 +1011,7 @@ def _write_cache(
     os.close(fd)
     try:
         out = np.lib.format.open_memmap(tmp_name, mode="w+", dtype=np.uint8, shape=shape)
-        _decode_into(out, paths, image_size, progress, workers)
+        _decode_into(out, paths, image_size, progress, workers, resize)
         out.flush()
         del out
         os.replace(tmp_name, cache_file)
@@ -1009,11 +1021,12 @@ def _write_cache(
 
 
 def _decode_into(
-    out: np.ndarray, paths: Sequence[str], image_size: int, progress: bool, workers: int
+    out: np.ndarray, paths: Sequence[str], image_size: int, progress: bool, workers: int,
+    resize: str = "antialias",
 ) -> None:
     def decode(path: str) -> np.ndarray:
         try:
-            return decode_image(path, image_size)
+            return decode_image(path, image_size, resize)
         except _DECODE_ERRORS as error:
             raise DataError(
                 f"cannot decode {path}: {_reason(error, path)}\n"

@@ -54,6 +54,7 @@ class TrainConfig(FitOptions):
     weights: str = "imagenet"
     trainable: str = "none"
     image_size: int = 256
+    resize: str = "antialias"
     target_recall: float = 0.98
     val_fraction: float = 0.15
     test_fraction: float = 0.15
@@ -105,8 +106,9 @@ def resolve_weights(weights: str, backbone: str) -> tuple[dict | None, dict]:
     return variables, {"weights": str(folder), "weights_sha256": manifest.get("weights_sha256")}
 
 
-def load_split_arrays(items, image_size: int, log=print) -> tuple[np.ndarray, np.ndarray]:
-    images = D.load_images(items, image_size, cache_dir=cache_dir() / "images")
+def load_split_arrays(items, image_size: int, log=print,
+                      resize: str = "antialias") -> tuple[np.ndarray, np.ndarray]:
+    images = D.load_images(items, image_size, cache_dir=cache_dir() / "images", resize=resize)
     labels = np.array([label for _, label in items], np.int32)
     return images, labels
 
@@ -159,10 +161,10 @@ def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         D.write_text_atomic(run_dir / "splits.json", splits.to_json())
         _write_json(run_dir / "config.json", config)  # last: its presence marks a run
 
-    train_x, train_y = load_split_arrays(splits.train, cfg.image_size, log)
-    val_x, val_y = load_split_arrays(splits.val, cfg.image_size, log)
-    test_x, test_y = load_split_arrays(splits.test, cfg.image_size, log)
-    train_key = D.image_set_key([p for p, _ in splits.train], cfg.image_size)
+    train_x, train_y = load_split_arrays(splits.train, cfg.image_size, log, cfg.resize)
+    val_x, val_y = load_split_arrays(splits.val, cfg.image_size, log, cfg.resize)
+    test_x, test_y = load_split_arrays(splits.test, cfg.image_size, log, cfg.resize)
+    train_key = D.image_set_key([p for p, _ in splits.train], cfg.image_size, cfg.resize)
     balanced = apply_balance(cfg, train_x, train_y, train_key, log)
     if not resume:
         config = _read_json(run_dir / "config.json")
@@ -185,7 +187,8 @@ def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
                                cfg.feature_cache_dtype, cfg.image_size, member_vars[0],
                                cfg.batch_size, mesh, make_optimizer, cfg.learning_rate)
     image_keys = {"train": balanced.key,
-                  **{n: D.image_set_key([p for p, _ in getattr(splits, n)], cfg.image_size)
+                  **{n: D.image_set_key([p for p, _ in getattr(splits, n)], cfg.image_size,
+                                        cfg.resize)
                      for n in ("val", "test")}}
     inputs = {name: run_model.inputs(x, image_keys[name], desc=f"frozen activations ({name})")
               for name, x in (("train", balanced.images), ("val", val_x), ("test", test_x))}
@@ -474,6 +477,12 @@ def run_precision(config: dict) -> str:
     return stored
 
 
+def run_resize(config: dict) -> str:
+    """How a run's images were resized; runs made before ``--resize`` existed used
+    ``antialias``, the only method then."""
+    return config.get("resize", "antialias")
+
+
 def load_run(run_dir: str | Path, precision: str | None = None, log=print) -> LoadedRun:
     """The model, best weights and validation-chosen thresholds of a finished run, scoring in
     the run's own precision unless ``precision`` overrides it (then it says so)."""
@@ -518,7 +527,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "tes
     split this reproduces its metrics.json exactly (same precision, same scoring path).
     """
     run = load_run(run_dir, precision, log)
-    size = run.config["image_size"]
+    size, resize = run.config["image_size"], run_resize(run.config)
     if data is None:
         splits = D.Splits.from_json((run.run_dir / "splits.json").read_text())
         items = splits.as_dict()[split] if split != "all" else splits.train + splits.val + splits.test
@@ -531,9 +540,9 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "tes
         else:
             raise ValueError(f"--split {split} needs a Kaggle-layout folder with {split}/; for a "
                              "flat NORMAL/ PNEUMONIA/ folder use --split all")
-    x, y = load_split_arrays(items, size, log)
+    x, y = load_split_arrays(items, size, log, resize)
     out = Path(out) if out else run.run_dir / f"eval-{split}" / "metrics.json"
-    key = D.image_set_key([p for p, _ in items], size)
+    key = D.image_set_key([p for p, _ in items], size, resize)
     p = run.model.member_probabilities(run.model.inputs(x, key, desc=f"frozen activations ({split})"),
                                        desc=f"predict {split}")
     metrics = score_split(y, p, run.thresholds, run.config["target_recall"], out.parent / "plots",
@@ -566,7 +575,8 @@ def predict_paths(run_dir: str | Path, paths: list[str], precision: str | None =
     files = D.check_images(files, warn=lambda m: log(f"warning: {m}"))
     if not files:
         raise FileNotFoundError("no readable images among " + ", ".join(paths))
-    images = D.load_images(files, run.config["image_size"], progress=len(files) > 50)
+    images = D.load_images(files, run.config["image_size"], progress=len(files) > 50,
+                           resize=run_resize(run.config))
     p = run.model.probabilities_of_images(images)
     labels = B.vote(p.T, run.thresholds)  # one member: its own threshold
     return [{"path": f, "p_pneumonia": float(q), "label": "PNEUMONIA" if lab else "NORMAL",

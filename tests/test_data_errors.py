@@ -426,7 +426,7 @@ def test_load_images_names_a_corrupt_file_that_slipped_through(tmp_path):
 def test_load_images_wraps_any_decoder_failure(tmp_path, monkeypatch):
     path = _image(tmp_path / "odd.png")
 
-    def fails(path, image_size):
+    def fails(path, image_size, resize="antialias"):
         raise struct.error("unpack requires a buffer of 4 bytes")
 
     monkeypatch.setattr(data, "decode_image", fails)
