@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="carved from a flat folder; a Kaggle folder keeps its own test/")
     p.add_argument("--precision", default="float32",
                    help="pneumojax compute precision (Keras runs float32)")
+    p.add_argument("--resize", default="antialias", choices=("antialias", "keras"),
+                   help="pneumojax --resize (Keras always runs the study's tf.image.resize; "
+                        "keras removes that difference)")
     p.add_argument("--quick", action="store_true",
                    help=f"CI size: {QUICK['epochs']} epochs, {QUICK['image_size']} px, generated "
                         "demo data unless --data is given")
@@ -131,7 +134,8 @@ def base_job(args, data: str, workdir: Path, splits_file: Path) -> dict:
             "batch_size": args.batch_size, "learning_rate": args.learning_rate,
             "patience": args.patience, "seed": args.seed, "target_recall": args.target_recall,
             "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
-            "precision": args.precision, "splits": str(splits_file),
+            "precision": args.precision, "resize": getattr(args, "resize", "antialias"),
+            "splits": str(splits_file),
             "backbone_weights": str(workdir / "init-backbone.npz"),
             "head_weights": str(workdir / "init-head.npz"), "workdir": str(workdir)}
 
@@ -251,7 +255,8 @@ def _intro(payload: dict) -> list[str]:
                     for k, v in payload["splits"].items())
         + f"; identical for both: {_yes_no(payload['splits_identical'])}.",
         f"Model: {s['backbone']} cut {s['cut'] or '(default)'}, trainable {s['trainable']}, "
-        f"{s['image_size']} px, float32 (pneumojax precision {s['precision']}), same initial "
+        f"{s['image_size']} px, float32 (pneumojax precision {s['precision']}, resize "
+        f"{s.get('resize', 'antialias')}; Keras: tf.image.resize), same initial "
         f"weights. Adam {s['learning_rate']:g}, LR × 0.85**epoch compounding, "
         f"EarlyStopping(patience={s['patience']}, restore best) on val_loss, batch "
         f"{s['batch_size']}, up to {s['epochs']} epochs, seed {s['seed']}.",
@@ -334,9 +339,10 @@ def render_markdown(payload: dict) -> str:
         command = command_seconds(keras) / command_seconds(pj)
         lines += [f"pneumojax is **{in_process:.1f}x** faster in process and **{command:.1f}x** "
                   "from the start of the command to metrics written.", ""]
+    resize = payload["settings"].get("resize", "antialias")
     lines += ["Keras decodes and resizes every image in every epoch (tf.data, as the study "
-              "did); pneumojax decodes once (PIL bilinear) and, with the backbone frozen up "
-              "to the trainable part, computes the frozen activations once.",
+              f"did); pneumojax decodes once (PIL, --resize {resize}) and, with the backbone "
+              "frozen up to the trainable part, computes the frozen activations once.",
               f"Total wall time of the benchmark: {payload['wall_s']:.0f} s."]
     return "\n".join(lines)
 
@@ -424,8 +430,9 @@ def run_pneumojax(job: dict) -> dict:
                    batch_size=job["batch_size"], learning_rate=job["learning_rate"],
                    lr_schedule="keras-seed", patience=job["patience"], seed=job["seed"],
                    target_recall=job["target_recall"], val_fraction=job["val_fraction"],
-                   test_fraction=job["test_fraction"], out=str(workdir / "pneumojax-run"),
-                   precision=job["precision"])
+                   test_fraction=job["test_fraction"],
+                   out=str(workdir / job.get("run_name", "pneumojax-run")),
+                   precision=job["precision"], resize=job.get("resize", "antialias"))
     cfg = TrainConfig(**{k: v for k, v in options.items() if k in fields})
     stamps: list[tuple[float, str]] = []
 
@@ -439,7 +446,11 @@ def run_pneumojax(job: dict) -> dict:
     run_dir = Path(cfg.out)
     training = metrics.pop("training")
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
-    return {"framework": "pneumojax", "metrics": metrics, "history": history,
+    extra = {}
+    if job.get("return_probabilities"):  # per test image, in splits.test order
+        rows = (run_dir / "predictions" / "test.csv").read_text().splitlines()[1:]
+        extra["test_p"] = [float(row.rsplit(",", 1)[1]) for row in rows]
+    return {"framework": "pneumojax", "metrics": metrics, "history": history, **extra,
             "epochs_run": training["epochs_run"], "best_epoch": _first(training["best_epoch"]),
             "stopped_early": training["stopped_early"],
             "seconds": pneumojax_seconds(stamps, t0, total, training["seconds"]),
@@ -475,9 +486,11 @@ def epoch_parts(durations: list[float]) -> dict:
             "epochs": float(np.sum(durations)) if durations else None}
 
 
-def keras_dataset(items, size: int, batch_size: int, preprocess_input, shuffle_seed=None):
+def keras_dataset(items, size: int, batch_size: int, preprocess_input, shuffle_seed=None,
+                  drop_remainder: bool = False):
     """The study's input pipeline: read, decode (3 channels), resize, preprocess, batch; it
-    runs again every epoch."""
+    runs again every epoch. ``drop_remainder`` (not the study's) drops the last partial batch
+    as pneumojax does."""
     import tensorflow as tf  # noqa: PLC0415
     paths = [p for p, _ in items]
     labels = np.eye(2, dtype=np.float32)[[label for _, label in items]]
@@ -490,8 +503,8 @@ def keras_dataset(items, size: int, batch_size: int, preprocess_input, shuffle_s
     ds = tf.data.Dataset.from_tensor_slices((paths, labels))
     if shuffle_seed is not None:
         ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
-    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(
-        tf.data.AUTOTUNE)
+    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(
+        batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
 def keras_callbacks(keras, patience: int, epochs: int, times: list[float]) -> list:
@@ -521,7 +534,11 @@ def run_keras(job: dict) -> dict:
     splits = Splits.from_json(Path(job["splits"]).read_text())
     preprocess = getattr(keras.applications, info.keras_module).preprocess_input
     size, batch = job["image_size"], job["batch_size"]
-    train_ds = keras_dataset(splits.train, size, batch, preprocess, shuffle_seed=job["seed"])
+    # Variants for benchmarks/pipeline_parity.py: another shuffle order, pneumojax's dropping of
+    # the last partial batch. The defaults are the study's pipeline.
+    train_ds = keras_dataset(splits.train, size, batch, preprocess,
+                             shuffle_seed=job.get("shuffle_seed", job["seed"]),
+                             drop_remainder=job.get("drop_remainder", False))
     val_ds = keras_dataset(splits.val, size, batch, preprocess)
     test_ds = keras_dataset(splits.test, size, batch, preprocess)
     t_data = time.perf_counter()
@@ -538,7 +555,8 @@ def run_keras(job: dict) -> dict:
     test_y = np.array([label for _, label in splits.test])
     threshold = choose_threshold(val_y, model.predict(val_ds, verbose=0)[:, 1],
                                  job["target_recall"])
-    metrics = evaluate_predictions(test_y, model.predict(test_ds, verbose=0)[:, 1], threshold)
+    test_p = model.predict(test_ds, verbose=0)[:, 1]
+    metrics = evaluate_predictions(test_y, test_p, threshold)
     metrics.update(split="test", threshold_source="validation",
                    target_recall=job["target_recall"])
     t_end = time.perf_counter()
@@ -551,7 +569,8 @@ def run_keras(job: dict) -> dict:
                         for i in range(len(val_losses))],
             "epochs_run": len(val_losses), "best_epoch": int(np.argmin(val_losses)) + 1,
             "stopped_early": len(val_losses) < job["epochs"], "seconds": seconds,
-            "jit_compile": model.jit_compile}
+            "jit_compile": model.jit_compile,
+            **({"test_p": [float(x) for x in test_p]} if job.get("return_probabilities") else {})}
 
 
 if __name__ == "__main__":
