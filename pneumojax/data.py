@@ -38,6 +38,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from pneumojax.io import write_text_atomic
 from pneumojax.progress import progress_bar
 from pneumojax.resize import RESIZE_METHODS, resize_image
 
@@ -381,29 +382,6 @@ def _problems(paths: Sequence[str], workers: int, progress: bool) -> dict[str, s
         return {path: reason for path, reason in zip(paths, reasons) if reason is not None}
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C stops at once
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` to ``path`` so that a reader (or a resume after kill -9 or power loss)
-    sees the old file or the new one, never half of it: a temporary file, flushed to disk,
-    replaces it, then the folder is flushed so the replacement itself is on disk."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 def _shown(path: str, root: str | os.PathLike) -> str:

@@ -25,6 +25,7 @@ from pneumojax import balance as B
 from pneumojax import data as D
 from pneumojax.backbones import get_backbone
 from pneumojax.checkpoint import CheckpointError, load_variables, save_variables
+from pneumojax.io import existing_folder, write_text_atomic
 from pneumojax.features import (cacheable_frontier, cached_activations, merge_variables,
                                 prefix_model, storage_dtype, suffix_variables, variables_digest)
 from pneumojax.metrics import choose_threshold, evaluate_predictions, format_metrics
@@ -158,7 +159,7 @@ def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
                   "skipped_images": [[os.path.relpath(p, source.root), r]
                                      for p, r in source.skipped]}
         config["plan"]["trainable_layers"] = sorted(plan.trainable_layers)
-        D.write_text_atomic(run_dir / "splits.json", splits.to_json())
+        write_text_atomic(run_dir / "splits.json", splits.to_json())
         _write_json(run_dir / "config.json", config)  # last: its presence marks a run
 
     train_x, train_y = load_split_arrays(splits.train, cfg.image_size, log, cfg.resize)
@@ -420,7 +421,7 @@ def write_predictions(path: Path, items, member_p: np.ndarray):
                  + ([repr(float(v)) for v in row] if k > 1 else []))
         for item, m, row in zip(items, mean, member_p)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    D.write_text_atomic(path, "\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def _csv_field(text: str) -> str:
@@ -452,7 +453,7 @@ def combined_metrics(y: np.ndarray, member_p: np.ndarray, thresholds: list[float
 
 
 def _write_json(path: Path, payload: dict):
-    D.write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 # --- using a finished run ---------------------------------------------------------------------
@@ -490,7 +491,7 @@ def load_run(run_dir: str | Path, precision: str | None = None, log=print) -> Lo
     if not (run_dir / "config.json").exists():
         raise FileNotFoundError(f"{run_dir} is not a pneumojax run folder (no config.json)")
     config = json.loads((run_dir / "config.json").read_text())
-    if not (run_dir / "model" / "manifest.json").exists():
+    if not (existing_folder(run_dir / "model") / "manifest.json").exists():
         raise FileNotFoundError(f"{run_dir} has no finished model (model/manifest.json): the run "
                                 "did not finish; continue it with pneumojax train --resume")
     variables, manifest = load_variables(run_dir / "model")
