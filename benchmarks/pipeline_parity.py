@@ -104,14 +104,19 @@ def compare_inputs(data: str, sizes: list[int]) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf  # noqa: PLC0415
 
-    from pneumojax import data as D  # noqa: PLC0415
-    from pneumojax.resize import round_to_uint8, tf_bilinear  # noqa: PLC0415
+    from pneumojax.data import (  # noqa: PLC0415
+        decode_image,
+        find_images,
+        open_image,
+        to_8bit_rgb_or_gray,
+    )
+    from pneumojax.data.resize import round_to_uint8, tf_bilinear  # noqa: PLC0415
 
-    paths = [p for p, _ in D.find_images(data, check=False).items]
+    paths = [p for p, _ in find_images(data, check=False).items]
     rows: dict[str, list[dict]] = {"L": [], "RGB": []}
     for path in paths:
-        with D.open_image(path) as image:
-            full = D.to_8bit_rgb_or_gray(image)
+        with open_image(path) as image:
+            full = to_8bit_rgb_or_gray(image)
             mode = full.mode
             pil = np.asarray(full)
         pil_rgb = np.repeat(pil[..., None], 3, -1) if pil.ndim == 2 else pil
@@ -130,7 +135,7 @@ def compare_inputs(data: str, sizes: list[int]) -> dict:
                                                   - accurate.astype(np.int16)).max())}
         for size in sizes:
             keras = tf.image.resize(tf_full, (size, size)).numpy()  # the study's tensor, float32
-            ours = {m: D.decode_image(path, size, m).astype(np.float32)
+            ours = {m: decode_image(path, size, m).astype(np.float32)
                     for m in ("antialias", "keras")}
             same_decoder = tf_bilinear(tf_full, size, size)  # our resize on TensorFlow's decode
             pil_decoder = tf_bilinear(pil_rgb, size, size)   # our resize on PIL's decode

@@ -8,7 +8,7 @@ import sys
 import click
 
 from pneumojax.backbones import REGISTRY, get_backbone, layer_table
-from pneumojax.resize import RESIZE_METHODS
+from pneumojax.data.resize import RESIZE_METHODS
 
 BACKBONES = click.Choice(sorted(REGISTRY))
 DTYPES = click.Choice(["auto", "float32", "bfloat16"])  # --precision, --feature-cache-dtype

@@ -156,7 +156,8 @@ def test_in_range_edge_values_are_accepted():
 
 
 def test_split_errors_name_the_cli_options():
-    from pneumojax.data import DataError, _check_both_classes
+    from pneumojax.data import DataError
+    from pneumojax.data.splits import _check_both_classes
     with pytest.raises(DataError, match="--val-fraction/--test-fraction"):
         _check_both_classes({"train": [("person1_bacteria_1.jpeg", 1), ("IM-0001-0001.jpeg", 0)],
                              "val": []})

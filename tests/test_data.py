@@ -281,7 +281,7 @@ def test_load_images_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     def must_not_decode(*args, **kwargs):
         raise AssertionError("decoded although the cache holds these images")
 
-    monkeypatch.setattr(data, "decode_image", must_not_decode)
+    monkeypatch.setattr(data.decode, "decode_image", must_not_decode)
     again = data.load_images([p for p, _ in items], 8, cache_dir=cache, progress=False)
     assert isinstance(again, np.memmap)
     np.testing.assert_array_equal(again, first)

@@ -290,7 +290,7 @@ def test_check_images_keeps_order_and_type_and_caches_its_result(tmp_path, monke
     def must_not_check(path):
         raise AssertionError("checked although the cache holds the result")
 
-    monkeypatch.setattr(data, "image_problem", must_not_check)
+    monkeypatch.setattr(data.checks, "image_problem", must_not_check)
     assert data.check_images(items, warn=warned.append, cache_dir=cache) == kept
     assert len(warned) == 2 and warned[0] == warned[1]  # the warning repeats with the cache
     with pytest.raises(DataError, match="bad.jpeg"):
@@ -429,7 +429,7 @@ def test_load_images_wraps_any_decoder_failure(tmp_path, monkeypatch):
     def fails(path, image_size, resize="antialias"):
         raise struct.error("unpack requires a buffer of 4 bytes")
 
-    monkeypatch.setattr(data, "decode_image", fails)
+    monkeypatch.setattr(data.decode, "decode_image", fails)
     with pytest.raises(DataError, match=r"cannot decode .*odd.png: cannot decode \(error: unpack"):
         data.load_images([path], 8, progress=False)
 

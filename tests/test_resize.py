@@ -15,7 +15,7 @@ from PIL import Image
 from pneumojax import data
 from pneumojax.cli import main
 from pneumojax.data import make_demo_dataset
-from pneumojax.resize import resize_image, tf_bilinear
+from pneumojax.data.resize import resize_image, tf_bilinear
 
 REPO = Path(__file__).resolve().parents[1]
 MINI = Path(os.environ.get("PNEUMOJAX_MINI_DATA", REPO.parent / "shared/data/chest_xray_mini"))

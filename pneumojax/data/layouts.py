@@ -1,0 +1,198 @@
+"""Finding the images of a data folder: the Kaggle and the flat layout, class and split names.
+
+* ``kaggle``: ``<root>/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg`` as the Kaggle/Mendeley archive
+  unpacks (``val`` may be missing);
+* ``flat``: ``<root>/{NORMAL,PNEUMONIA}/*.jpeg``, one pool from which every split is carved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from pneumojax.data._common import DataError, Item, Warn, _shown
+from pneumojax.data.checks import _unreadable
+from pneumojax.data.decode import DICOM_EXTENSIONS
+
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
+KAGGLE_SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png") + DICOM_EXTENSIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """Images found under ``root``.
+
+    ``splits`` maps a split name to sorted ``(path, label)`` items: ``train``/``val``/``test`` for
+    the ``kaggle`` layout (``val`` empty when the folder is absent), ``all`` for ``flat``.
+    ``skipped`` lists the ``(path, reason)`` of the image files left out as unreadable.
+    """
+
+    root: Path
+    layout: str
+    splits: dict[str, list[Item]]
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def items(self) -> list[Item]:
+        """Every image of every split."""
+        return [item for split in self.splits.values() for item in split]
+
+
+def find_images(
+    data_dir: str | os.PathLike,
+    *,
+    check: bool = True,
+    strict: bool = False,
+    warn: Warn | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int = 2,
+    progress: bool = False,
+) -> DataSource:
+    """Find the labelled images under ``data_dir``, in the Kaggle or the flat layout.
+
+    Folder names are matched case-insensitively; only ``.jpeg``/``.jpg``/``.png`` files count
+    (dot files such as ``.DS_Store`` and macOS ``._name.jpeg`` forks are ignored). Raises
+    :class:`DataError` when the folder is missing, matches neither layout, or a class folder is
+    missing or holds no (readable) image.
+
+    With ``check`` (the default) every image is test-decoded by :func:`check_images` before
+    anything else sees it: unreadable ones are left out with one ``warn`` (``DataSource.skipped``
+    lists them), or with ``strict`` the first one raises :class:`DataError`. ``cache_dir`` keeps
+    the result of the check (keyed by the files' paths, sizes and mtimes) so that later calls on
+    unchanged files only ``stat`` them.
+    """
+    root = Path(data_dir).expanduser().resolve()
+    if not root.is_dir():
+        if root.is_file():
+            raise DataError(
+                f"data folder {root} is a file, not a folder\n"
+                f"expected a folder with {'/'.join(KAGGLE_SPLITS)}/ or {'/'.join(CLASS_NAMES)}/ "
+                "inside (unpack an archive first, e.g. unzip chest-xray-pneumonia.zip)"
+            )
+        raise DataError(
+            f"data folder not found: {root}\n"
+            f"expected a folder with {'/'.join(KAGGLE_SPLITS)}/ or {'/'.join(CLASS_NAMES)}/ inside"
+        )
+    subdirs = _subdirs_by_lower_name(root)
+    has_splits = "train" in subdirs or "test" in subdirs
+    has_classes = any(name.lower() in subdirs for name in CLASS_NAMES)
+    if has_splits and has_classes:
+        raise DataError(
+            f"{root} mixes split folders (train/test) and class folders (NORMAL/PNEUMONIA);\n"
+            "expected one of the two layouts, not both"
+        )
+    if has_splits:
+        source = DataSource(root, "kaggle", _kaggle_splits(root, subdirs))
+    elif has_classes:
+        source = DataSource(root, "flat", {"all": _class_items(root)})
+    else:
+        raise DataError(_no_layout_message(root, subdirs))
+    if not check:
+        return source
+    bad = _unreadable(
+        [path for path, _ in source.items], strict, warn, cache_dir, workers, progress, root
+    )
+    if not bad:
+        return source
+    splits = {
+        name: [item for item in items if item[0] not in bad]
+        for name, items in source.splits.items()
+    }
+    _check_classes_readable(source.splits, splits, bad, root)
+    return DataSource(root, source.layout, splits, tuple(bad.items()))
+
+
+def _check_classes_readable(
+    before: dict[str, list[Item]], after: dict[str, list[Item]], bad: dict[str, str], root: Path
+) -> None:
+    for name, items in before.items():
+        for label in (0, 1):
+            if not items or any(item_label == label for _, item_label in after[name]):
+                continue
+            paths = [path for path, item_label in items if item_label == label]
+            folder = os.path.dirname(paths[0])
+            raise DataError(
+                f"class folder {folder} holds no readable image: all {len(paths)} files failed "
+                f"to decode (first: {_shown(paths[0], root)}: {bad[paths[0]]})\n"
+                "replace them with JPEG or PNG chest X-rays"
+            )
+
+
+def _subdirs_by_lower_name(folder: Path) -> dict[str, Path]:
+    return {p.name.lower(): p for p in sorted(folder.iterdir()) if p.is_dir()}
+
+
+def _kaggle_splits(root: Path, subdirs: dict[str, Path]) -> dict[str, list[Item]]:
+    for required in ("train", "test"):
+        if required not in subdirs:
+            raise DataError(
+                f"{root} looks like the Kaggle layout but has no {required}/ folder\n"
+                f"expected train/ and test/ (val/ optional); found: {_listing(subdirs)}"
+            )
+    splits = {name: _class_items(subdirs[name]) for name in ("train", "test")}
+    splits["val"] = _class_items(subdirs["val"]) if "val" in subdirs else []
+    return {name: splits[name] for name in KAGGLE_SPLITS}
+
+
+def _class_items(folder: Path) -> list[Item]:
+    """The images of ``folder/NORMAL`` and ``folder/PNEUMONIA``, labelled 0 and 1."""
+    subdirs = _subdirs_by_lower_name(folder)
+    items: list[Item] = []
+    for label, name in enumerate(CLASS_NAMES):
+        class_dir = subdirs.get(name.lower())
+        if class_dir is None:
+            raise DataError(
+                f"class folder {name}/ missing in {folder}\n"
+                f"expected {' and '.join(CLASS_NAMES)}; found: {_listing(subdirs)}"
+            )
+        paths = _image_files(class_dir)
+        if not paths:
+            raise DataError(
+                f"class folder {class_dir} holds no image\n"
+                f"expected files ending in {', '.join(IMAGE_EXTENSIONS)}; "
+                f"found: {_contents(class_dir)}"
+            )
+        items.extend((str(p), label) for p in paths)
+    return items
+
+
+def _image_files(folder: Path) -> list[Path]:
+    # Dot files are skipped: macOS archives carry '._name.jpeg' resource forks that are no images.
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def _listing(subdirs: dict[str, Path], limit: int = 8) -> str:
+    names = [p.name + "/" for p in subdirs.values()]
+    if not names:
+        return "no folders"
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _contents(folder: Path, limit: int = 5) -> str:
+    """What ``folder`` holds, for messages: ``sub/, notes.txt, scan.tif (+3 more)``."""
+    entries = sorted(folder.iterdir(), key=lambda p: (not p.is_dir(), p.name))
+    if not entries:
+        return "nothing (empty folder)"
+    names = [p.name + ("/" if p.is_dir() else "") for p in entries]
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _no_layout_message(root: Path, subdirs: dict[str, Path]) -> str:
+    found = _listing(subdirs) if subdirs else _contents(root)
+    message = (
+        f"no chest X-ray layout in {root}: expected train/ val/ test/ (Kaggle) or NORMAL/ "
+        f"PNEUMONIA/ (flat); found: {found}"
+    )
+    # The Kaggle archive unpacks into chest_xray/; point at it instead of leaving a puzzle.
+    nested = [p for p in subdirs.values() if "train" in _subdirs_by_lower_name(p)]
+    if nested:
+        message += f"\ndid you mean {nested[0]}?"
+    return message
