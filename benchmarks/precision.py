@@ -528,7 +528,7 @@ def _test_items(job: dict) -> list:
     """The test split pneumojax makes for this folder and seed (Kaggle: its own test/; flat:
     the patient-grouped carve), ``activation_images`` of it drawn with the seed."""
     from pneumojax.data import find_images, make_splits  # noqa: PLC0415
-    from pneumojax.run import cache_dir  # noqa: PLC0415
+    from pneumojax.workspace import cache_dir  # noqa: PLC0415
     source = find_images(job["data"], cache_dir=cache_dir() / "images")  # as train_run
     test = make_splits(source, job["val_fraction"], job["test_fraction"], seed=job["seed"]).test
     order = np.random.default_rng(job["seed"]).permutation(len(test))
@@ -567,7 +567,7 @@ def measure_activations(job: dict) -> dict:
     from pneumojax.backbones import backbone_model, get_backbone, preprocess  # noqa: PLC0415
     from pneumojax.data import load_images  # noqa: PLC0415
     from pneumojax.model import build_classifier, init_variables  # noqa: PLC0415
-    from pneumojax.run import cache_dir  # noqa: PLC0415
+    from pneumojax.workspace import cache_dir  # noqa: PLC0415
 
     info = get_backbone(job["backbone"])
     cut = info.check_layer(job["cut"] or info.default_cut)

@@ -14,6 +14,7 @@ and "majority" are always two different classes and every method keeps both.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,9 +23,11 @@ from typing import Sequence
 
 import numpy as np
 
+from pneumojax.config import BALANCE_METHODS
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check on import
 
-METHODS = ("none", "class-weight", "undersample", "oversample", "ensemble")
+METHODS = BALANCE_METHODS
 
 
 def class_counts(labels: np.ndarray) -> np.ndarray:
@@ -149,3 +152,63 @@ def oversample(images: np.ndarray, labels: np.ndarray, seed: int, spec: str,
         np.save(tmp, out)
         os.replace(tmp, path)
     return out, new_labels, key
+
+
+# --- applying a method to the train split ----------------------------------------------------
+
+@dataclasses.dataclass
+class BalancedTrain:
+    """The train split after a balance method: what the members see and with what weight."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    weights: np.ndarray
+    members: list[np.ndarray]
+    key: str                     # identifies ``images`` for the activation cache
+    record: dict
+
+
+def apply_balance(cfg, images, labels, image_key: str, log=print,
+                  augment_cache: Path | None = None) -> BalancedTrain:
+    """Applies ``cfg.balance`` to the train split (validation and test are never touched).
+
+    ``cfg`` holds ``balance``, ``seed``, ``augment`` and ``ensemble_size`` (a TrainConfig);
+    oversampled copies are cached under ``augment_cache``.
+    """
+    if cfg.balance not in METHODS:
+        raise ValueError(f"unknown --balance {cfg.balance!r}; choose one of {', '.join(METHODS)}")
+    counts = np.bincount(labels, minlength=2).tolist()
+    weights = np.ones(len(labels), np.float32)
+    members = [np.arange(len(labels))]
+    record: dict = {"method": cfg.balance, "train_counts_before": counts}
+    if cfg.balance == "class-weight":
+        cw = class_weights(labels)
+        weights = sample_weights(labels, cw)
+        record["class_weights"] = {"NORMAL": cw[0], "PNEUMONIA": cw[1]}
+        log(f"class weights: NORMAL {cw[0]:.4f}, PNEUMONIA {cw[1]:.4f} "
+            "(w_c = total / (2 count_c))")
+    elif cfg.balance == "undersample":
+        members = [undersample_indices(labels, cfg.seed)]
+    elif cfg.balance == "oversample":
+        extra, extra_labels, aug_key = oversample(images, labels, cfg.seed, cfg.augment,
+                                                    augment_cache, image_key)
+        images = np.concatenate([np.asarray(images), np.asarray(extra)])
+        labels = np.concatenate([labels, extra_labels]).astype(np.int32)
+        weights = np.ones(len(labels), np.float32)
+        members = [np.arange(len(labels))]
+        image_key = f"{image_key}+{aug_key}"
+        record["augment"] = cfg.augment
+        record["augmented_images"] = len(extra)
+        log(f"oversampling: {len(extra)} augmented copies of the minority class "
+            f"(albumentations '{cfg.augment}', seed {cfg.seed}, cached)")
+    elif cfg.balance == "ensemble":
+        members = ensemble_chunks(labels, cfg.ensemble_size, cfg.seed)
+    record["member_counts"] = [np.bincount(labels[m], minlength=2).tolist() for m in members]
+    if any(min(c) == 0 for c in record["member_counts"]):  # a method's bug, never the data's
+        raise AssertionError(f"balance {cfg.balance} left a member with one class: "
+                             f"{record['member_counts']}")
+    if cfg.balance != "none":
+        for i, c in enumerate(record["member_counts"]):
+            who = f"member {i + 1}: " if len(members) > 1 else ""
+            log(f"balance {cfg.balance}: {who}train {c[0]} NORMAL, {c[1]} PNEUMONIA")
+    return BalancedTrain(images, labels, weights, members, image_key, record)

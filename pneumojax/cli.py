@@ -8,10 +8,11 @@ import sys
 import click
 
 from pneumojax.backbones import REGISTRY, get_backbone, layer_table
-from pneumojax.data.resize import RESIZE_METHODS
+from pneumojax.config import BALANCE_METHODS, LR_SCHEDULES, PRECISIONS, RESIZE_METHODS, TrainConfig
 
 BACKBONES = click.Choice(sorted(REGISTRY))
-DTYPES = click.Choice(["auto", "float32", "bfloat16"])  # --precision, --feature-cache-dtype
+DTYPES = click.Choice(PRECISIONS)  # --precision, --feature-cache-dtype
+DEFAULTS = TrainConfig()  # the one source of train's defaults
 
 
 class _FiniteRange(click.FloatRange):
@@ -53,8 +54,8 @@ def _print_version(ctx, _param, value):
 def _check_input_size(backbone: str, size: int, option: str) -> None:
     info = get_backbone(backbone)
     if size < info.min_input_size:
-        raise click.BadParameter(f"{backbone} needs {option} >= {info.min_input_size}, got {size}",
-                                 param_hint=f"'{option}'")
+        raise click.BadParameter(f"{backbone} needs an input of at least {info.min_input_size} px, "
+                                 f"got {size}", param_hint=f"'{option}'")
 
 
 @click.group()
@@ -111,53 +112,53 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
 
 
 @main.command()
-@click.option("--data", default="demo", show_default=True,
+@click.option("--data", default=DEFAULTS.data, show_default=True,
               help="Kaggle folder (train/ val/ test/), flat NORMAL/ PNEUMONIA/ folder, or "
                    "'demo' (synthetic images, no download).")
-@click.option("--backbone", default="densenet121", show_default=True, type=BACKBONES)
-@click.option("--cut", default=None, help="Head input layer (Keras name) [default: per backbone].")
-@click.option("--weights", default="imagenet", show_default=True,
+@click.option("--backbone", default=DEFAULTS.backbone, show_default=True, type=BACKBONES)
+@click.option("--cut", default=DEFAULTS.cut, help="Head input layer (Keras name) [default: per backbone].")
+@click.option("--weights", default=DEFAULTS.weights, show_default=True,
               help="imagenet (the ported checkpoint under checkpoints/), none (random init), "
                    "or a checkpoint folder made by `pneumojax port`.")
-@click.option("--trainable", default="none", show_default=True,
+@click.option("--trainable", default=DEFAULTS.trainable, show_default=True,
               help="Backbone layers to train: START:END by Keras name or index (end exclusive, "
                    "open ends allowed), comma-separated ranges, 'all', or 'none' (head only).")
-@click.option("--image-size", default=256, show_default=True, type=POSITIVE)
-@click.option("--resize", default="antialias", show_default=True,
+@click.option("--image-size", default=DEFAULTS.image_size, show_default=True, type=POSITIVE)
+@click.option("--resize", default=DEFAULTS.resize, show_default=True,
               type=click.Choice(RESIZE_METHODS),
               help="antialias: PIL bilinear, averaging every source pixel when it downscales; "
                    "keras: exactly the study's tf.image.resize (bilinear, no antialiasing). "
                    "evaluate and predict resize as the run did.")
-@click.option("--epochs", default=20, show_default=True, type=POSITIVE)
-@click.option("--batch-size", default=32, show_default=True, type=POSITIVE,
+@click.option("--epochs", default=DEFAULTS.epochs, show_default=True, type=POSITIVE)
+@click.option("--batch-size", default=DEFAULTS.batch_size, show_default=True, type=POSITIVE,
               help="Global batch: a multiple of the number of devices.")
-@click.option("--lr", "learning_rate", default=1e-3, show_default=True,
+@click.option("--lr", "learning_rate", default=DEFAULTS.learning_rate, show_default=True,
               type=_FiniteRange(min=0.0, min_open=True))
-@click.option("--lr-schedule", default="keras-seed", show_default=True,
-              type=click.Choice(["keras-seed", "exponential", "constant"]),
+@click.option("--lr-schedule", default=DEFAULTS.lr_schedule, show_default=True,
+              type=click.Choice(LR_SCHEDULES),
               help="keras-seed: the study's compounding x0.85**epoch per epoch.")
-@click.option("--patience", default=5, show_default=True, type=NON_NEGATIVE,
+@click.option("--patience", default=DEFAULTS.patience, show_default=True, type=NON_NEGATIVE,
               help="Early stopping on validation loss (restores the best epoch); 0 = off.")
-@click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE)
-@click.option("--target-recall", default=0.98, show_default=True,
+@click.option("--seed", default=DEFAULTS.seed, show_default=True, type=NON_NEGATIVE)
+@click.option("--target-recall", default=DEFAULTS.target_recall, show_default=True,
               type=_FiniteRange(0.0, 1.0, min_open=True),
               help="The threshold is the most specific one reaching this recall on validation.")
-@click.option("--val-fraction", default=0.15, show_default=True,
+@click.option("--val-fraction", default=DEFAULTS.val_fraction, show_default=True,
               type=_FiniteRange(0.0, 1.0, min_open=True, max_open=True),
               help="Share of the images carved off for validation, by patient and per class "
                    "(from train/ + val/ in a Kaggle folder).")
-@click.option("--test-fraction", default=0.15, show_default=True, type=FRACTION,
+@click.option("--test-fraction", default=DEFAULTS.test_fraction, show_default=True, type=FRACTION,
               help="Flat NORMAL/ PNEUMONIA/ folder only: share carved off for test (a Kaggle "
                    "folder's test/ is used as given).")
-@click.option("--out", default="runs/latest", show_default=True, help="Run folder.")
-@click.option("--balance", default="none", show_default=True,
-              type=click.Choice(["none", "class-weight", "undersample", "oversample", "ensemble"]),
+@click.option("--out", default=DEFAULTS.out, show_default=True, help="Run folder.")
+@click.option("--balance", default=DEFAULTS.balance, show_default=True,
+              type=click.Choice(BALANCE_METHODS),
               help="Class-imbalance method, applied to the train split only.")
-@click.option("--augment", default="cxr", show_default=True,
+@click.option("--augment", default=DEFAULTS.augment, show_default=True,
               help="Oversampling augmentation: preset 'cxr' or an albumentations file (A.save).")
-@click.option("--ensemble-size", default=None, type=POSITIVE,
+@click.option("--ensemble-size", default=DEFAULTS.ensemble_size, type=POSITIVE,
               help="Ensemble members K [default: round(majority / minority)].")
-@click.option("--precision", default="auto", show_default=True,
+@click.option("--precision", default=DEFAULTS.precision, show_default=True,
               type=DTYPES,
               help="bfloat16 = bfloat16 compute, float32 parameters and optimizer state; "
                    "auto = bfloat16 on GPU/TPU, float32 on CPU.")
@@ -169,9 +170,9 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
 @click.option("--process-id", default=None, type=NON_NEGATIVE, help="With --distributed.")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of "
               "skipping unreadable images with a warning.")
-@click.option("--feature-cache/--no-feature-cache", default=True, show_default=True,
+@click.option("--feature-cache/--no-feature-cache", default=DEFAULTS.feature_cache, show_default=True,
               help="Compute the frozen part's activations once and train the rest on them.")
-@click.option("--feature-cache-dtype", default="auto", show_default=True,
+@click.option("--feature-cache-dtype", default=DEFAULTS.feature_cache_dtype, show_default=True,
               type=DTYPES,
               help="How cached activations are stored. auto = as computed (training on them "
                    "is identical to the full model); bfloat16 halves a float32 cache.")
@@ -186,7 +187,7 @@ def train(resume, overwrite, dry_run, distributed, coordinator, num_processes, p
     from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
     from pneumojax.data import DataError  # noqa: PLC0415
     from pneumojax.model import TrainableSpecError, make_plan  # noqa: PLC0415
-    from pneumojax.run import TrainConfig, train_run  # noqa: PLC0415
+    from pneumojax.run import train_run  # noqa: PLC0415
     from pneumojax.train import Interrupted, NonFiniteLoss  # noqa: PLC0415
 
     cfg = TrainConfig(**options)
@@ -258,7 +259,7 @@ def evaluate(run_dir, data, split, out, strict, precision):
     """Metrics (at the run's validation-chosen threshold) and plots on any data."""
     from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
     from pneumojax.data import DataError  # noqa: PLC0415
-    from pneumojax.run import evaluate_run  # noqa: PLC0415
+    from pneumojax.inference import evaluate_run  # noqa: PLC0415
     try:
         evaluate_run(run_dir, data, split, out, log=click.echo, strict=strict,
                      precision=precision)
@@ -279,7 +280,7 @@ def predict(run_dir, as_json, paths, precision):
 
     from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
     from pneumojax.data import DataError  # noqa: PLC0415
-    from pneumojax.run import predict_paths  # noqa: PLC0415
+    from pneumojax.inference import predict_paths  # noqa: PLC0415
     try:
         rows = predict_paths(run_dir, list(paths), precision=precision)
     except (ValueError, OSError, CheckpointError, DataError) as e:

@@ -244,3 +244,26 @@ def format_metrics(m: dict[str, Any]) -> str:
     (tn, fp), (fn, tp) = m["confusion_matrix"]
     lines.append(f"confusion    tn={tn} fp={fp} fn={fn} tp={tp}")
     return "\n".join(line.rstrip() for line in lines)
+
+
+def combined_metrics(y: np.ndarray, member_p: np.ndarray, thresholds: list[float]) -> dict:
+    """One model: figures at its threshold. An ensemble: labels by majority vote of the members
+    (each at its own validation threshold; ties count as PNEUMONIA), AUC from the mean
+    probability."""
+    if len(thresholds) == 1:
+        metrics = evaluate_predictions(y, member_p[:, 0], thresholds[0])
+    else:
+        # The vote fraction at 0.5 gives exactly balance.vote's labels (ties -> PNEUMONIA).
+        votes = (member_p >= np.asarray(thresholds)).mean(1)
+        metrics = evaluate_predictions(y, votes, 0.5)
+        mean_p = member_p.mean(1)
+        auc_ci = bootstrap_ci(y, mean_p, 0.5)["auc"]
+        auc = binary_metrics(y, mean_p, 0.5)["auc"]
+        metrics["auc"], metrics["ci95"]["auc"] = auc, auc_ci
+        votes_05 = (member_p >= 0.5).mean(1)
+        metrics["at_0_5"] = {**binary_metrics(y, votes_05, 0.5), "auc": auc}
+        metrics["ensemble"] = {"members": len(thresholds), "label": "majority vote",
+                               "auc": "mean probability",
+                               "threshold": "0.5 on the fraction of members voting PNEUMONIA"}
+    metrics["member_thresholds"] = [float(t) for t in thresholds]
+    return metrics

@@ -33,7 +33,9 @@ class Classifier(nn.Module):
     """uint8 images -> backbone up to the cut -> Flatten, Dense(128, relu), Dropout, Dense(2).
 
     Returns the two logits; the study's sigmoid is applied in the loss and in
-    :func:`pneumonia_probability`.
+    :func:`pneumonia_probability`. When the backbone has outputs beyond the cut (its first
+    output), returns ``(logits, {layer name: activation})`` for those (big_vision's named
+    intermediates; see :func:`build_classifier`).
     """
 
     backbone: KerasGraph
@@ -46,13 +48,17 @@ class Classifier(nn.Module):
         # With ``backbone.given``, ``images`` is the dict of cached frozen activations.
         x = images if self.backbone.given else preprocess(images, self.preprocess_mode,
                                                           self.backbone.dtype)
-        x = self.backbone(x, train=train)[self.backbone.outputs[0]]
+        outputs = self.backbone(x, train=train)
+        x = outputs[self.backbone.outputs[0]]
         x = x.reshape(x.shape[0], -1)
         init = nn.initializers.glorot_uniform()
         dtype = self.backbone.dtype
         x = nn.relu(nn.Dense(self.hidden, kernel_init=init, dtype=dtype, name=HEAD[0])(x))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(2, kernel_init=init, dtype=dtype, name=HEAD[1])(x).astype(jnp.float32)
+        logits = nn.Dense(2, kernel_init=init, dtype=dtype, name=HEAD[1])(x).astype(jnp.float32)
+        if len(self.backbone.outputs) == 1:
+            return logits
+        return logits, {name: outputs[name] for name in self.backbone.outputs[1:]}
 
 
 def pneumonia_probability(logits):
@@ -168,9 +174,13 @@ def compute_dtype(precision: str | None):
 
 
 def build_classifier(info: BackboneInfo, cut: str, trainable: frozenset[str],
-                     dtype=jnp.float32, given: tuple[str, ...] = ()) -> Classifier:
-    """The classifier; with ``given`` layer names it starts from their cached activations."""
-    return Classifier(backbone_model(info, outputs=[cut], trainable=trainable, dtype=dtype,
+                     dtype=jnp.float32, given: tuple[str, ...] = (),
+                     intermediates: tuple[str, ...] = ()) -> Classifier:
+    """The classifier; with ``given`` layer names it starts from their cached activations;
+    with ``intermediates`` (Keras layer names up to the cut) it also returns their
+    activations."""
+    outputs = [cut] + [name for name in intermediates if name != cut]
+    return Classifier(backbone_model(info, outputs=outputs, trainable=trainable, dtype=dtype,
                                      given=given), info.preprocess_mode)
 
 

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from pneumojax import balance as B
 from pneumojax.cli import main
-from pneumojax.run import combined_metrics
+from pneumojax.metrics import combined_metrics
 
 LABELS = np.array([0] * 10 + [1] * 31, np.int32)
 

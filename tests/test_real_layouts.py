@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from pneumojax import balance as B
 from pneumojax import data
 from pneumojax.cli import main
-from pneumojax.run import TrainConfig, apply_balance
+from pneumojax.balance import apply_balance
+from pneumojax.run import TrainConfig
 
 from conftest import REPO
 

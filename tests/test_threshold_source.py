@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from pneumojax import data as D
 from pneumojax.cli import main
 from pneumojax.metrics import choose_threshold
-from pneumojax.run import load_run, load_split_arrays
+from pneumojax.inference import load_run
+from pneumojax.workspace import load_split_arrays
 
 CUT = "conv2_block3_concat"  # a short DenseNet121 prefix: quick to compile
 SIZE = 32

@@ -315,3 +315,17 @@ def test_train_refuses_missing_imagenet_checkpoint(tiny_data, tmp_path, monkeypa
                                        "--image-size", "32", "--out", str(tmp_path / "r")])
     assert result.exit_code == 1
     assert "pneumojax port --backbone densenet121 --weights imagenet" in result.output
+
+
+def test_the_classifier_returns_named_intermediates_beside_the_same_logits():
+    info = get_backbone("densenet121")
+    plain = build_classifier(info, CUT, frozenset())
+    named = build_classifier(info, CUT, frozenset(), intermediates=("conv1_relu", "pool1"))
+    variables = init_variables(plain, 32, 0)
+    x = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    logits, inter = named.apply(variables, x)
+    np.testing.assert_allclose(logits, plain.apply(variables, x), rtol=1e-6, atol=1e-6)
+    assert sorted(inter) == ["conv1_relu", "pool1"]
+    assert inter["conv1_relu"].shape == (2, 16, 16, 64) and inter["pool1"].shape == (2, 8, 8, 64)
+    with pytest.raises(KeyError, match="no layer 'mixed7'"):
+        build_classifier(info, CUT, frozenset(), intermediates=("mixed7",))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-RESIZE_METHODS = ("antialias", "keras")
+from pneumojax.config import RESIZE_METHODS  # one source, shared with the CLI
 
 
 def resize_image(image: Image.Image, image_size: int, method: str = "antialias") -> np.ndarray:
