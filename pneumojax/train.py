@@ -1,17 +1,26 @@
 """Training: one jitted step over a device mesh, early stopping, checkpoints, resume.
 
+Read it top down, as Flax's ImageNet example: the pure step functions (``train_step`` for one
+member, ``train_members_step`` for K side by side, ``predict_step``, ``create_train_state``);
+``Steps``, the one place that jits them over a mesh; then ``fit``, an epoch loop whose pieces
+(the batch loop, validation, ``EarlyStopping``, best weights, ``RunCheckpoints``) are separate.
+
 The batch is sharded over the mesh's ``data`` axis and the state is replicated, so the same
 step runs on 1 CPU, 8 GPUs or several hosts. Every random choice (init, shuffling, dropout)
 is derived from ``seed`` and the epoch/step number, so a resumed run redoes exactly what an
 uninterrupted one would have done.
+
+Over issue 12's ~400 lines on purpose: the step and the loop that drives it are meant to be
+read together. ``RunCheckpoints`` (orbax ``last``/``best``) is the piece to move, beside the
+finished-model folders in ``checkpoint.py``, if this module has to shrink.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
-import os
 import signal
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pneumojax.checkpoint import CheckpointError
 from pneumojax.io import fsync_path, fsync_tree, write_text_atomic
-from pneumojax.model import Classifier, make_optimizer, pneumonia_probability
+from pneumojax.model import Classifier, pneumonia_probability
 from pneumojax.progress import progress_bar
 
 LR_SCHEDULES = ("keras-seed", "exponential", "constant")
@@ -80,13 +89,80 @@ def loss_and_accuracy(logits, labels, weights):
     return loss, (correct * weights).sum() / jnp.maximum(weights.sum(), 1e-12)
 
 
+# The step: pure functions of the model, the optimizer and arrays, testable without a mesh.
+
+def train_step(model: Classifier, tx: optax.GradientTransformation, state: TrainState,
+               batch: dict, key: jax.Array) -> tuple[TrainState, dict]:
+    """One optimizer step of one member on ``batch`` (``image``: images or cached activations,
+    ``label``, ``weight``); returns the new state and the batch's ``loss`` and ``accuracy``.
+
+    Dropout draws from ``key`` folded with the state's step number, so a resumed run draws
+    what an uninterrupted one would have drawn."""
+    key = jax.random.fold_in(key, state.step)
+
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats}, batch["image"],
+            train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+        loss, acc = loss_and_accuracy(logits, batch["label"], batch["weight"])
+        return loss, (acc, updates.get("batch_stats", state.batch_stats))
+
+    (loss, (acc, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = TrainState(state.step + 1, params, batch_stats, opt_state)
+    return new, {"loss": loss, "accuracy": acc}
+
+
+def train_members_step(model: Classifier, tx: optax.GradientTransformation, state: TrainState,
+                       batch: dict, keys: jax.Array) -> tuple[TrainState, dict]:
+    """:func:`train_step` for K members side by side: the state, the batch and the metrics
+    carry a leading member axis, ``keys`` holds one key per member.
+
+    K = 1 for a plain run, K > 1 for an ensemble whose members differ only in what they
+    train on."""
+    step = functools.partial(train_step, model, tx)
+    if keys.shape[0] == 1:
+        # One member: drop the member axis rather than vmap, whose batching of
+        # convolutions over stacked kernels (grouped convolutions) costs ~15% on CPU.
+        one = lambda t: jax.tree.map(lambda x: x[0], t)  # noqa: E731
+        new, metrics = step(one(state), one(batch), keys[0])
+        return jax.tree.map(lambda x: x[None], (new, metrics))
+    return jax.vmap(step)(state, batch, keys)
+
+
+def predict_step(model: Classifier, variables: dict, images) -> jax.Array:
+    """Logits of one model in inference mode: (batch, 2)."""
+    return model.apply(variables, images, train=False)
+
+
+def predict_members_step(model: Classifier, member_variables: dict, images) -> jax.Array:
+    """Logits of every member (variables stacked on a leading axis), batch first:
+    (batch, members, 2)."""
+    logits = jax.vmap(functools.partial(predict_step, model), in_axes=(0, None))(
+        member_variables, images)
+    return jnp.swapaxes(logits, 0, 1)
+
+
+def create_train_state(tx: optax.GradientTransformation, member_variables: list[dict]
+                       ) -> TrainState:
+    """The members' variables stacked on a leading axis, with their optimizer states."""
+    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                           *member_variables)
+    params, batch_stats = stacked["params"], stacked.get("batch_stats", {})
+    k = len(member_variables)
+    return TrainState(jnp.zeros((k,), jnp.int32), params, batch_stats,
+                      jax.vmap(tx.init)(params))
+
+
 @dataclasses.dataclass
 class Steps:
-    """The jitted train and predict steps for one model, optimizer and mesh.
+    """The steps above, jitted once for one model, optimizer and mesh, with the shardings
+    that place their inputs: the state replicated, batches split over the ``data`` axis.
 
-    Training always runs K members side by side (``jax.vmap`` over a leading member axis of
-    the state and the batch): K = 1 for a plain run, K > 1 for an ensemble whose members
-    differ only in what they train on.
+    ``train`` is the jitted :func:`train_members_step` (it donates the state); ``map`` runs
+    any ``fn(variables, batch)``, such as ``predict`` or ``predict_members``, over inputs in
+    fixed-size batches, jitting each ``fn`` once (``_jitted``).
     """
 
     model: Classifier
@@ -94,57 +170,21 @@ class Steps:
     mesh: jax.sharding.Mesh
 
     def __post_init__(self):
-        self._jitted = {}
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
         self.member_batch_sharding = NamedSharding(self.mesh, P(None, "data"))
-        self.train = jax.jit(self._train_members, donate_argnums=0,
+        self.train = jax.jit(functools.partial(train_members_step, self.model, self.tx),
+                             donate_argnums=0,
                              in_shardings=(self.replicated, self.member_batch_sharding,
                                            self.replicated),
                              out_shardings=(self.replicated, self.replicated))
-
-    def _train_members(self, state: TrainState, batch, keys):
-        if keys.shape[0] == 1:
-            # One member: drop the member axis rather than vmap, whose batching of
-            # convolutions over stacked kernels (grouped convolutions) costs ~15% on CPU.
-            one = lambda t: jax.tree.map(lambda x: x[0], t)  # noqa: E731
-            new, metrics = self._train(one(state), one(batch), keys[0])
-            return jax.tree.map(lambda x: x[None], (new, metrics))
-        return jax.vmap(self._train)(state, batch, keys)
-
-    def _train(self, state: TrainState, batch, key):
-        key = jax.random.fold_in(key, state.step)
-
-        def loss_fn(params):
-            logits, updates = self.model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, batch["image"],
-                train=True, rngs={"dropout": key}, mutable=["batch_stats"])
-            loss, acc = loss_and_accuracy(logits, batch["label"], batch["weight"])
-            return loss, (acc, updates.get("batch_stats", state.batch_stats))
-
-        (loss, (acc, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new = TrainState(state.step + 1, params, batch_stats, opt_state)
-        return new, {"loss": loss, "accuracy": acc}
-
-    def _predict(self, variables, images):
-        return self.model.apply(variables, images, train=False)
-
-    def predict_members(self, member_variables, images):
-        """Logits of every member, batch first: (batch, members, 2)."""
-        return jnp.swapaxes(jax.vmap(self._predict, in_axes=(0, None))(member_variables,
-                                                                         images), 0, 1)
+        self.predict = functools.partial(predict_step, self.model)
+        self.predict_members = functools.partial(predict_members_step, self.model)
+        self._jitted = {}
 
     def init_state(self, member_variables: list[dict]) -> TrainState:
-        """The members' variables stacked on a leading axis, with their optimizer states."""
-        stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
-                               *member_variables)
-        params, batch_stats = stacked["params"], stacked.get("batch_stats", {})
-        k = len(member_variables)
-        state = TrainState(jnp.zeros((k,), jnp.int32), params, batch_stats,
-                           jax.vmap(self.tx.init)(params))
-        return jax.device_put(state, self.replicated)
+        """:func:`create_train_state`, replicated over the mesh."""
+        return jax.device_put(create_train_state(self.tx, member_variables), self.replicated)
 
     def shard(self, batch, members: bool = False):
         """Places a global batch on the mesh. On several hosts each host passes the same
@@ -174,15 +214,17 @@ class Steps:
         for start in progress_bar(range(0, n, batch_size), desc=desc, unit="batch", leave=False,
                                   disable=desc is None):
             stop = min(start + batch_size, n)
-
-            def take(a):
-                chunk = np.asarray(a[start:stop])
-                if stop - start < batch_size:
-                    pad = np.zeros((batch_size - (stop - start),) + chunk.shape[1:], chunk.dtype)
-                    chunk = np.concatenate([chunk, pad])
-                return chunk
-            out = jitted(variables, self.shard(jax.tree.map(take, inputs)))
+            batch = jax.tree.map(lambda a: _padded(a[start:stop], batch_size), inputs)
+            out = jitted(variables, self.shard(batch))
             sink(start, stop, jax.tree.map(lambda o: np.asarray(o)[:stop - start], out))
+
+
+def _padded(chunk, size: int) -> np.ndarray:
+    chunk = np.asarray(chunk)
+    if len(chunk) < size:
+        pad = np.zeros((size - len(chunk),) + chunk.shape[1:], chunk.dtype)
+        chunk = np.concatenate([chunk, pad])
+    return chunk
 
 
 def predict_logits(steps: Steps, variables, inputs, batch_size: int,
@@ -192,11 +234,24 @@ def predict_logits(steps: Steps, variables, inputs, batch_size: int,
 
     def sink(start, stop, logits):
         out[start:stop] = logits
-    steps.map(steps._predict, variables, inputs, batch_size, sink, desc)
+    steps.map(steps.predict, variables, inputs, batch_size, sink, desc)
+    return out
+
+
+def member_logits(steps: Steps, member_variables, inputs, batch_size: int,
+                  desc: str | None = None) -> np.ndarray:
+    """Logits of every member for every input: (n, members, 2)."""
+    k = len(jax.tree.leaves(member_variables)[0])
+    out = np.zeros((len(jax.tree.leaves(inputs)[0]), k, 2), np.float32)
+
+    def sink(start, stop, logits):
+        out[start:stop] = logits
+    steps.map(steps.predict_members, member_variables, inputs, batch_size, sink, desc)
     return out
 
 
 def evaluate_loss(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Loss and accuracy of one model's logits over a whole split (unweighted)."""
     loss, acc = loss_and_accuracy(jnp.asarray(logits), jnp.asarray(labels),
                                   jnp.ones(len(labels), jnp.float32))
     return float(loss), float(acc)
@@ -214,26 +269,81 @@ class FitOptions:
 
 
 @dataclasses.dataclass
+class EarlyStopping:
+    """Keras's ``EarlyStopping(monitor="val_loss", patience, restore_best_weights=True)``, kept
+    for each member: its best validation loss, the 1-based epoch of it, and the epochs since.
+
+    Members share one step, so a member that has stopped keeps training beside the others and
+    counts as stopped only until it improves again; training ends when all have stopped.
+    """
+
+    best_val_loss: list[float] = dataclasses.field(default_factory=list)
+    best_epoch: list[int] = dataclasses.field(default_factory=list)
+    wait: list[int] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def start(cls, members: int) -> EarlyStopping:
+        """No epoch seen yet, for ``members`` members."""
+        return cls([math.inf] * members, [-1] * members, [0] * members)
+
+    def update(self, epoch: int, val_losses: list[float]) -> np.ndarray:
+        """Records the validation loss of each member after ``epoch`` (1-based); returns which
+        members improved, as a boolean array."""
+        improved = np.array([v < b for v, b in zip(val_losses, self.best_val_loss)])
+        for i, v in enumerate(val_losses):
+            if improved[i]:
+                self.best_val_loss[i], self.best_epoch[i], self.wait[i] = v, epoch, 0
+            else:
+                self.wait[i] += 1
+        return improved
+
+    def stopped(self, patience: int) -> list[bool]:
+        """Per member: no improvement for ``patience`` epochs (patience 0 never stops)."""
+        return [bool(patience) and w >= patience for w in self.wait]
+
+
+@dataclasses.dataclass
 class Progress:
     """Where a run stands: saved with every checkpoint, so a resume continues exactly.
 
-    Early-stopping figures are per member.
+    Saved flat (:meth:`to_json`): the early-stopping lists sit beside the other fields, as in
+    checkpoints of every earlier version, which therefore still resume.
     """
 
     epoch: int = 0
     batch: int = 0                # batches done in the current epoch
     sums: dict = dataclasses.field(default_factory=lambda: {"loss": 0.0, "accuracy": 0.0})
     history: list = dataclasses.field(default_factory=list)
-    best_val_loss: list = dataclasses.field(default_factory=list)
-    best_epoch: list = dataclasses.field(default_factory=list)
-    wait: list = dataclasses.field(default_factory=list)
+    stopping: EarlyStopping = dataclasses.field(default_factory=EarlyStopping)
     stopped_early: bool = False
     finished: bool = False
     steps_per_epoch: int = 0
     best_save: int | None = None  # which ``best`` checkpoint holds the weights of best_epoch
 
+    @property
+    def best_epoch(self) -> list[int]:
+        """Each member's best epoch (1-based; -1 before any)."""
+        return self.stopping.best_epoch
+
     def global_step(self, batch_index: int) -> int:
         return self.epoch * self.steps_per_epoch + batch_index + 1
+
+    def to_json(self) -> dict:
+        """The checkpoint's record: every field, the early-stopping ones in place of
+        ``stopping``."""
+        record = {}
+        for name, value in dataclasses.asdict(self).items():
+            record.update(value if name == "stopping" else {name: value})
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict) -> Progress:
+        """The inverse of :meth:`to_json`."""
+        record = dict(record)
+        stopping = EarlyStopping(**{f.name: record.pop(f.name)
+                                    for f in dataclasses.fields(EarlyStopping)
+                                    if f.name in record})
+        return cls(stopping=stopping, **record)
 
 
 def prefetch(make: Callable[[int], Any], indices, depth: int = 2):
@@ -311,7 +421,7 @@ class RunCheckpoints:
     def save_last(self, state: TrainState, progress: Progress):
         step = self._save(self.last, ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            progress=ocp.args.JsonSave(dataclasses.asdict(progress))))
+            progress=ocp.args.JsonSave(progress.to_json())))
         # Only now, with the new copy on disk, older ones and bests it does not refer to go.
         self._drop_all_but(self.last, {step})
         self._drop_all_but(self.best, {progress.best_save} - {None})
@@ -331,7 +441,7 @@ class RunCheckpoints:
                 log(f"checkpoint {Path(self.last.directory) / str(step)} is unreadable "
                     f"({type(e).__name__}: {e}); trying the one before it")
                 continue
-            return restored["state"], Progress(**restored["progress"])
+            return restored["state"], Progress.from_json(restored["progress"])
         if errors:
             raise CheckpointError(f"no readable checkpoint in {self.last.directory}: "
                                   f"{errors[0]}") from errors[0]
@@ -343,7 +453,7 @@ class RunCheckpoints:
             variables=ocp.args.StandardSave(weights),
             info=ocp.args.JsonSave({"epoch": max(progress.best_epoch),
                                     "best_epoch": list(progress.best_epoch),
-                                    "best_val_loss": list(progress.best_val_loss)})))
+                                    "best_val_loss": list(progress.stopping.best_val_loss)})))
 
     def restore_best(self, abstract_variables, progress: Progress) -> dict | None:
         """The best weights ``progress`` refers to; None while no epoch has been the best.
@@ -392,39 +502,25 @@ def fit(steps: Steps, variables: dict | list[dict], train: tuple, val: tuple,
     stop early each on its own validation loss; training ends when all have stopped.
     ``stop_after_steps`` simulates an interrupt (tests).
     """
-    inputs, labels, weights = train
-    members = members if members is not None else [np.arange(len(labels))]
+    members = members if members is not None else [np.arange(len(train[1]))]
     k = len(members)
     variables = variables if isinstance(variables, list) else [variables] * k
-    n_dev = steps.mesh.devices.size
-    if opts.batch_size % n_dev:
-        raise ValueError(f"--batch-size {opts.batch_size} is not a multiple of the "
-                         f"{n_dev} devices")
-    steps_per_epoch = min(len(m) for m in members) // opts.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"the train split has {min(len(m) for m in members)} images, fewer than "
-                         f"one batch of {opts.batch_size}")
+    steps_per_epoch = _steps_per_epoch(members, opts.batch_size, steps.mesh.devices.size)
     ckpt = RunCheckpoints(run_dir / "checkpoints")
     state = steps.init_state(variables)
-    progress = Progress(best_val_loss=[math.inf] * k, best_epoch=[-1] * k, wait=[0] * k,
-                        steps_per_epoch=steps_per_epoch)
+    progress = Progress(stopping=EarlyStopping.start(k), steps_per_epoch=steps_per_epoch)
     best = jax.tree.map(jnp.copy, _weights(state))  # the step donates the state's buffers
     if resume:
-        restored = ckpt.restore_last(jax.tree.map(ocp.utils.to_shape_dtype_struct, state), log)
-        if restored is None:
-            log("no checkpoint was saved before the interruption: starting from the beginning")
-        else:
-            state, progress = restored
-            saved_best = ckpt.restore_best(jax.tree.map(ocp.utils.to_shape_dtype_struct, best),
-                                           progress)
-            if saved_best is not None:
-                best = saved_best
-            log(f"resuming at epoch {progress.epoch + 1}, batch {progress.batch}")
+        state, progress, best = _resume(ckpt, state, progress, best, log)
     keys = jax.random.split(jax.random.key(opts.seed), k) if k > 1 else \
         jax.random.key(opts.seed)[None]
     _write_history(run_dir, progress.history)
 
     with _StopFlag() as stop:
+        def interrupt(global_step: int) -> bool:
+            return stop.signal is not None or (stop_after_steps is not None
+                                               and global_step >= stop_after_steps)
+
         epochs = progress_bar(range(progress.epoch, opts.epochs), desc="epochs",
                               initial=progress.epoch, total=opts.epochs, summary=False)
         for epoch in epochs:
@@ -432,106 +528,179 @@ def fit(steps: Steps, variables: dict | list[dict], train: tuple, val: tuple,
                 break
             lr = opts.learning_rate * epoch_lr_factor(opts.lr_schedule, epoch)
             state = _set_learning_rate(state, lr)
-            orders = [m[np.random.default_rng([opts.seed, epoch, i]).permutation(len(m))]
-                      for i, m in enumerate(members)]
-            bar = progress_bar(range(progress.batch, steps_per_epoch), desc=f"epoch {epoch + 1}",
-                               initial=progress.batch, total=steps_per_epoch, leave=False,
-                               summary=False)
-
-            def make_batch(b, orders=orders):
-                idx = [np.sort(o[b * opts.batch_size:(b + 1) * opts.batch_size]) for o in orders]
-                return steps.shard({
-                    "image": jax.tree.map(lambda a: np.stack([np.asarray(a[i]) for i in idx]),
-                                          inputs),
-                    "label": np.stack([labels[i] for i in idx]),
-                    "weight": np.stack([weights[i] for i in idx]).astype(np.float32)},
-                    members=True)
-
-            pending = []  # metrics still on the device: the host syncs every log_every steps
-            for b, batch in zip(bar, prefetch(make_batch, range(progress.batch, steps_per_epoch))):
-                state, metrics = steps.train(state, batch, keys)
-                pending.append(metrics)
-                last = b + 1 == steps_per_epoch
-                interrupt = stop.signal is not None or (
-                    stop_after_steps is not None and progress.global_step(b) >= stop_after_steps)
-                if (b + 1) % opts.log_every and not last and not interrupt:
-                    continue
-                for i, m in enumerate(jax.device_get(pending)):
-                    if not np.isfinite(m["loss"]).all():
-                        raise NonFiniteLoss(
-                            f"loss became {m['loss']} at epoch {epoch + 1}, step "
-                            f"{b + 2 - len(pending) + i}; the last good checkpoint is kept")
-                    for key in progress.sums:  # per step, in order: windows don't change sums
-                        progress.sums[key] += float(np.mean(m[key]))
-                pending = []
-                progress.batch = b + 1
-                bar.set_postfix(loss=f"{progress.sums['loss'] / progress.batch:.4f}",
-                                acc=f"{progress.sums['accuracy'] / progress.batch:.3f}")
-                if interrupt:
-                    ckpt.save_last(state, progress)
-                    ckpt.close()
-                    why = signal.Signals(stop.signal or signal.SIGINT).name
-                    raise Interrupted(f"interrupted by {why} at epoch {epoch + 1}, batch {b + 1}; "
-                                      f"state saved in {run_dir / 'checkpoints' / 'last'}")
-            bar.close()
-            val_logits = member_logits(steps, _weights(state), val[0], opts.batch_size)
-            val_scores = [evaluate_loss(val_logits[:, i], val[1]) for i in range(k)]
-            row = {"epoch": epoch + 1, "lr": lr,
-                   "loss": progress.sums["loss"] / steps_per_epoch,
-                   "accuracy": progress.sums["accuracy"] / steps_per_epoch,
-                   "val_loss": float(np.mean([v[0] for v in val_scores])),
-                   "val_accuracy": float(np.mean([v[1] for v in val_scores]))}
-            if k > 1:
-                row["member_val_loss"] = [v[0] for v in val_scores]
-            progress.history.append(row)
-            epochs.set_postfix(loss=f"{row['loss']:.4f}", val_loss=f"{row['val_loss']:.4f}",
-                               val_acc=f"{row['val_accuracy']:.3f}")
-            log(f"epoch {epoch + 1}/{opts.epochs} loss={row['loss']:.4f} "
-                f"accuracy={row['accuracy']:.4f} val_loss={row['val_loss']:.4f} "
-                f"val_accuracy={row['val_accuracy']:.4f} lr={lr:.3g}"
-                + (f" ({k} members)" if k > 1 else ""))
-            improved = np.array([v[0] < b_ for v, b_ in zip(val_scores, progress.best_val_loss)])
-            for i, (v, _) in enumerate(val_scores):
-                if improved[i]:
-                    progress.best_val_loss[i], progress.best_epoch[i] = v, epoch + 1
-                    progress.wait[i] = 0
-                else:
-                    progress.wait[i] += 1
-            if improved.any():
-                best = jax.tree.map(
-                    lambda b_, s_: jnp.where(improved.reshape((-1,) + (1,) * (s_.ndim - 1)),
-                                             s_, b_), best, _weights(state))
-                progress.best_save = ckpt.save_best(best, progress)
-            progress.epoch, progress.batch = epoch + 1, 0
-            progress.sums = {key: 0.0 for key in progress.sums}
-            if opts.patience and min(progress.wait) >= opts.patience:
-                progress.stopped_early = progress.finished = True
-                log(f"early stopping after epoch {epoch + 1}: val_loss has not improved for "
-                    f"{opts.patience} epochs; restoring epoch "
-                    f"{', '.join(map(str, progress.best_epoch))}")
-            if epoch + 1 == opts.epochs:
-                progress.finished = True
-            ckpt.save_last(state, progress)
+            batches = _epoch_batches(steps, train, members, opts, epoch, progress)
+            state, interrupted = _train_epoch(steps, state, keys, batches, progress, epoch,
+                                              opts.log_every, interrupt)
+            if interrupted:
+                _save_and_raise(ckpt, state, progress, stop.signal, epoch, run_dir)
+            row, val_losses = _validate(steps, _weights(state), val, opts.batch_size)
+            row = {"epoch": epoch + 1, "lr": lr, **_train_means(progress, steps_per_epoch), **row}
+            _record_epoch(progress, row, epochs, opts.epochs, k, log)
+            improved = _end_epoch(progress, val_losses, epoch, opts, log)
+            best = _save_epoch(ckpt, state, best, improved, progress)
             _write_history(run_dir, progress.history)
     ckpt.close()
     best = jax.device_get(best)
     return [jax.tree.map(lambda x: np.asarray(x[i]), best) for i in range(k)], progress
 
 
+def _steps_per_epoch(members: list[np.ndarray], batch_size: int, devices: int) -> int:
+    if batch_size % devices:
+        raise ValueError(f"--batch-size {batch_size} is not a multiple of the "
+                         f"{devices} devices")
+    smallest = min(len(m) for m in members)
+    if smallest < batch_size:
+        raise ValueError(f"the train split has {smallest} images, fewer than "
+                         f"one batch of {batch_size}")
+    return smallest // batch_size
+
+
+def _resume(ckpt: RunCheckpoints, state: TrainState, progress: Progress, best: dict,
+            log: Callable[[str], None]) -> tuple[TrainState, Progress, dict]:
+    """State, progress and best weights as the last checkpoint left them; the given ones
+    where no checkpoint was saved."""
+    restored = ckpt.restore_last(jax.tree.map(ocp.utils.to_shape_dtype_struct, state), log)
+    if restored is None:
+        log("no checkpoint was saved before the interruption: starting from the beginning")
+        return state, progress, best
+    state, progress = restored
+    saved_best = ckpt.restore_best(jax.tree.map(ocp.utils.to_shape_dtype_struct, best),
+                                   progress)
+    log(f"resuming at epoch {progress.epoch + 1}, batch {progress.batch}")
+    return state, progress, best if saved_best is None else saved_best
+
+
+def _epoch_batches(steps: Steps, train: tuple, members: list[np.ndarray], opts: FitOptions,
+                   epoch: int, progress: Progress):
+    """The epoch's remaining batches, sharded with a member axis, prepared ahead.
+
+    Each member's order is drawn from (seed, epoch, member) alone, so a resumed epoch
+    continues the same order."""
+    inputs, labels, weights = train
+    orders = [m[np.random.default_rng([opts.seed, epoch, i]).permutation(len(m))]
+              for i, m in enumerate(members)]
+
+    def make_batch(b):
+        idx = [np.sort(o[b * opts.batch_size:(b + 1) * opts.batch_size]) for o in orders]
+        return steps.shard({
+            "image": jax.tree.map(lambda a: np.stack([np.asarray(a[i]) for i in idx]), inputs),
+            "label": np.stack([labels[i] for i in idx]),
+            "weight": np.stack([weights[i] for i in idx]).astype(np.float32)}, members=True)
+    return prefetch(make_batch, range(progress.batch, progress.steps_per_epoch))
+
+
+def _train_epoch(steps: Steps, state: TrainState, keys, batches, progress: Progress,
+                 epoch: int, log_every: int, interrupt: Callable[[int], bool]
+                 ) -> tuple[TrainState, bool]:
+    """Steps through ``batches``, adding their metrics to ``progress`` every ``log_every``
+    steps; returns the state and whether ``interrupt(global_step)`` cut the epoch short."""
+    n = progress.steps_per_epoch
+    bar = progress_bar(range(progress.batch, n), desc=f"epoch {epoch + 1}",
+                       initial=progress.batch, total=n, leave=False, summary=False)
+    pending = []  # metrics still on the device: a host sync every step would stall it
+    for b, batch in zip(bar, batches):
+        state, metrics = steps.train(state, batch, keys)
+        pending.append(metrics)
+        stop = interrupt(progress.global_step(b))
+        if (b + 1) % log_every and b + 1 < n and not stop:
+            continue
+        _add_metrics(progress, jax.device_get(pending), epoch, first_step=b + 2 - len(pending))
+        pending = []
+        progress.batch = b + 1
+        means = _train_means(progress, progress.batch)
+        bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['accuracy']:.3f}")
+        if stop:
+            return state, True
+    bar.close()
+    return state, False
+
+
+def _add_metrics(progress: Progress, metrics: list[dict], epoch: int, first_step: int):
+    """Adds each step's member-mean metrics to ``progress.sums``, in order (so where the host
+    syncs does not change the sums); fails at the first non-finite loss."""
+    for i, m in enumerate(metrics):
+        if not np.isfinite(m["loss"]).all():
+            raise NonFiniteLoss(f"loss became {m['loss']} at epoch {epoch + 1}, step "
+                                f"{first_step + i}; the last good checkpoint is kept")
+        for key in progress.sums:
+            progress.sums[key] += float(np.mean(m[key]))
+
+
+def _train_means(progress: Progress, batches: int) -> dict:
+    return {key: total / batches for key, total in progress.sums.items()}
+
+
+def _save_and_raise(ckpt: RunCheckpoints, state: TrainState, progress: Progress,
+                    signum: int | None, epoch: int, run_dir: Path):
+    """Saves ``last`` mid-epoch and raises :class:`Interrupted` (no signal: stop_after_steps)."""
+    ckpt.save_last(state, progress)
+    ckpt.close()
+    why = signal.Signals(signum or signal.SIGINT).name
+    raise Interrupted(f"interrupted by {why} at epoch {epoch + 1}, batch {progress.batch}; "
+                      f"state saved in {run_dir / 'checkpoints' / 'last'}")
+
+
+def _validate(steps: Steps, member_weights: dict, val: tuple, batch_size: int
+              ) -> tuple[dict, list[float]]:
+    """The history row's validation figures (means over members) and each member's loss."""
+    logits = member_logits(steps, member_weights, val[0], batch_size)
+    scores = [evaluate_loss(logits[:, i], val[1]) for i in range(logits.shape[1])]
+    losses = [loss for loss, _ in scores]
+    row = {"val_loss": float(np.mean(losses)),
+           "val_accuracy": float(np.mean([acc for _, acc in scores]))}
+    if len(scores) > 1:
+        row["member_val_loss"] = losses
+    return row, losses
+
+
+def _record_epoch(progress: Progress, row: dict, bar, epochs: int, k: int,
+                  log: Callable[[str], None]):
+    progress.history.append(row)
+    bar.set_postfix(loss=f"{row['loss']:.4f}", val_loss=f"{row['val_loss']:.4f}",
+                    val_acc=f"{row['val_accuracy']:.3f}")
+    log(f"epoch {row['epoch']}/{epochs} loss={row['loss']:.4f} "
+        f"accuracy={row['accuracy']:.4f} val_loss={row['val_loss']:.4f} "
+        f"val_accuracy={row['val_accuracy']:.4f} lr={row['lr']:.3g}"
+        + (f" ({k} members)" if k > 1 else ""))
+
+
+def _end_epoch(progress: Progress, val_losses: list[float], epoch: int, opts: FitOptions,
+               log: Callable[[str], None]) -> np.ndarray:
+    """Moves ``progress`` past ``epoch``: early stopping, counters, whether the run is
+    finished. Returns which members improved."""
+    improved = progress.stopping.update(epoch + 1, val_losses)
+    progress.epoch, progress.batch = epoch + 1, 0
+    progress.sums = {key: 0.0 for key in progress.sums}
+    if all(progress.stopping.stopped(opts.patience)):
+        progress.stopped_early = progress.finished = True
+        log(f"early stopping after epoch {epoch + 1}: val_loss has not improved for "
+            f"{opts.patience} epochs; restoring epoch "
+            f"{', '.join(map(str, progress.best_epoch))}")
+    if epoch + 1 == opts.epochs:
+        progress.finished = True
+    return improved
+
+
+def _save_epoch(ckpt: RunCheckpoints, state: TrainState, best: dict, improved: np.ndarray,
+                progress: Progress) -> dict:
+    """The checkpoint policy at an epoch's end: new best weights first (only if a member
+    improved), then ``last``, which refers to them. Returns the best weights."""
+    if improved.any():
+        best = _keep_improved(best, _weights(state), improved)
+        progress.best_save = ckpt.save_best(best, progress)
+    ckpt.save_last(state, progress)
+    return best
+
+
+def _keep_improved(best: dict, weights: dict, improved: np.ndarray) -> dict:
+    """``best`` with the improved members' slices replaced by their current weights."""
+    return jax.tree.map(
+        lambda b, w: jnp.where(improved.reshape((-1,) + (1,) * (w.ndim - 1)), w, b),
+        best, weights)
+
+
 def _weights(state: TrainState) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
-
-
-def member_logits(steps: Steps, member_variables, inputs, batch_size: int,
-                  desc: str | None = None) -> np.ndarray:
-    """Logits of every member for every input: (n, members, 2)."""
-    k = len(jax.tree.leaves(member_variables)[0])
-    out = np.zeros((len(jax.tree.leaves(inputs)[0]), k, 2), np.float32)
-
-    def sink(start, stop, logits):
-        out[start:stop] = logits
-    steps.map(steps.predict_members, member_variables, inputs, batch_size, sink, desc)
-    return out
 
 
 _HYPERPARAM_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
