@@ -34,11 +34,11 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pneumojax.checkpoint import CheckpointError
+from pneumojax.config import LR_SCHEDULES, FitOptions
 from pneumojax.io import fsync_path, fsync_tree, write_text_atomic
 from pneumojax.model import Classifier, pneumonia_probability
 from pneumojax.progress import progress_bar
 
-LR_SCHEDULES = ("keras-seed", "exponential", "constant")
 
 
 class Interrupted(Exception):
@@ -255,17 +255,6 @@ def evaluate_loss(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]
     loss, acc = loss_and_accuracy(jnp.asarray(logits), jnp.asarray(labels),
                                   jnp.ones(len(labels), jnp.float32))
     return float(loss), float(acc)
-
-
-@dataclasses.dataclass
-class FitOptions:
-    epochs: int = 20
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    lr_schedule: str = "keras-seed"
-    patience: int = 5
-    seed: int = 0
-    log_every: int = 10   # host syncs for the progress bar every N steps, not every step
 
 
 @dataclasses.dataclass
