@@ -23,7 +23,10 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/pneumojax train --data demo --backbone densenet121 --weights $(DEMO_WEIGHTS) \
 	  --image-size 128 --epochs 10 --out runs/demo --overwrite
 
+# The formatter and pyflakes' checks first (seconds), then the suite.
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check --select F .
 	$(VENV)/bin/python -m pytest
 
 clean-venv:

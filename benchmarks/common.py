@@ -26,25 +26,36 @@ HEAD_LAYERS = ("dense", "dense_1")  # the head's Dense layers, named as pneumoja
 
 # --- workers -----------------------------------------------------------------------------------
 
-def run_worker(script: Path, job: dict, workdir: Path, env: dict[str, str] | None = None,
-               timeout: float | None = None) -> dict:
+
+def run_worker(
+    script: Path,
+    job: dict,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+) -> dict:
     """Runs ``script --worker JOB.json`` in a fresh interpreter; returns its JSON result.
 
     A failed or timed-out worker gives ``{"error": ..., "log_tail": ...}`` instead of raising,
     so one broken framework does not lose the others' figures.
     """
     name = job["name"]
-    job_file, result_file, log_file = (workdir / f"{name}.{ext}" for ext in ("job.json",
-                                                                              "result.json", "log"))
+    job_file, result_file, log_file = (
+        workdir / f"{name}.{ext}" for ext in ("job.json", "result.json", "log")
+    )
     job_file.write_text(json.dumps({**job, "result": str(result_file)}, indent=1))
-    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
-                **(env or {})}
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", **(env or {})}
     t0 = time.perf_counter()
     try:
         with open(log_file, "w") as log:
-            proc = subprocess.run([sys.executable, str(script), "--worker", str(job_file)],
-                                  env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=timeout, cwd=REPO)
+            proc = subprocess.run(
+                [sys.executable, str(script), "--worker", str(job_file)],
+                env=full_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                cwd=REPO,
+            )
         failure = None if proc.returncode == 0 else f"exit status {proc.returncode}"
     except subprocess.TimeoutExpired:
         failure = f"timed out after {timeout:.0f} s"
@@ -53,8 +64,11 @@ def run_worker(script: Path, job: dict, workdir: Path, env: dict[str, str] | Non
         result = json.loads(result_file.read_text())
         result["process_wall_s"] = round(wall, 2)
         return result
-    return {"error": failure or "no result written", "process_wall_s": round(wall, 2),
-            "log_tail": tail(log_file)}
+    return {
+        "error": failure or "no result written",
+        "process_wall_s": round(wall, 2),
+        "log_tail": tail(log_file),
+    }
 
 
 def tail(path: Path, lines: int = 25) -> str:
@@ -85,6 +99,7 @@ def _plain(x):
 
 # --- measuring ---------------------------------------------------------------------------------
 
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -100,12 +115,17 @@ def summarize(seconds: list[float], batch_size: int) -> dict:
     """Median and spread of per-call times, and the images/s they mean."""
     s = np.asarray(seconds, np.float64)
     q1, median, q3 = np.percentile(s, [25, 50, 75])
-    return {"n": int(s.size), "median_s": float(median), "min_s": float(s.min()),
-            "max_s": float(s.max()), "iqr_s": [float(q1), float(q3)],
-            "images_per_s": batch_size / float(median),
-            # Fastest and slowest calls bound the rate; IQR is the typical spread.
-            "images_per_s_range": [batch_size / float(s.max()), batch_size / float(s.min())],
-            "images_per_s_iqr": [batch_size / float(q3), batch_size / float(q1)]}
+    return {
+        "n": int(s.size),
+        "median_s": float(median),
+        "min_s": float(s.min()),
+        "max_s": float(s.max()),
+        "iqr_s": [float(q1), float(q3)],
+        "images_per_s": batch_size / float(median),
+        # Fastest and slowest calls bound the rate; IQR is the typical spread.
+        "images_per_s_range": [batch_size / float(s.max()), batch_size / float(s.min())],
+        "images_per_s_iqr": [batch_size / float(q3), batch_size / float(q1)],
+    }
 
 
 def time_calls(call: Callable[[], object], steps: int, warmup: int, batch_size: int) -> dict:
@@ -124,12 +144,17 @@ def time_calls(call: Callable[[], object], steps: int, warmup: int, batch_size: 
         call()
         times.append(time.perf_counter() - t)
     wall = time.perf_counter() - wall0
-    return {"first_call_s": first, "warmup": warmup, **summarize(times, batch_size),
-            # Cores kept busy on average: CPU seconds per wall second over the timed calls.
-            "cores_used": (cpu_seconds() - cpu0) / wall}
+    return {
+        "first_call_s": first,
+        "warmup": warmup,
+        **summarize(times, batch_size),
+        # Cores kept busy on average: CPU seconds per wall second over the timed calls.
+        "cores_used": (cpu_seconds() - cpu0) / wall,
+    }
 
 
 # --- the machine ---------------------------------------------------------------------------------
+
 
 def cpu_model() -> str:
     """The CPU model name from /proc/cpuinfo (or the platform's guess elsewhere)."""
@@ -146,7 +171,7 @@ def memory_gb() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 1024 ** 2, 1)
+                return round(int(line.split()[1]) / 1024**2, 1)
     except OSError:
         pass
     return None
@@ -155,9 +180,15 @@ def memory_gb() -> float | None:
 def hardware() -> dict:
     """What the figures were measured on (accelerators come from the workers' device lists)."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "usable_cores": usable,
-            "memory_gb": memory_gb(), "machine": platform.machine(),
-            "os": platform.platform(), "load_average": list(os.getloadavg())}
+    return {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "usable_cores": usable,
+        "memory_gb": memory_gb(),
+        "machine": platform.machine(),
+        "os": platform.platform(),
+        "load_average": list(os.getloadavg()),
+    }
 
 
 def versions() -> dict:
@@ -173,21 +204,25 @@ def versions() -> dict:
 def accelerators_jax() -> list[str]:
     """JAX's devices as 'platform: kind' (CPU included)."""
     import jax  # noqa: PLC0415
+
     return [f"{d.platform}: {d.device_kind}" for d in jax.devices()]
 
 
 def peak_device_mb_jax() -> float | None:
     """Peak memory in use on JAX's first device, where the backend reports it (GPUs do)."""
     import jax  # noqa: PLC0415
+
     stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
-    return round(peak / 2 ** 20, 1) if peak is not None else None
+    return round(peak / 2**20, 1) if peak is not None else None
 
 
 # --- Keras side ----------------------------------------------------------------------------------
 
-def build_keras_classifier(info, cut: str, trainable_layers, input_size: int,
-                           weights: str | None = None):
+
+def build_keras_classifier(
+    info, cut: str, trainable_layers, input_size: int, weights: str | None = None
+):
     """The study's Keras model: ``keras.applications`` backbone up to ``cut``, then Flatten,
     Dense(128, relu), Dropout(0.1), Dense(2, sigmoid); backbone frozen except
     ``trainable_layers``. Returns ``(backbone, classifier)``; the backbone is the whole
@@ -196,6 +231,7 @@ def build_keras_classifier(info, cut: str, trainable_layers, input_size: int,
     import keras  # noqa: PLC0415
 
     from ports.keras_port import build_keras_model  # noqa: PLC0415
+
     base = build_keras_model(info, input_size, weights)
     trainable_layers = set(trainable_layers)
     for layer in base.layers:
@@ -210,8 +246,12 @@ def build_keras_classifier(info, cut: str, trainable_layers, input_size: int,
 def compile_keras(model, learning_rate: float = 1e-3) -> None:
     """As the study: Adam, binary cross-entropy on one-hot labels, accuracy."""
     import keras  # noqa: PLC0415
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy",
-                  metrics=["accuracy"])
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="binary_crossentropy",
+        metrics=["accuracy"],
+    )
 
 
 def keras_trainable_params(model) -> int:
@@ -220,10 +260,15 @@ def keras_trainable_params(model) -> int:
 
 # --- weights shared between frameworks -------------------------------------------------------
 
+
 def save_weights(path: Path, groups: dict[str, dict[str, dict[str, np.ndarray]]]) -> None:
     """``{group: {layer: {weight: array}}}`` into one .npz (keys ``group/layer/weight``)."""
-    flat = {f"{g}/{layer}/{w}": a for g, layers in groups.items()
-            for layer, ws in layers.items() for w, a in ws.items()}
+    flat = {
+        f"{g}/{layer}/{w}": a
+        for g, layers in groups.items()
+        for layer, ws in layers.items()
+        for w, a in ws.items()
+    }
     np.savez(path, **flat)
 
 
@@ -238,6 +283,7 @@ def load_weights(path: str | Path) -> dict[str, dict[str, dict[str, np.ndarray]]
 
 
 # --- tables ----------------------------------------------------------------------------------------
+
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -28,17 +28,29 @@ import time
 from pathlib import Path
 
 # Per-operation trace events on CPU (must be set before JAX starts).
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_cpu_enable_xprof_traceme=true").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
+).strip()
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from throughput import (CONFIGS, fixed_batch, pneumojax_step,  # noqa: E402
-                        study_class_weights)
+from throughput import (
+    CONFIGS,
+    fixed_batch,
+    pneumojax_step,  # noqa: E402
+    study_class_weights,
+)
 
-KINDS = ("convolution forward", "convolution input gradient", "convolution weight gradient",
-         "pooling", "matrix products", "layout copies", "elementwise fusions and other")
+KINDS = (
+    "convolution forward",
+    "convolution input gradient",
+    "convolution weight gradient",
+    "pooling",
+    "matrix products",
+    "layout copies",
+    "elementwise fusions and other",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,9 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after 2 warm-up)")
     p.add_argument("--top", type=int, default=12, help="slowest operations to list")
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON output, markdown beside it (default "
-                        "benchmarks/results/profile-config<N>.json)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON output, markdown beside it (default benchmarks/results/profile-config<N>.json)",
+    )
     return p.parse_args(argv)
 
 
@@ -75,15 +90,18 @@ def hlo_operations(hlo_text: str) -> dict[str, dict]:
             name, _, dims, opcode = m.groups()
             called = re.search(r"calls=%?([\w.\-]+)", line)
             op_name = re.search(r'op_name="([^"]*)"', line)
-            ops[name] = {"opcode": opcode, "shape": [int(d) for d in dims.split(",") if d],
-                         "op_name": op_name.group(1) if op_name else "",
-                         "inner": bodies.get(called.group(1), []) if called else []}
+            ops[name] = {
+                "opcode": opcode,
+                "shape": [int(d) for d in dims.split(",") if d],
+                "op_name": op_name.group(1) if op_name else "",
+                "inner": bodies.get(called.group(1), []) if called else [],
+            }
     return ops
 
 
 def classify(op: dict, batch: int) -> tuple[str, str]:
     """(kind, layer) of one executed instruction."""
-    lines = [f" = {op['shape']} {op['opcode']}( op_name=\"{op['op_name']}\""] + op["inner"]
+    lines = [f' = {op["shape"]} {op["opcode"]}( op_name="{op["op_name"]}"'] + op["inner"]
     text = "\n".join(lines)
     conv = next((line for line in op["inner"] if " convolution(" in line), None)
     if op["opcode"] == "convolution":
@@ -95,16 +113,19 @@ def classify(op: dict, batch: int) -> tuple[str, str]:
         first = int(out.group(1).split(",")[0]) if out and out.group(1) else batch
         if first != batch:
             return "convolution weight gradient", layer
-        return ("convolution input gradient" if "transpose(" in conv
-                else "convolution forward"), layer
+        return (
+            "convolution input gradient" if "transpose(" in conv else "convolution forward"
+        ), layer
     if re.search(r" (reduce-window|select-and-scatter)\(", text):
         return "pooling", layer
     if re.search(r" dot\(", text):
         return "matrix products", layer
-    moves = [bool(re.search(r" (parameter|copy|transpose|bitcast)\(", line))
-             for line in op["inner"] if " = " in line]
-    if op["opcode"] in ("copy", "transpose") or (op["opcode"] == "fusion" and moves
-                                                 and all(moves)):
+    moves = [
+        bool(re.search(r" (parameter|copy|transpose|bitcast)\(", line))
+        for line in op["inner"]
+        if " = " in line
+    ]
+    if op["opcode"] in ("copy", "transpose") or (op["opcode"] == "fusion" and moves and all(moves)):
         return "layout copies", layer
     return "elementwise fusions and other", layer
 
@@ -120,13 +141,20 @@ def profile(args) -> dict:
 
     cfg = CONFIGS[args.config]
     n = args.batch_size
-    _, steps, variables = pneumojax_step(cfg.backbone, cfg.cut, cfg.trainable, args.image_size,
-                                         seed=0)
-    images, labels, weights = fixed_batch({
-        "batch_size": n, "image_size": args.image_size, "seed": 0,
-        "class_weights": study_class_weights() if cfg.class_weights else None})
-    batch = steps.shard({"image": images[None], "label": labels[None], "weight": weights[None]},
-                        members=True)
+    _, steps, variables = pneumojax_step(
+        cfg.backbone, cfg.cut, cfg.trainable, args.image_size, seed=0
+    )
+    images, labels, weights = fixed_batch(
+        {
+            "batch_size": n,
+            "image_size": args.image_size,
+            "seed": 0,
+            "class_weights": study_class_weights() if cfg.class_weights else None,
+        }
+    )
+    batch = steps.shard(
+        {"image": images[None], "label": labels[None], "weight": weights[None]}, members=True
+    )
     keys = jax.random.key(0)[None]
     state = steps.init_state([variables])
     hlo = steps.train.lower(state, batch, keys).compile().as_text()
@@ -154,36 +182,68 @@ def profile(args) -> dict:
     for name, ms in per_op.items():
         kind, layer = classify(ops[name], n)
         kinds[kind] += ms
-        rows.append({"op": name, "kind": kind, "layer": layer, "ms": round(ms, 2),
-                     "shape": ops[name]["shape"]})
+        rows.append(
+            {
+                "op": name,
+                "kind": kind,
+                "layer": layer,
+                "ms": round(ms, 2),
+                "shape": ops[name]["shape"],
+            }
+        )
     rows.sort(key=lambda r: -r["ms"])
     total = sum(kinds.values())
-    return {"config": args.config, "label": cfg.label, "batch_size": n,
-            "image_size": args.image_size, "steps": args.steps,
-            "wall_ms_per_step": round(wall * 1e3, 1), "images_per_s": round(n / wall, 2),
-            "op_ms_per_step": round(total, 1),
-            "kinds": {k: round(kinds[k], 1) for k in KINDS},
-            "top": rows[:args.top], "hardware": common.hardware(),
-            "versions": common.versions(),
-            "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    return {
+        "config": args.config,
+        "label": cfg.label,
+        "batch_size": n,
+        "image_size": args.image_size,
+        "steps": args.steps,
+        "wall_ms_per_step": round(wall * 1e3, 1),
+        "images_per_s": round(n / wall, 2),
+        "op_ms_per_step": round(total, 1),
+        "kinds": {k: round(kinds[k], 1) for k in KINDS},
+        "top": rows[: args.top],
+        "hardware": common.hardware(),
+        "versions": common.versions(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
 
 
 def render_markdown(p: dict) -> str:
     total = p["op_ms_per_step"] or 1.0
-    lines = [f"## Profile of one train step: config {p['config']} ({p['label']})", "",
-             f"{p['batch_size']} images of {p['image_size']} px, float32, "
-             f"{p['steps']} profiled steps: {p['wall_ms_per_step']} ms per step "
-             f"({p['images_per_s']} img/s). XLA:CPU operations ran for {p['op_ms_per_step']} ms "
-             "per step in all (operations on different cores overlap, so this can exceed the "
-             "wall time).", "", f"Command: `{p['command']}`", "",
-             common.markdown_table(["kind of operation", "ms per step", "share"],
-                                   [[k, f"{v:.1f}", f"{v / total:.0%}"]
-                                    for k, v in p["kinds"].items()]),
-             "", "Slowest operations:", "",
-             common.markdown_table(["operation", "kind", "layer", "result shape", "ms per step"],
-                                   [[r["op"], r["kind"], f"`{r['layer']}`",
-                                     "×".join(map(str, r["shape"])), f"{r['ms']:.1f}"]
-                                    for r in p["top"]])]
+    lines = [
+        f"## Profile of one train step: config {p['config']} ({p['label']})",
+        "",
+        f"{p['batch_size']} images of {p['image_size']} px, float32, "
+        f"{p['steps']} profiled steps: {p['wall_ms_per_step']} ms per step "
+        f"({p['images_per_s']} img/s). XLA:CPU operations ran for {p['op_ms_per_step']} ms "
+        "per step in all (operations on different cores overlap, so this can exceed the "
+        "wall time).",
+        "",
+        f"Command: `{p['command']}`",
+        "",
+        common.markdown_table(
+            ["kind of operation", "ms per step", "share"],
+            [[k, f"{v:.1f}", f"{v / total:.0%}"] for k, v in p["kinds"].items()],
+        ),
+        "",
+        "Slowest operations:",
+        "",
+        common.markdown_table(
+            ["operation", "kind", "layer", "result shape", "ms per step"],
+            [
+                [
+                    r["op"],
+                    r["kind"],
+                    f"`{r['layer']}`",
+                    "×".join(map(str, r["shape"])),
+                    f"{r['ms']:.1f}",
+                ]
+                for r in p["top"]
+            ],
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -61,21 +61,34 @@ class StudyConfig:
     same_step_as: int | None = None  # its train step is that configuration's, byte for byte
 
 
-CONFIGS = {c.number: c for c in (
-    StudyConfig(1, "resnet152", "conv5_block3_1_relu", "ResNet152, head only"),
-    StudyConfig(2, "densenet121", "conv5_block15_1_relu", "DenseNet121, head only"),
-    StudyConfig(3, "inception_v3", "conv2d_86", "InceptionV3, head only"),
-    StudyConfig(4, "inception_v3", "conv2d_86", "InceptionV3 + conv2d_44:average_pooling2d_4",
-                trainable="conv2d_44:average_pooling2d_4"),
-    # Oversampling changes which images fill a batch, not the step: 4's figures stand for it.
-    StudyConfig(5, "inception_v3", "conv2d_86", "as 4, on an oversampled train set",
-                trainable="conv2d_44:average_pooling2d_4", same_step_as=4),
-    StudyConfig(6, "resnet50v2", "post_relu", "ResNet50V2 + class weights", class_weights=True),
-)}
+CONFIGS = {
+    c.number: c
+    for c in (
+        StudyConfig(1, "resnet152", "conv5_block3_1_relu", "ResNet152, head only"),
+        StudyConfig(2, "densenet121", "conv5_block15_1_relu", "DenseNet121, head only"),
+        StudyConfig(3, "inception_v3", "conv2d_86", "InceptionV3, head only"),
+        StudyConfig(
+            4,
+            "inception_v3",
+            "conv2d_86",
+            "InceptionV3 + conv2d_44:average_pooling2d_4",
+            trainable="conv2d_44:average_pooling2d_4",
+        ),
+        # Oversampling changes which images fill a batch, not the step: 4's figures stand for it.
+        StudyConfig(
+            5,
+            "inception_v3",
+            "conv2d_86",
+            "as 4, on an oversampled train set",
+            trainable="conv2d_44:average_pooling2d_4",
+            same_step_as=4,
+        ),
+        StudyConfig(6, "resnet50v2", "post_relu", "ResNet50V2 + class weights", class_weights=True),
+    )
+}
 
 QUICK = {"image_size": 96, "batch_size": 8, "steps": 3, "warmup": 1, "configs": [4, 5, 6]}
-FULL = {"image_size": 256, "batch_size": 32, "steps": 10, "warmup": 2,
-        "configs": sorted(CONFIGS)}
+FULL = {"image_size": 256, "batch_size": 32, "steps": 10, "warmup": 2, "configs": sorted(CONFIGS)}
 
 
 def study_class_weights() -> list[float]:
@@ -86,30 +99,56 @@ def study_class_weights() -> list[float]:
 
 # --- the parent ----------------------------------------------------------------------------------
 
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help=f"CI size: {QUICK['image_size']} px, batch {QUICK['batch_size']}, "
-                        f"{QUICK['steps']} steps, configuration {QUICK['configs']}")
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON output (the markdown table goes beside it, same stem, .md); "
-                        "default benchmarks/results/throughput[-quick].json")
-    p.add_argument("--configs", type=int, nargs="+", choices=sorted(CONFIGS), default=None,
-                   help="study configurations to measure (default all; 5 reuses 4's step)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"CI size: {QUICK['image_size']} px, batch {QUICK['batch_size']}, "
+        f"{QUICK['steps']} steps, configuration {QUICK['configs']}",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON output (the markdown table goes beside it, same stem, .md); "
+        "default benchmarks/results/throughput[-quick].json",
+    )
+    p.add_argument(
+        "--configs",
+        type=int,
+        nargs="+",
+        choices=sorted(CONFIGS),
+        default=None,
+        help="study configurations to measure (default all; 5 reuses 4's step)",
+    )
     p.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed calls after warm-up")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls after the first")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-budget", type=float, default=0,
-                   help="seconds; workers that would start after it are skipped and marked "
-                        "so (0 = no budget)")
-    p.add_argument("--worker-timeout", type=float, default=3600,
-                   help="seconds one framework may take on one configuration")
-    p.add_argument("--keep-workdir", type=Path, default=None,
-                   help="keep the shared weights and the workers' jobs, results and logs here")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=0,
+        help="seconds; workers that would start after it are skipped and marked so (0 = no budget)",
+    )
+    p.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=3600,
+        help="seconds one framework may take on one configuration",
+    )
+    p.add_argument(
+        "--keep-workdir",
+        type=Path,
+        default=None,
+        help="keep the shared weights and the workers' jobs, results and logs here",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -119,8 +158,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.out is None:
-        args.out = SCRIPT.parent / "results" / ("throughput-quick.json" if args.quick
-                                                else "throughput.json")
+        args.out = (
+            SCRIPT.parent
+            / "results"
+            / ("throughput-quick.json" if args.quick else "throughput.json")
+        )
     return args
 
 
@@ -133,20 +175,33 @@ def plan_record(cfg: StudyConfig, image_size: int) -> dict:
     """The pneumojax plan: trainable layer names (Keras gets the same set) and counts."""
     from pneumojax.backbones import get_backbone  # noqa: PLC0415
     from pneumojax.model import make_plan  # noqa: PLC0415
+
     plan = make_plan(get_backbone(cfg.backbone), cfg.cut, cfg.trainable, image_size)
-    return {"trainable_layers": sorted(plan.trainable_layers),
-            "trainable_params": plan.trainable_params, "frozen_params": plan.frozen_params}
+    return {
+        "trainable_layers": sorted(plan.trainable_layers),
+        "trainable_params": plan.trainable_params,
+        "frozen_params": plan.frozen_params,
+    }
 
 
 def make_job(args, cfg: StudyConfig, plan: dict, framework: str, weights: Path) -> dict:
-    return {"name": f"config{cfg.number}-{framework}", "role": "measure",
-            "framework": framework, "config": cfg.number, "backbone": cfg.backbone,
-            "cut": cfg.cut, "trainable": cfg.trainable,
-            "trainable_layers": plan["trainable_layers"],
-            "class_weights": study_class_weights() if cfg.class_weights else None,
-            "weights": str(weights), "batch_size": args.batch_size,
-            "image_size": args.image_size, "steps": args.steps, "warmup": args.warmup,
-            "seed": args.seed}
+    return {
+        "name": f"config{cfg.number}-{framework}",
+        "role": "measure",
+        "framework": framework,
+        "config": cfg.number,
+        "backbone": cfg.backbone,
+        "cut": cfg.cut,
+        "trainable": cfg.trainable,
+        "trainable_layers": plan["trainable_layers"],
+        "class_weights": study_class_weights() if cfg.class_weights else None,
+        "weights": str(weights),
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "seed": args.seed,
+    }
 
 
 def framework_env(framework: str) -> dict[str, str]:
@@ -155,8 +210,10 @@ def framework_env(framework: str) -> dict[str, str]:
     GPU in a JAX worker."""
     if framework == "keras-tf":
         return {"KERAS_BACKEND": "tensorflow", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-    return {"KERAS_BACKEND": KERAS_BACKENDS.get(framework, "jax"),
-            "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
+    return {
+        "KERAS_BACKEND": KERAS_BACKENDS.get(framework, "jax"),
+        "TF_FORCE_GPU_ALLOW_GROWTH": "true",
+    }
 
 
 @contextlib.contextmanager
@@ -181,29 +238,50 @@ def run_suite(args) -> dict:
     with workdir_of(args.keep_workdir) as workdir:
         weights = {n: workdir / f"weights-config{n}.npz" for n in numbers}
         print(f"preparing shared weights for configurations {numbers} ...", flush=True)
-        prep = common.run_worker(SCRIPT, {
-            "name": "prepare", "role": "prepare", "image_size": args.image_size,
-            "seed": args.seed, "configs": [
-                {"number": n, "backbone": CONFIGS[n].backbone, "cut": CONFIGS[n].cut,
-                 "trainable_layers": plans[n]["trainable_layers"], "weights": str(weights[n])}
-                for n in numbers]}, workdir, env=framework_env("keras-tf"),
-            timeout=min(args.worker_timeout, args.time_budget or args.worker_timeout))
+        prep = common.run_worker(
+            SCRIPT,
+            {
+                "name": "prepare",
+                "role": "prepare",
+                "image_size": args.image_size,
+                "seed": args.seed,
+                "configs": [
+                    {
+                        "number": n,
+                        "backbone": CONFIGS[n].backbone,
+                        "cut": CONFIGS[n].cut,
+                        "trainable_layers": plans[n]["trainable_layers"],
+                        "weights": str(weights[n]),
+                    }
+                    for n in numbers
+                ],
+            },
+            workdir,
+            env=framework_env("keras-tf"),
+            timeout=min(args.worker_timeout, args.time_budget or args.worker_timeout),
+        )
         if "error" in prep:
             raise SystemExit(f"preparing weights failed: {prep['error']}\n{prep['log_tail']}")
         for n in numbers:
             for framework in args.frameworks:
                 elapsed = time.perf_counter() - t0
                 if args.time_budget and elapsed > args.time_budget:
-                    results[n][framework] = {"skipped": f"time budget of {args.time_budget:.0f} s "
-                                                        "spent before this worker started"}
+                    results[n][framework] = {
+                        "skipped": f"time budget of {args.time_budget:.0f} s "
+                        "spent before this worker started"
+                    }
                     continue
                 timeout = args.worker_timeout
                 if args.time_budget:  # a hard limit: a worker still running then is stopped
                     timeout = min(timeout, max(args.time_budget - elapsed, 1.0))
                 print(f"config {n} ({CONFIGS[n].label}): {TITLES[framework]} ...", flush=True)
-                result = common.run_worker(SCRIPT, make_job(args, CONFIGS[n], plans[n],
-                                                            framework, weights[n]),
-                                           workdir, env=framework_env(framework), timeout=timeout)
+                result = common.run_worker(
+                    SCRIPT,
+                    make_job(args, CONFIGS[n], plans[n], framework, weights[n]),
+                    workdir,
+                    env=framework_env(framework),
+                    timeout=timeout,
+                )
                 print("  " + one_line(result), flush=True)
                 results[n][framework] = result
     return assemble(args, selected, plans, results, time.perf_counter() - t0, load_before)
@@ -215,10 +293,12 @@ def one_line(result: dict) -> str:
         return f"SKIPPED: {result['skipped']}"
     if "error" in result:
         return f"FAILED: {result['error']}\n{result.get('log_tail', '')}"
-    return (f"train {result['train']['images_per_s']:.2f} img/s, "
-            f"inference {result['inference']['images_per_s']:.2f} img/s, "
-            f"first step {result['train']['first_call_s']:.1f} s, "
-            f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    return (
+        f"train {result['train']['images_per_s']:.2f} img/s, "
+        f"inference {result['inference']['images_per_s']:.2f} img/s, "
+        f"first step {result['train']['first_call_s']:.1f} s, "
+        f"peak RSS {result['peak_rss_mb']:.0f} MB"
+    )
 
 
 def ratio(results: dict, phase: str, a: str, b: str) -> float | None:
@@ -233,8 +313,10 @@ def checks(results: dict, plan: dict) -> dict:
     """Same model on every side: trainable parameter counts and the first batch's outputs."""
     ok = {fw: r for fw, r in results.items() if "train" in r}
     counts = {fw: r["trainable_params"] for fw, r in ok.items()}
-    out = {"trainable_params": counts,
-           "trainable_params_equal": len(set(counts.values()) | {plan["trainable_params"]}) == 1}
+    out = {
+        "trainable_params": counts,
+        "trainable_params_equal": len(set(counts.values()) | {plan["trainable_params"]}) == 1,
+    }
     if "pneumojax" in ok:
         # Logits, not probabilities: a randomized ResNet152 saturates the sigmoid, where equal
         # probabilities would prove nothing. Relative to the logits' scale (1e5 there).
@@ -242,48 +324,79 @@ def checks(results: dict, plan: dict) -> dict:
         scale = max(float(np.max(np.abs(ref))), 1e-6)
         out["logit_diff_vs_pneumojax"] = {
             fw: float(np.max(np.abs(np.asarray(r["probe_logits"]) - ref))) / scale
-            for fw, r in ok.items() if fw != "pneumojax"}
+            for fw, r in ok.items()
+            if fw != "pneumojax"
+        }
     return out
 
 
-def assemble(args, selected, plans, results, wall_s: float,
-             load_before: list[float]) -> dict:
+def assemble(args, selected, plans, results, wall_s: float, load_before: list[float]) -> dict:
     """The JSON payload: settings, machine, versions, and one entry per configuration."""
     configs = []
     for cfg in selected:
         n = cfg.same_step_as or cfg.number
-        entry = {**dataclasses.asdict(cfg), **plans[n], "measured_as": n, "results": results[n],
-                 "ratios": {f"pneumojax/{other}": {phase: ratio(results[n], phase, "pneumojax",
-                                                                other)
-                                                   for phase in ("train", "inference")}
-                            for other in ("keras-tf", "keras-jax")},
-                 "checks": checks(results[n], plans[n])}
+        entry = {
+            **dataclasses.asdict(cfg),
+            **plans[n],
+            "measured_as": n,
+            "results": results[n],
+            "ratios": {
+                f"pneumojax/{other}": {
+                    phase: ratio(results[n], phase, "pneumojax", other)
+                    for phase in ("train", "inference")
+                }
+                for other in ("keras-tf", "keras-jax")
+            },
+            "checks": checks(results[n], plans[n]),
+        }
         if cfg.same_step_as:
-            entry["note"] = (f"train step identical to configuration {n} (oversampling only "
-                             "changes which images fill a batch): its measurement is reused, "
-                             "not repeated")
+            entry["note"] = (
+                f"train step identical to configuration {n} (oversampling only "
+                "changes which images fill a batch): its measurement is reused, "
+                "not repeated"
+            )
         configs.append(entry)
-    accelerators = next((r["devices"] for rs in results.values()
-                         for fw, r in rs.items() if fw == "pneumojax" and "devices" in r), [])
+    accelerators = next(
+        (
+            r["devices"]
+            for rs in results.values()
+            for fw, r in rs.items()
+            if fw == "pneumojax" and "devices" in r
+        ),
+        [],
+    )
     return {
         "benchmark": "throughput",
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "settings": {"quick": args.quick, "batch_size": args.batch_size,
-                     "image_size": args.image_size, "steps": args.steps, "warmup": args.warmup,
-                     "dtype": "float32", "learning_rate": LEARNING_RATE, "seed": args.seed,
-                     "frameworks": args.frameworks, "configs": args.configs,
-                     "time_budget_s": args.time_budget or None},
-        "hardware": {**common.hardware(), "load_average_before": load_before,
-                     "accelerators": accelerators},
-        "versions": {fw: r["versions"] for rs in results.values() for fw, r in rs.items()
-                     if "versions" in r},
+        "settings": {
+            "quick": args.quick,
+            "batch_size": args.batch_size,
+            "image_size": args.image_size,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "dtype": "float32",
+            "learning_rate": LEARNING_RATE,
+            "seed": args.seed,
+            "frameworks": args.frameworks,
+            "configs": args.configs,
+            "time_budget_s": args.time_budget or None,
+        },
+        "hardware": {
+            **common.hardware(),
+            "load_average_before": load_before,
+            "accelerators": accelerators,
+        },
+        "versions": {
+            fw: r["versions"] for rs in results.values() for fw, r in rs.items() if "versions" in r
+        },
         "wall_s": round(wall_s, 1),
         "configs": configs,
     }
 
 
 # --- the table -------------------------------------------------------------------------------------
+
 
 def _rate(result: dict, phase: str) -> str:
     if "error" in result:
@@ -329,21 +442,30 @@ def _intro(payload: dict) -> list[str]:
         f"CPU: {hw['cpu']} ({hw['usable_cores']} usable cores of {hw['cpu_count']}, "
         f"{hw['memory_gb']} GB); accelerators: {acc}; 1-minute load average before the suite "
         f"{load_before:.2f}, after {load_after:.2f}.",
-        "Versions: " + ", ".join(f"{k} {versions[k]}" for k in
-                                 ("python", "jax", "jaxlib", "flax", "optax", "keras",
-                                  "tensorflow") if k in versions) + ".",
-        "Devices each framework used: " + "; ".join(
+        "Versions: "
+        + ", ".join(
+            f"{k} {versions[k]}"
+            for k in ("python", "jax", "jaxlib", "flax", "optax", "keras", "tensorflow")
+            if k in versions
+        )
+        + ".",
+        "Devices each framework used: "
+        + "; ".join(
             f"{TITLES[fw]}: {', '.join(r['devices'])}"
             + (f" (Keras jit_compile={r['jit_compile']})" if "jit_compile" in r else "")
-            for fw, r in _first_results(payload).items()) + ".",
+            for fw, r in _first_results(payload).items()
+        )
+        + ".",
         f"Figures: median images/s over {s['steps']} timed calls after {s['warmup']} warm-up "
         "call(s) (and the first, compiling, call), [slowest–fastest call] in brackets. "
         "Each framework ran alone in its own process. Ratios above 1 mean pneumojax is faster.",
     ]
     if load_before > 0.5:
-        lines.append(f"**Warning:** the machine was busy before the suite started (load "
-                     f"{load_before:.2f}): other processes shared the cores, so these figures "
-                     "understate every framework and their ratios are noisy.")
+        lines.append(
+            f"**Warning:** the machine was busy before the suite started (load "
+            f"{load_before:.2f}): other processes shared the cores, so these figures "
+            "understate every framework and their ratios are noisy."
+        )
     return lines + [""]
 
 
@@ -351,16 +473,25 @@ def _rate_table(payload: dict, phase: str) -> str:
     """Images/s per framework and pneumojax's ratios, one row per configuration."""
     fws = payload["settings"]["frameworks"]
     others = [o for o in ("keras-tf", "keras-jax") if o in fws and "pneumojax" in fws]
-    header = ["config", "model", *[TITLES[f] for f in fws],
-              *[f"pneumojax / {TITLES[o]}" for o in others]]
+    header = [
+        "config",
+        "model",
+        *[TITLES[f] for f in fws],
+        *[f"pneumojax / {TITLES[o]}" for o in others],
+    ]
     rows = []
     for e in payload["configs"]:
         label = e["label"]
         if e["same_step_as"]:
             label += f" (= config {e['same_step_as']}'s step, not re-measured)"
-        rows.append([str(e["number"]), label,
-                     *[_rate(e["results"].get(f, {"skipped": True}), phase) for f in fws],
-                     *[_ratio_cell(e["ratios"][f"pneumojax/{o}"][phase]) for o in others]])
+        rows.append(
+            [
+                str(e["number"]),
+                label,
+                *[_rate(e["results"].get(f, {"skipped": True}), phase) for f in fws],
+                *[_ratio_cell(e["ratios"][f"pneumojax/{o}"][phase]) for o in others],
+            ]
+        )
     return common.markdown_table(header, rows)
 
 
@@ -368,55 +499,87 @@ def _resource_table(payload: dict) -> str:
     """Set-up, compile, memory and core use, and the checks that the models are the same."""
     fws = payload["settings"]["frameworks"]
     order = " / ".join(TITLES[f] for f in fws)
-    header = ["config", f"model setup s ({order})", f"first train step s ({order})",
-              f"first predict s ({order})", f"peak RSS MB ({order})",
-              f"cores used training ({order})", "trainable params",
-              "first-batch logits: max abs diff vs pneumojax / max abs logit"]
+    header = [
+        "config",
+        f"model setup s ({order})",
+        f"first train step s ({order})",
+        f"first predict s ({order})",
+        f"peak RSS MB ({order})",
+        f"cores used training ({order})",
+        "trainable params",
+        "first-batch logits: max abs diff vs pneumojax / max abs logit",
+    ]
     rows = []
     for e in payload["configs"]:
         counts = e["checks"]["trainable_params"]
-        params = (f"{e['trainable_params']:,}" if e["checks"]["trainable_params_equal"] else
-                  "DIFFER: " + ", ".join(f"{TITLES[fw]} {n:,}" for fw, n in counts.items()))
+        params = (
+            f"{e['trainable_params']:,}"
+            if e["checks"]["trainable_params_equal"]
+            else "DIFFER: " + ", ".join(f"{TITLES[fw]} {n:,}" for fw, n in counts.items())
+        )
         diffs = e["checks"].get("logit_diff_vs_pneumojax", {})
-        rows.append([str(e["number"]),
-                     _per_framework(e, fws, lambda r: f"{r['setup_s']:.1f}"),
-                     _per_framework(e, fws, lambda r: f"{r['train']['first_call_s']:.1f}"),
-                     _per_framework(e, fws, lambda r: f"{r['inference']['first_call_s']:.1f}"),
-                     _per_framework(e, fws, lambda r: f"{r['peak_rss_mb']:.0f}"),
-                     _per_framework(e, fws, lambda r: f"{r['train']['cores_used']:.2f}"),
-                     params, ", ".join(f"{TITLES[fw]} {d:.1e}" for fw, d in diffs.items())
-                     or "–"])
+        rows.append(
+            [
+                str(e["number"]),
+                _per_framework(e, fws, lambda r: f"{r['setup_s']:.1f}"),
+                _per_framework(e, fws, lambda r: f"{r['train']['first_call_s']:.1f}"),
+                _per_framework(e, fws, lambda r: f"{r['inference']['first_call_s']:.1f}"),
+                _per_framework(e, fws, lambda r: f"{r['peak_rss_mb']:.0f}"),
+                _per_framework(e, fws, lambda r: f"{r['train']['cores_used']:.2f}"),
+                params,
+                ", ".join(f"{TITLES[fw]} {d:.1e}" for fw, d in diffs.items()) or "–",
+            ]
+        )
     return common.markdown_table(header, rows)
 
 
 def _device_memory_table(payload: dict) -> str | None:
     """Peak accelerator memory, when any worker ran on one."""
     fws = payload["settings"]["frameworks"]
-    entries = [e for e in payload["configs"]
-               if any(r.get("peak_device_mb") for r in e["results"].values())]
+    entries = [
+        e for e in payload["configs"] if any(r.get("peak_device_mb") for r in e["results"].values())
+    ]
     if not entries:
         return None
-    rows = [[str(e["number"]), _per_framework(
-        e, fws, lambda r: f"{r['peak_device_mb']:.0f}" if r.get("peak_device_mb") else "?")]
-        for e in entries]
+    rows = [
+        [
+            str(e["number"]),
+            _per_framework(
+                e, fws, lambda r: f"{r['peak_device_mb']:.0f}" if r.get("peak_device_mb") else "?"
+            ),
+        ]
+        for e in entries
+    ]
     return common.markdown_table(["config", f"MB ({' / '.join(TITLES[f] for f in fws)})"], rows)
 
 
 def render_markdown(payload: dict) -> str:
     """The tables a reader looks at: training, inference, then set-up/memory/cores."""
     lines = _intro(payload)
-    lines += ["### Training: real train step, no feature cache (images/s)", "",
-              _rate_table(payload, "train"), "",
-              "### Inference: predict on one batch of host images (images/s)", "",
-              _rate_table(payload, "inference"), "",
-              "### Set-up, compile, memory, core use", "", _resource_table(payload), ""]
+    lines += [
+        "### Training: real train step, no feature cache (images/s)",
+        "",
+        _rate_table(payload, "train"),
+        "",
+        "### Inference: predict on one batch of host images (images/s)",
+        "",
+        _rate_table(payload, "inference"),
+        "",
+        "### Set-up, compile, memory, core use",
+        "",
+        _resource_table(payload),
+        "",
+    ]
     device = _device_memory_table(payload)
     if device:
         lines += ["### Peak device memory", "", device, ""]
     lines += [f"Config {e['number']}: {e['note']}." for e in payload["configs"] if e.get("note")]
-    failed = [f"config {e['number']} {TITLES[fw]}: {r.get('error') or r.get('skipped')}"
-              for e in payload["configs"] for fw, r in e["results"].items()
-              if "error" in r or "skipped" in r]
+    failed = [
+        f"config {e['number']} {TITLES[fw]}: {r.get('error') or r.get('skipped')}"
+        for e in payload["configs"]
+        for fw, r in e["results"].items()
+        if "error" in r or "skipped" in r
+    ]
     lines += [f"Not measured: {f}." for f in dict.fromkeys(failed)]
     lines.append(f"Total wall time of the suite: {payload['wall_s']:.0f} s.")
     return "\n".join(lines)
@@ -431,14 +594,19 @@ def main(argv=None) -> int:
     md = common.write_outputs(args.out, payload, markdown)
     print(markdown)
     print(f"\nwrote {args.out} and {md}")
-    failed = [f"config {e['number']} {fw}" for e in payload["configs"]
-              for fw, r in e["results"].items() if "error" in r]
+    failed = [
+        f"config {e['number']} {fw}"
+        for e in payload["configs"]
+        for fw, r in e["results"].items()
+        if "error" in r
+    ]
     if failed:
         print("FAILED: " + ", ".join(failed), file=sys.stderr)
     return 1 if failed else 0
 
 
 # --- the workers -------------------------------------------------------------------------------
+
 
 def worker_main(job_path: str) -> int:
     job = common.read_job(job_path)
@@ -459,15 +627,21 @@ def prepare_weights(job: dict) -> dict:
 
     from pneumojax.backbones import get_backbone  # noqa: PLC0415
     from ports.keras_port import randomize_keras_model, weights_of_keras_model  # noqa: PLC0415
+
     for cfg in job["configs"]:
         keras.utils.set_random_seed(job["seed"])  # the head's Glorot draws
-        base, model = common.build_keras_classifier(get_backbone(cfg["backbone"]), cfg["cut"],
-                                                    cfg["trainable_layers"], job["image_size"])
+        base, model = common.build_keras_classifier(
+            get_backbone(cfg["backbone"]), cfg["cut"], cfg["trainable_layers"], job["image_size"]
+        )
         randomize_keras_model(base, job["seed"])
         everything = weights_of_keras_model(model)
-        common.save_weights(Path(cfg["weights"]), {
-            "backbone": weights_of_keras_model(base),
-            "head": {k: everything[k] for k in common.HEAD_LAYERS}})
+        common.save_weights(
+            Path(cfg["weights"]),
+            {
+                "backbone": weights_of_keras_model(base),
+                "head": {k: everything[k] for k in common.HEAD_LAYERS},
+            },
+        )
     return {"prepared": [c["number"] for c in job["configs"]]}
 
 
@@ -475,22 +649,31 @@ def fixed_batch(job: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The one batch every framework sees: smooth random uint8 images, labels about 1:3
     NORMAL:PNEUMONIA as in the data set, per-sample weights (class weights or ones)."""
     from ports.keras_port import parity_batch  # noqa: PLC0415
+
     n = job["batch_size"]
     images = parity_batch(job["image_size"], n=n, seed=job["seed"])
     labels = np.resize(np.array([0, 1, 1, 1], np.int32), n)
-    weights = (np.asarray(job["class_weights"], np.float32)[labels] if job["class_weights"]
-               else np.ones(n, np.float32))
+    weights = (
+        np.asarray(job["class_weights"], np.float32)[labels]
+        if job["class_weights"]
+        else np.ones(n, np.float32)
+    )
     return images, labels, weights
 
 
-def pneumojax_step(backbone: str, cut: str, trainable: str, image_size: int, seed: int,
-                   weights: dict | None = None):
+def pneumojax_step(
+    backbone: str, cut: str, trainable: str, image_size: int, seed: int, weights: dict | None = None
+):
     """(plan, ``Steps``, variables) of the pneumojax classifier the suite measures: the
     backbone and head from ``weights`` (as ``prepare_weights`` saves them) or, without them,
     Keras-style random ones (a step's speed does not depend on the values)."""
     from pneumojax.backbones import get_backbone  # noqa: PLC0415
-    from pneumojax.model import (build_classifier, init_variables, make_optimizer,  # noqa: PLC0415
-                                 make_plan)
+    from pneumojax.model import (
+        build_classifier,
+        init_variables,
+        make_optimizer,  # noqa: PLC0415
+        make_plan,
+    )
     from pneumojax.train import Steps, make_mesh  # noqa: PLC0415
     from ports.keras_port import port_keras_weights  # noqa: PLC0415
 
@@ -501,10 +684,14 @@ def pneumojax_step(backbone: str, cut: str, trainable: str, image_size: int, see
     variables = init_variables(model, image_size, seed, ported)
     if weights is not None:
         for layer in common.HEAD_LAYERS:  # the Keras head's values, not pneumojax's own draws
-            variables["params"][layer] = {k: np.asarray(v)
-                                          for k, v in weights["head"][layer].items()}
-    steps = Steps(model, make_optimizer(variables["params"], plan.trainable_layers,
-                                        LEARNING_RATE), make_mesh())
+            variables["params"][layer] = {
+                k: np.asarray(v) for k, v in weights["head"][layer].items()
+            }
+    steps = Steps(
+        model,
+        make_optimizer(variables["params"], plan.trainable_layers, LEARNING_RATE),
+        make_mesh(),
+    )
     return plan, steps, variables
 
 
@@ -518,13 +705,20 @@ def measure_pneumojax(job: dict) -> dict:
     images, labels, weights = fixed_batch(job)
     size, batch_size = job["image_size"], job["batch_size"]
     t0 = time.perf_counter()
-    plan, steps, variables = pneumojax_step(job["backbone"], job["cut"], job["trainable"], size,
-                                            job["seed"], common.load_weights(job["weights"]))
+    plan, steps, variables = pneumojax_step(
+        job["backbone"],
+        job["cut"],
+        job["trainable"],
+        size,
+        job["seed"],
+        common.load_weights(job["weights"]),
+    )
     predict_variables = jax.device_put(variables, steps.replicated)
     # Training runs K=1 member: state and batch carry a leading member axis.
     holder = {"state": steps.init_state([variables]), "losses": []}
-    batch = steps.shard({"image": images[None], "label": labels[None], "weight": weights[None]},
-                        members=True)
+    batch = steps.shard(
+        {"image": images[None], "label": labels[None], "weight": weights[None]}, members=True
+    )
     keys = jax.random.key(job["seed"])[None]
     jax.block_until_ready((holder["state"], batch, predict_variables))
     setup_s = time.perf_counter() - t0
@@ -543,19 +737,28 @@ def measure_pneumojax(job: dict) -> dict:
 
     inference = common.time_calls(predict, job["steps"], job["warmup"], batch_size)
     training = common.time_calls(train, job["steps"], job["warmup"], batch_size)
-    return {"framework": "pneumojax", "config": job["config"], "setup_s": setup_s,
-            "rss_after_import_mb": rss_after_import, "devices": common.accelerators_jax(),
-            "peak_device_mb": common.peak_device_mb_jax(), "train": training,
-            "inference": inference, "trainable_params": plan.trainable_params,
-            "first_loss": holder["losses"][0], "last_loss": holder["losses"][-1],
-            "probe_logits": probes[0].tolist(),
-            "step": "Steps.train (jit, batch sharded over a 'data' mesh axis, 1 member)"}
+    return {
+        "framework": "pneumojax",
+        "config": job["config"],
+        "setup_s": setup_s,
+        "rss_after_import_mb": rss_after_import,
+        "devices": common.accelerators_jax(),
+        "peak_device_mb": common.peak_device_mb_jax(),
+        "train": training,
+        "inference": inference,
+        "trainable_params": plan.trainable_params,
+        "first_loss": holder["losses"][0],
+        "last_loss": holder["losses"][-1],
+        "probe_logits": probes[0].tolist(),
+        "step": "Steps.train (jit, batch sharded over a 'data' mesh axis, 1 member)",
+    }
 
 
 def device_tensor(keras, x: np.ndarray):
     """``x`` placed on the backend's first accelerator (or CPU), so steps do not copy it."""
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf  # noqa: PLC0415
+
         gpus = tf.config.list_logical_devices("GPU")
         with tf.device(gpus[0].name if gpus else "/CPU:0"):
             return tf.identity(tf.convert_to_tensor(x))
@@ -575,13 +778,14 @@ def keras_devices(keras) -> tuple[list[str], float | None]:
     if keras.backend.backend() == "jax":
         return common.accelerators_jax(), common.peak_device_mb_jax()
     import tensorflow as tf  # noqa: PLC0415
+
     gpus = tf.config.list_physical_devices("GPU")
     devices = [f"{d.device_type.lower()}: {d.name}" for d in tf.config.list_physical_devices()]
     if gpus:  # the GPU's name, as JAX's device_kind gives it
         details = tf.config.experimental.get_device_details(gpus[0])
         devices[devices.index(f"gpu: {gpus[0].name}")] += f" ({details.get('device_name', '?')})"
     try:
-        peak = round(tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 20, 1)
+        peak = round(tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20, 1)
     except (ValueError, RuntimeError):  # no GPU
         peak = None
     return devices, peak
@@ -601,8 +805,9 @@ def measure_keras(job: dict) -> dict:
     # No keras.utils.set_random_seed: it imports TensorFlow even on the JAX backend, which
     # would inflate Keras-JAX's memory; dropout masks need not be reproducible here.
     info = get_backbone(job["backbone"])
-    _, model = common.build_keras_classifier(info, job["cut"], job["trainable_layers"],
-                                             job["image_size"])
+    _, model = common.build_keras_classifier(
+        info, job["cut"], job["trainable_layers"], job["image_size"]
+    )
     source = common.load_weights(job["weights"])
     set_keras_weights(model, {**source["backbone"], **source["head"]})
     common.compile_keras(model, LEARNING_RATE)
@@ -626,15 +831,24 @@ def measure_keras(job: dict) -> dict:
     inference = common.time_calls(predict, job["steps"], job["warmup"], batch_size)
     training = common.time_calls(train, job["steps"], job["warmup"], batch_size)
     devices, peak_device = keras_devices(keras)
-    return {"framework": job["framework"], "config": job["config"], "setup_s": setup_s,
-            "rss_after_import_mb": rss_after_import, "devices": devices,
-            "peak_device_mb": peak_device, "train": training, "inference": inference,
-            "trainable_params": common.keras_trainable_params(model),
-            "first_loss": losses[0], "last_loss": losses[-1],
-            "probe_logits": probe.tolist(),
-            "keras_backend": keras.backend.backend(), "jit_compile": model.jit_compile,
-            "tensorflow_imported": "tensorflow" in sys.modules,
-            "step": "model.train_on_batch (Keras's compiled train function)"}
+    return {
+        "framework": job["framework"],
+        "config": job["config"],
+        "setup_s": setup_s,
+        "rss_after_import_mb": rss_after_import,
+        "devices": devices,
+        "peak_device_mb": peak_device,
+        "train": training,
+        "inference": inference,
+        "trainable_params": common.keras_trainable_params(model),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "probe_logits": probe.tolist(),
+        "keras_backend": keras.backend.backend(),
+        "jit_compile": model.jit_compile,
+        "tensorflow_imported": "tensorflow" in sys.modules,
+        "step": "model.train_on_batch (Keras's compiled train function)",
+    }
 
 
 if __name__ == "__main__":

@@ -72,8 +72,9 @@ def ensemble_chunks(labels: np.ndarray, k: int | None, seed: int) -> list[np.nda
     minority, majority, counts = minority_majority(labels)
     k = k or max(1, int(round(counts[majority] / counts[minority])))
     if not 1 <= k <= counts[majority]:
-        raise ValueError(f"--ensemble-size {k} must be between 1 and the majority count "
-                         f"{counts[majority]}")
+        raise ValueError(
+            f"--ensemble-size {k} must be between 1 and the majority count {counts[majority]}"
+        )
     rng = np.random.default_rng([seed, 2])
     shuffled = rng.permutation(np.flatnonzero(labels == majority))
     minority_idx = np.flatnonzero(labels == minority)
@@ -93,6 +94,7 @@ def mean_probability(member_probs: np.ndarray) -> np.ndarray:
 
 # --- oversampling with albumentations ---------------------------------------------------------
 
+
 def augment_pipeline(spec: str = "cxr"):
     """A preset name or the path of an albumentations pipeline saved with ``A.save``.
 
@@ -100,14 +102,23 @@ def augment_pipeline(spec: str = "cxr"):
     mild noise or blur. No horizontal flip: it would put the heart on the wrong side.
     """
     import albumentations as A  # noqa: PLC0415
+
     if spec == "cxr":
-        return A.Compose([
-            A.Affine(rotate=(-10, 10), translate_percent=(-0.06, 0.06), scale=(0.92, 1.08),
-                     border_mode=0, p=0.9),
-            A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.7),
-            A.OneOf([A.GaussNoise(std_range=(0.01, 0.04)), A.GaussianBlur(blur_limit=(3, 5))],
-                    p=0.4),
-        ])
+        return A.Compose(
+            [
+                A.Affine(
+                    rotate=(-10, 10),
+                    translate_percent=(-0.06, 0.06),
+                    scale=(0.92, 1.08),
+                    border_mode=0,
+                    p=0.9,
+                ),
+                A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.7),
+                A.OneOf(
+                    [A.GaussNoise(std_range=(0.01, 0.04)), A.GaussianBlur(blur_limit=(3, 5))], p=0.4
+                ),
+            ]
+        )
     path = Path(spec)
     if not path.is_file():
         raise ValueError(f"--augment {spec!r}: not a preset (cxr) nor an albumentations file")
@@ -117,11 +128,18 @@ def augment_pipeline(spec: str = "cxr"):
 def pipeline_description(spec: str) -> dict:
     """The pipeline as albumentations serializes it (for config.json and cache keys)."""
     import albumentations as A  # noqa: PLC0415
+
     return A.to_dict(augment_pipeline(spec))
 
 
-def oversample(images: np.ndarray, labels: np.ndarray, seed: int, spec: str,
-               cache_dir: Path | None, image_key: str) -> tuple[np.ndarray, np.ndarray, str]:
+def oversample(
+    images: np.ndarray,
+    labels: np.ndarray,
+    seed: int,
+    spec: str,
+    cache_dir: Path | None,
+    image_key: str,
+) -> tuple[np.ndarray, np.ndarray, str]:
     """Augmented minority copies until both classes are equal.
 
     Returns (augmented images, their labels, a key identifying them). The copies are made
@@ -130,9 +148,12 @@ def oversample(images: np.ndarray, labels: np.ndarray, seed: int, spec: str,
     minority, majority, counts = minority_majority(labels)
     n_new = int(counts[majority] - counts[minority])
     sources = np.flatnonzero(labels == minority)
-    key = hashlib.sha256(json.dumps({"images": image_key, "seed": seed, "n": n_new,
-                                     "pipeline": pipeline_description(spec)},
-                                    sort_keys=True).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        json.dumps(
+            {"images": image_key, "seed": seed, "n": n_new, "pipeline": pipeline_description(spec)},
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:24]
     path = Path(cache_dir) / f"{key}.npy" if cache_dir else None
     new_labels = np.full(n_new, minority, np.int32)
     if path is not None and path.exists():
@@ -156,6 +177,7 @@ def oversample(images: np.ndarray, labels: np.ndarray, seed: int, spec: str,
 
 # --- applying a method to the train split ----------------------------------------------------
 
+
 @dataclasses.dataclass
 class BalancedTrain:
     """The train split after a balance method: what the members see and with what weight."""
@@ -164,12 +186,13 @@ class BalancedTrain:
     labels: np.ndarray
     weights: np.ndarray
     members: list[np.ndarray]
-    key: str                     # identifies ``images`` for the activation cache
+    key: str  # identifies ``images`` for the activation cache
     record: dict
 
 
-def apply_balance(cfg, images, labels, image_key: str, log=print,
-                  augment_cache: Path | None = None) -> BalancedTrain:
+def apply_balance(
+    cfg, images, labels, image_key: str, log=print, augment_cache: Path | None = None
+) -> BalancedTrain:
     """Applies ``cfg.balance`` to the train split (validation and test are never touched).
 
     ``cfg`` holds ``balance``, ``seed``, ``augment`` and ``ensemble_size`` (a TrainConfig);
@@ -185,13 +208,13 @@ def apply_balance(cfg, images, labels, image_key: str, log=print,
         cw = class_weights(labels)
         weights = sample_weights(labels, cw)
         record["class_weights"] = {"NORMAL": cw[0], "PNEUMONIA": cw[1]}
-        log(f"class weights: NORMAL {cw[0]:.4f}, PNEUMONIA {cw[1]:.4f} "
-            "(w_c = total / (2 count_c))")
+        log(f"class weights: NORMAL {cw[0]:.4f}, PNEUMONIA {cw[1]:.4f} (w_c = total / (2 count_c))")
     elif cfg.balance == "undersample":
         members = [undersample_indices(labels, cfg.seed)]
     elif cfg.balance == "oversample":
-        extra, extra_labels, aug_key = oversample(images, labels, cfg.seed, cfg.augment,
-                                                    augment_cache, image_key)
+        extra, extra_labels, aug_key = oversample(
+            images, labels, cfg.seed, cfg.augment, augment_cache, image_key
+        )
         images = np.concatenate([np.asarray(images), np.asarray(extra)])
         labels = np.concatenate([labels, extra_labels]).astype(np.int32)
         weights = np.ones(len(labels), np.float32)
@@ -199,14 +222,17 @@ def apply_balance(cfg, images, labels, image_key: str, log=print,
         image_key = f"{image_key}+{aug_key}"
         record["augment"] = cfg.augment
         record["augmented_images"] = len(extra)
-        log(f"oversampling: {len(extra)} augmented copies of the minority class "
-            f"(albumentations '{cfg.augment}', seed {cfg.seed}, cached)")
+        log(
+            f"oversampling: {len(extra)} augmented copies of the minority class "
+            f"(albumentations '{cfg.augment}', seed {cfg.seed}, cached)"
+        )
     elif cfg.balance == "ensemble":
         members = ensemble_chunks(labels, cfg.ensemble_size, cfg.seed)
     record["member_counts"] = [np.bincount(labels[m], minlength=2).tolist() for m in members]
     if any(min(c) == 0 for c in record["member_counts"]):  # a method's bug, never the data's
-        raise AssertionError(f"balance {cfg.balance} left a member with one class: "
-                             f"{record['member_counts']}")
+        raise AssertionError(
+            f"balance {cfg.balance} left a member with one class: {record['member_counts']}"
+        )
     if cfg.balance != "none":
         for i, c in enumerate(record["member_counts"]):
             who = f"member {i + 1}: " if len(members) > 1 else ""

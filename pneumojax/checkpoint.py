@@ -20,8 +20,9 @@ class CheckpointError(Exception):
     """A checkpoint folder is missing, half-written or for another model."""
 
 
-def save_variables(directory: str | Path, variables: dict, manifest: dict,
-                   overwrite: bool = False) -> Path:
+def save_variables(
+    directory: str | Path, variables: dict, manifest: dict, overwrite: bool = False
+) -> Path:
     """Saves ``variables`` under ``directory/variables`` and writes ``manifest.json`` last.
 
     Everything is written into a folder beside ``directory`` first and put in its place when
@@ -48,8 +49,10 @@ def read_manifest(directory: str | Path) -> dict:
         raise CheckpointError(f"checkpoint folder {directory} does not exist")
     path = directory / MANIFEST
     if not path.exists():
-        raise CheckpointError(f"{directory} has no {MANIFEST}: the checkpoint is incomplete "
-                              "(interrupted while saving?) or not a pneumojax checkpoint")
+        raise CheckpointError(
+            f"{directory} has no {MANIFEST}: the checkpoint is incomplete "
+            "(interrupted while saving?) or not a pneumojax checkpoint"
+        )
     return json.loads(path.read_text())
 
 

@@ -46,29 +46,41 @@ def _print_version(ctx, _param, value):
             return metadata.version(name)
         except metadata.PackageNotFoundError:
             return "not installed"
-    click.echo(f"pneumojax {version('pneumojax')} (jax {version('jax')}, jaxlib "
-               f"{version('jaxlib')}, flax {version('flax')}, Python {platform.python_version()})")
+
+    click.echo(
+        f"pneumojax {version('pneumojax')} (jax {version('jax')}, jaxlib "
+        f"{version('jaxlib')}, flax {version('flax')}, Python {platform.python_version()})"
+    )
     ctx.exit()
 
 
 def _check_input_size(backbone: str, size: int, option: str) -> None:
     info = get_backbone(backbone)
     if size < info.min_input_size:
-        raise click.BadParameter(f"{backbone} needs an input of at least {info.min_input_size} px, "
-                                 f"got {size}", param_hint=f"'{option}'")
+        raise click.BadParameter(
+            f"{backbone} needs an input of at least {info.min_input_size} px, got {size}",
+            param_hint=f"'{option}'",
+        )
 
 
 @click.group()
-@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
-              callback=_print_version, help="Print the pneumojax, JAX and Flax versions and exit.")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Print the pneumojax, JAX and Flax versions and exit.",
+)
 def main():
     """Chest X-ray pneumonia classifiers by transfer learning, in JAX/Flax."""
 
 
 @main.command()
 @click.option("--backbone", required=True, type=BACKBONES, help="Backbone name.")
-@click.option("--input-size", default=256, show_default=True, type=POSITIVE,
-              help="Input side in px.")
+@click.option(
+    "--input-size", default=256, show_default=True, type=POSITIVE, help="Input side in px."
+)
 def layers(backbone: str, input_size: int):
     """List every layer as keras.Model.layers does: index, name, kind, output shape, params."""
     _check_input_size(backbone, input_size, "--input-size")
@@ -81,22 +93,37 @@ def layers(backbone: str, input_size: int):
     click.echo(f"{'index':>5}  {'name':<{width}}  {'kind':<18}  {'output shape':<22}  params")
     for r in rows:
         shape = "(" + ", ".join("None" if d is None else str(d) for d in r["output_shape"]) + ")"
-        click.echo(f"{r['index']:>5}  {r['name']:<{width}}  {r['kind']:<18}  {shape:<22}  "
-                   f"{r['params']:,}")
-    click.echo(f"{len(rows)} layers, {sum(r['params'] for r in rows):,} parameters "
-               f"(BatchNorm statistics included, as Keras counts them)")
+        click.echo(
+            f"{r['index']:>5}  {r['name']:<{width}}  {r['kind']:<18}  {shape:<22}  {r['params']:,}"
+        )
+    click.echo(
+        f"{len(rows)} layers, {sum(r['params'] for r in rows):,} parameters "
+        f"(BatchNorm statistics included, as Keras counts them)"
+    )
 
 
 @main.command()
 @click.option("--backbone", required=True, type=BACKBONES, help="Backbone name.")
-@click.option("--weights", default="imagenet", show_default=True,
-              help="imagenet (Keras downloads them: needs internet), none (Keras's random "
-                   "init), or a Keras .h5 / .weights.h5 / .keras file.")
+@click.option(
+    "--weights",
+    default="imagenet",
+    show_default=True,
+    help="imagenet (Keras downloads them: needs internet), none (Keras's random "
+    "init), or a Keras .h5 / .weights.h5 / .keras file.",
+)
 @click.option("--input-size", default=256, show_default=True, type=POSITIVE)
-@click.option("--out", default=None, help="Checkpoint folder [default: checkpoints/BACKBONE-SOURCE].")
-@click.option("--randomize", "randomize_seed", type=NON_NEGATIVE, default=None, metavar="SEED",
-              help="Randomize every Keras variable (BatchNorm statistics too) before porting: "
-                   "a strict parity self-test.")
+@click.option(
+    "--out", default=None, help="Checkpoint folder [default: checkpoints/BACKBONE-SOURCE]."
+)
+@click.option(
+    "--randomize",
+    "randomize_seed",
+    type=NON_NEGATIVE,
+    default=None,
+    metavar="SEED",
+    help="Randomize every Keras variable (BatchNorm statistics too) before porting: "
+    "a strict parity self-test.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint folder.")
 def port(backbone, weights, input_size, out, randomize_seed, overwrite):
     """Port keras.applications weights into Flax, prove parity, save an orbax checkpoint."""
@@ -105,83 +132,178 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
     from ports.keras_port import PortError, port_backbone  # noqa: PLC0415
 
     try:
-        port_backbone(get_backbone(backbone), weights, input_size, out, randomize_seed,
-                      overwrite, echo=click.echo)
+        port_backbone(
+            get_backbone(backbone),
+            weights,
+            input_size,
+            out,
+            randomize_seed,
+            overwrite,
+            echo=click.echo,
+        )
     except (PortError, CheckpointError) as e:
         _fail(str(e))
 
 
 @main.command()
-@click.option("--data", default=DEFAULTS.data, show_default=True,
-              help="Kaggle folder (train/ val/ test/), flat NORMAL/ PNEUMONIA/ folder, or "
-                   "'demo' (synthetic images, no download).")
+@click.option(
+    "--data",
+    default=DEFAULTS.data,
+    show_default=True,
+    help="Kaggle folder (train/ val/ test/), flat NORMAL/ PNEUMONIA/ folder, or "
+    "'demo' (synthetic images, no download).",
+)
 @click.option("--backbone", default=DEFAULTS.backbone, show_default=True, type=BACKBONES)
-@click.option("--cut", default=DEFAULTS.cut, help="Head input layer (Keras name) [default: per backbone].")
-@click.option("--weights", default=DEFAULTS.weights, show_default=True,
-              help="imagenet (the ported checkpoint under checkpoints/), none (random init), "
-                   "or a checkpoint folder made by `pneumojax port`.")
-@click.option("--trainable", default=DEFAULTS.trainable, show_default=True,
-              help="Backbone layers to train: START:END by Keras name or index (end exclusive, "
-                   "open ends allowed), comma-separated ranges, 'all', or 'none' (head only).")
+@click.option(
+    "--cut", default=DEFAULTS.cut, help="Head input layer (Keras name) [default: per backbone]."
+)
+@click.option(
+    "--weights",
+    default=DEFAULTS.weights,
+    show_default=True,
+    help="imagenet (the ported checkpoint under checkpoints/), none (random init), "
+    "or a checkpoint folder made by `pneumojax port`.",
+)
+@click.option(
+    "--trainable",
+    default=DEFAULTS.trainable,
+    show_default=True,
+    help="Backbone layers to train: START:END by Keras name or index (end exclusive, "
+    "open ends allowed), comma-separated ranges, 'all', or 'none' (head only).",
+)
 @click.option("--image-size", default=DEFAULTS.image_size, show_default=True, type=POSITIVE)
-@click.option("--resize", default=DEFAULTS.resize, show_default=True,
-              type=click.Choice(RESIZE_METHODS),
-              help="antialias: PIL bilinear, averaging every source pixel when it downscales; "
-                   "keras: exactly the study's tf.image.resize (bilinear, no antialiasing). "
-                   "evaluate and predict resize as the run did.")
+@click.option(
+    "--resize",
+    default=DEFAULTS.resize,
+    show_default=True,
+    type=click.Choice(RESIZE_METHODS),
+    help="antialias: PIL bilinear, averaging every source pixel when it downscales; "
+    "keras: exactly the study's tf.image.resize (bilinear, no antialiasing). "
+    "evaluate and predict resize as the run did.",
+)
 @click.option("--epochs", default=DEFAULTS.epochs, show_default=True, type=POSITIVE)
-@click.option("--batch-size", default=DEFAULTS.batch_size, show_default=True, type=POSITIVE,
-              help="Global batch: a multiple of the number of devices.")
-@click.option("--lr", "learning_rate", default=DEFAULTS.learning_rate, show_default=True,
-              type=_FiniteRange(min=0.0, min_open=True))
-@click.option("--lr-schedule", default=DEFAULTS.lr_schedule, show_default=True,
-              type=click.Choice(LR_SCHEDULES),
-              help="keras-seed: the study's compounding x0.85**epoch per epoch.")
-@click.option("--patience", default=DEFAULTS.patience, show_default=True, type=NON_NEGATIVE,
-              help="Early stopping on validation loss (restores the best epoch); 0 = off.")
+@click.option(
+    "--batch-size",
+    default=DEFAULTS.batch_size,
+    show_default=True,
+    type=POSITIVE,
+    help="Global batch: a multiple of the number of devices.",
+)
+@click.option(
+    "--lr",
+    "learning_rate",
+    default=DEFAULTS.learning_rate,
+    show_default=True,
+    type=_FiniteRange(min=0.0, min_open=True),
+)
+@click.option(
+    "--lr-schedule",
+    default=DEFAULTS.lr_schedule,
+    show_default=True,
+    type=click.Choice(LR_SCHEDULES),
+    help="keras-seed: the study's compounding x0.85**epoch per epoch.",
+)
+@click.option(
+    "--patience",
+    default=DEFAULTS.patience,
+    show_default=True,
+    type=NON_NEGATIVE,
+    help="Early stopping on validation loss (restores the best epoch); 0 = off.",
+)
 @click.option("--seed", default=DEFAULTS.seed, show_default=True, type=NON_NEGATIVE)
-@click.option("--target-recall", default=DEFAULTS.target_recall, show_default=True,
-              type=_FiniteRange(0.0, 1.0, min_open=True),
-              help="The threshold is the most specific one reaching this recall on validation.")
-@click.option("--val-fraction", default=DEFAULTS.val_fraction, show_default=True,
-              type=_FiniteRange(0.0, 1.0, min_open=True, max_open=True),
-              help="Share of the images carved off for validation, by patient and per class "
-                   "(from train/ + val/ in a Kaggle folder).")
-@click.option("--test-fraction", default=DEFAULTS.test_fraction, show_default=True, type=FRACTION,
-              help="Flat NORMAL/ PNEUMONIA/ folder only: share carved off for test (a Kaggle "
-                   "folder's test/ is used as given).")
+@click.option(
+    "--target-recall",
+    default=DEFAULTS.target_recall,
+    show_default=True,
+    type=_FiniteRange(0.0, 1.0, min_open=True),
+    help="The threshold is the most specific one reaching this recall on validation.",
+)
+@click.option(
+    "--val-fraction",
+    default=DEFAULTS.val_fraction,
+    show_default=True,
+    type=_FiniteRange(0.0, 1.0, min_open=True, max_open=True),
+    help="Share of the images carved off for validation, by patient and per class "
+    "(from train/ + val/ in a Kaggle folder).",
+)
+@click.option(
+    "--test-fraction",
+    default=DEFAULTS.test_fraction,
+    show_default=True,
+    type=FRACTION,
+    help="Flat NORMAL/ PNEUMONIA/ folder only: share carved off for test (a Kaggle "
+    "folder's test/ is used as given).",
+)
 @click.option("--out", default=DEFAULTS.out, show_default=True, help="Run folder.")
-@click.option("--balance", default=DEFAULTS.balance, show_default=True,
-              type=click.Choice(BALANCE_METHODS),
-              help="Class-imbalance method, applied to the train split only.")
-@click.option("--augment", default=DEFAULTS.augment, show_default=True,
-              help="Oversampling augmentation: preset 'cxr' or an albumentations file (A.save).")
-@click.option("--ensemble-size", default=DEFAULTS.ensemble_size, type=POSITIVE,
-              help="Ensemble members K [default: round(majority / minority)].")
-@click.option("--precision", default=DEFAULTS.precision, show_default=True,
-              type=DTYPES,
-              help="bfloat16 = bfloat16 compute, float32 parameters and optimizer state; "
-                   "auto = bfloat16 on GPU/TPU, float32 on CPU.")
-@click.option("--distributed", is_flag=True,
-              help="Call jax.distributed.initialize() first (multi-host; see README).")
-@click.option("--coordinator", default=None, help="With --distributed: host:port of process 0 "
-              "[default: auto-detected on Cloud TPU / SLURM, or JAX_COORDINATOR_ADDRESS].")
+@click.option(
+    "--balance",
+    default=DEFAULTS.balance,
+    show_default=True,
+    type=click.Choice(BALANCE_METHODS),
+    help="Class-imbalance method, applied to the train split only.",
+)
+@click.option(
+    "--augment",
+    default=DEFAULTS.augment,
+    show_default=True,
+    help="Oversampling augmentation: preset 'cxr' or an albumentations file (A.save).",
+)
+@click.option(
+    "--ensemble-size",
+    default=DEFAULTS.ensemble_size,
+    type=POSITIVE,
+    help="Ensemble members K [default: round(majority / minority)].",
+)
+@click.option(
+    "--precision",
+    default=DEFAULTS.precision,
+    show_default=True,
+    type=DTYPES,
+    help="bfloat16 = bfloat16 compute, float32 parameters and optimizer state; "
+    "auto = bfloat16 on GPU/TPU, float32 on CPU.",
+)
+@click.option(
+    "--distributed",
+    is_flag=True,
+    help="Call jax.distributed.initialize() first (multi-host; see README).",
+)
+@click.option(
+    "--coordinator",
+    default=None,
+    help="With --distributed: host:port of process 0 "
+    "[default: auto-detected on Cloud TPU / SLURM, or JAX_COORDINATOR_ADDRESS].",
+)
 @click.option("--num-processes", default=None, type=POSITIVE, help="With --distributed.")
 @click.option("--process-id", default=None, type=NON_NEGATIVE, help="With --distributed.")
-@click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of "
-              "skipping unreadable images with a warning.")
-@click.option("--feature-cache/--no-feature-cache", default=DEFAULTS.feature_cache, show_default=True,
-              help="Compute the frozen part's activations once and train the rest on them.")
-@click.option("--feature-cache-dtype", default=DEFAULTS.feature_cache_dtype, show_default=True,
-              type=DTYPES,
-              help="How cached activations are stored. auto = as computed (training on them "
-                   "is identical to the full model); bfloat16 halves a float32 cache.")
-@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (its own "
-              "config.json is used).")
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Stop at the first unreadable image instead of skipping unreadable images with a warning.",
+)
+@click.option(
+    "--feature-cache/--no-feature-cache",
+    default=DEFAULTS.feature_cache,
+    show_default=True,
+    help="Compute the frozen part's activations once and train the rest on them.",
+)
+@click.option(
+    "--feature-cache-dtype",
+    default=DEFAULTS.feature_cache_dtype,
+    show_default=True,
+    type=DTYPES,
+    help="How cached activations are stored. auto = as computed (training on them "
+    "is identical to the full model); bfloat16 halves a float32 cache.",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the interrupted run in --out (its own config.json is used).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and exit without loading data.")
-def train(resume, overwrite, dry_run, distributed, coordinator, num_processes, process_id,
-          **options):
+def train(
+    resume, overwrite, dry_run, distributed, coordinator, num_processes, process_id, **options
+):
     """Train and evaluate a classifier; everything lands in the run folder."""
     _check_train_options(options, distributed, coordinator, num_processes, process_id)
     from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
@@ -193,6 +315,7 @@ def train(resume, overwrite, dry_run, distributed, coordinator, num_processes, p
     cfg = TrainConfig(**options)
     if distributed:
         import jax  # noqa: PLC0415
+
         jax.distributed.initialize(coordinator, num_processes, process_id)
     if not resume:  # usage errors first, before any data is touched (exit status 2)
         try:
@@ -202,9 +325,13 @@ def train(resume, overwrite, dry_run, distributed, coordinator, num_processes, p
         if cfg.ensemble_size is not None and cfg.balance != "ensemble":
             _fail("--ensemble-size needs --balance ensemble", 2)
         import jax  # noqa: PLC0415
+
         if cfg.batch_size % jax.device_count():
-            _fail(f"--batch-size {cfg.batch_size} is not a multiple of the {jax.device_count()} "
-                  "devices: every device takes an equal share of each batch", 2)
+            _fail(
+                f"--batch-size {cfg.batch_size} is not a multiple of the {jax.device_count()} "
+                "devices: every device takes an equal share of each batch",
+                2,
+            )
         if dry_run:
             for line in plan.lines():
                 click.echo(line)
@@ -223,46 +350,67 @@ def train(resume, overwrite, dry_run, distributed, coordinator, num_processes, p
 def _check_train_options(options, distributed, coordinator, num_processes, process_id) -> None:
     # What click's per-option types cannot see: options that only make sense together.
     if options["val_fraction"] + options["test_fraction"] >= 1.0:
-        raise click.BadOptionUsage("test_fraction", "--val-fraction plus --test-fraction must be "
-                                   f"below 1 (got {options['val_fraction']} + "
-                                   f"{options['test_fraction']}): nothing would be left to train")
+        raise click.BadOptionUsage(
+            "test_fraction",
+            "--val-fraction plus --test-fraction must be "
+            f"below 1 (got {options['val_fraction']} + "
+            f"{options['test_fraction']}): nothing would be left to train",
+        )
     if not distributed:
-        for name, value in (("--coordinator", coordinator), ("--num-processes", num_processes),
-                            ("--process-id", process_id)):
+        for name, value in (
+            ("--coordinator", coordinator),
+            ("--num-processes", num_processes),
+            ("--process-id", process_id),
+        ):
             if value is not None:
                 raise click.BadOptionUsage(name, f"{name} needs --distributed")
     if num_processes is not None and process_id is not None and process_id >= num_processes:
-        raise click.BadParameter(f"{process_id} is not below --num-processes {num_processes}",
-                                 param_hint="'--process-id'")
+        raise click.BadParameter(
+            f"{process_id} is not below --num-processes {num_processes}",
+            param_hint="'--process-id'",
+        )
 
 
 def _describe_os_error(e: OSError) -> str:
     import errno  # noqa: PLC0415
+
     if e.errno == errno.ENOSPC:
-        return (f"disk full while writing {e.filename or 'the run folder'}: free space (or choose "
-                "another --out) and continue with --resume; the previous checkpoint is intact")
+        return (
+            f"disk full while writing {e.filename or 'the run folder'}: free space (or choose "
+            "another --out) and continue with --resume; the previous checkpoint is intact"
+        )
     return str(e)
 
 
 @main.command()
 @click.option("--run", "run_dir", required=True, help="A run folder made by `pneumojax train`.")
 @click.option("--data", default=None, help="Another data folder [default: the run's own].")
-@click.option("--split", default="test", show_default=True,
-              type=click.Choice(["test", "val", "all"]),
-              help="'all' takes every image of the folder (an external test set).")
-@click.option("--out", default=None, help="metrics.json path [default: RUN/eval-SPLIT/metrics.json].")
+@click.option(
+    "--split",
+    default="test",
+    show_default=True,
+    type=click.Choice(["test", "val", "all"]),
+    help="'all' takes every image of the folder (an external test set).",
+)
+@click.option(
+    "--out", default=None, help="metrics.json path [default: RUN/eval-SPLIT/metrics.json]."
+)
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
-@click.option("--precision", default=None, type=DTYPES,
-              help="Score in this precision instead of the run's own (the one it was trained "
-                   "and thresholded in) [default: the run's].")
+@click.option(
+    "--precision",
+    default=None,
+    type=DTYPES,
+    help="Score in this precision instead of the run's own (the one it was trained "
+    "and thresholded in) [default: the run's].",
+)
 def evaluate(run_dir, data, split, out, strict, precision):
     """Metrics (at the run's validation-chosen threshold) and plots on any data."""
     from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
     from pneumojax.data import DataError  # noqa: PLC0415
     from pneumojax.inference import evaluate_run  # noqa: PLC0415
+
     try:
-        evaluate_run(run_dir, data, split, out, log=click.echo, strict=strict,
-                     precision=precision)
+        evaluate_run(run_dir, data, split, out, log=click.echo, strict=strict, precision=precision)
     except (ValueError, OSError, CheckpointError, DataError) as e:
         _fail(_text(e))
 
@@ -271,8 +419,12 @@ def evaluate(run_dir, data, split, out, strict, precision):
 @click.option("--run", "run_dir", required=True, help="A run folder made by `pneumojax train`.")
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of CSV.")
 @click.argument("paths", nargs=-1, required=True)
-@click.option("--precision", default=None, type=DTYPES,
-              help="Score in this precision instead of the run's own [default: the run's].")
+@click.option(
+    "--precision",
+    default=None,
+    type=DTYPES,
+    help="Score in this precision instead of the run's own [default: the run's].",
+)
 def predict(run_dir, as_json, paths, precision):
     """Pneumonia probability and label for images or folders of images."""
     import csv  # noqa: PLC0415
@@ -281,6 +433,7 @@ def predict(run_dir, as_json, paths, precision):
     from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
     from pneumojax.data import DataError  # noqa: PLC0415
     from pneumojax.inference import predict_paths  # noqa: PLC0415
+
     try:
         rows = predict_paths(run_dir, list(paths), precision=precision)
     except (ValueError, OSError, CheckpointError, DataError) as e:
@@ -296,12 +449,17 @@ def predict(run_dir, as_json, paths, precision):
 @main.command()
 @click.argument("runs", nargs=-1, required=True)
 @click.option("--out", default="comparison.png", show_default=True, help="Bar chart PNG.")
-@click.option("--metrics-file", default="metrics.json", show_default=True,
-              help="Which metrics file inside each run folder (e.g. eval-all/metrics.json).")
+@click.option(
+    "--metrics-file",
+    default="metrics.json",
+    show_default=True,
+    help="Which metrics file inside each run folder (e.g. eval-all/metrics.json).",
+)
 def compare(runs, out, metrics_file):
     """One table (and a bar chart) of several runs' test figures with 95% intervals."""
     from pneumojax.compare import comparison_rows, comparison_table  # noqa: PLC0415
     from pneumojax.plots import plot_comparison  # noqa: PLC0415
+
     try:
         rows = comparison_rows(runs, metrics_file)
     except (FileNotFoundError, ValueError) as e:
@@ -312,6 +470,7 @@ def compare(runs, out, metrics_file):
 
 def _log_above_bars(line: str):
     from pneumojax.progress import write  # noqa: PLC0415
+
     write(line)
 
 

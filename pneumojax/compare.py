@@ -29,7 +29,7 @@ def comparison_table(rows: list[dict]) -> str:
         m = row["metrics"]
         cells = []
         for f in FIGURES:
-            lo, hi = (m.get("ci95", {}).get(f) or [None, None])
+            lo, hi = m.get("ci95", {}).get(f) or [None, None]
             ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None else ""
             cells.append(f"{m[f]:.3f}{ci}" if m.get(f) is not None else "n/a")
         threshold = "vote" if "ensemble" in m else f"{m['threshold']:.3f}"

@@ -22,7 +22,7 @@ class FitOptions:
     lr_schedule: str = "keras-seed"
     patience: int = 5
     seed: int = 0
-    log_every: int = 10   # host syncs for the progress bar every N steps, not every step
+    log_every: int = 10  # host syncs for the progress bar every N steps, not every step
 
 
 @dataclasses.dataclass
@@ -50,5 +50,4 @@ class TrainConfig(FitOptions):
     ensemble_size: int | None = None
 
     def fit_options(self) -> FitOptions:
-        return FitOptions(**{f.name: getattr(self, f.name)
-                             for f in dataclasses.fields(FitOptions)})
+        return FitOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FitOptions)})

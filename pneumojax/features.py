@@ -23,8 +23,13 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from pneumojax.backbones import BackboneInfo, KerasGraph, backbone_model, frozen_frontier, \
-    preprocess
+from pneumojax.backbones import (
+    BackboneInfo,
+    KerasGraph,
+    backbone_model,
+    frozen_frontier,
+    preprocess,
+)
 
 
 class Prefix(nn.Module):
@@ -57,8 +62,9 @@ def storage_dtype(storage: str | None, compute) -> np.dtype:
     if storage in (None, "auto"):
         return np.dtype(compute)
     if storage not in STORAGE:
-        raise ValueError(f"unknown feature cache dtype {storage!r}; choose auto, float32 or "
-                         "bfloat16")
+        raise ValueError(
+            f"unknown feature cache dtype {storage!r}; choose auto, float32 or bfloat16"
+        )
     return STORAGE[storage]
 
 
@@ -78,9 +84,16 @@ def variables_digest(variables: dict) -> str:
     return h.hexdigest()
 
 
-def cached_activations(prefix: Prefix, variables: dict, images: np.ndarray, image_key: str,
-                       cache_dir: Path, batch_size: int, run_batches,
-                       storage: np.dtype | None = None) -> dict[str, np.ndarray]:
+def cached_activations(
+    prefix: Prefix,
+    variables: dict,
+    images: np.ndarray,
+    image_key: str,
+    cache_dir: Path,
+    batch_size: int,
+    run_batches,
+    storage: np.dtype | None = None,
+) -> dict[str, np.ndarray]:
     """The prefix's activations for ``images``, from the cache or computed (and stored) once,
     as ``storage`` (default: the prefix's compute dtype).
 
@@ -92,8 +105,10 @@ def cached_activations(prefix: Prefix, variables: dict, images: np.ndarray, imag
     storage = np.dtype(prefix.backbone.dtype if storage is None else storage)
     on_disk = np.dtype(np.uint16) if storage == STORAGE["bfloat16"] else storage
     backbone_vars = {c: v["backbone"] for c, v in variables.items() if "backbone" in v}
-    prefix_vars = {"params": {"backbone": backbone_vars.get("params", {})},
-                   "batch_stats": {"backbone": backbone_vars.get("batch_stats", {})}}
+    prefix_vars = {
+        "params": {"backbone": backbone_vars.get("params", {})},
+        "batch_stats": {"backbone": backbone_vars.get("batch_stats", {})},
+    }
     if cache_dir is None:
         arrays: dict[str, np.ndarray] = {}
 
@@ -102,13 +117,22 @@ def cached_activations(prefix: Prefix, variables: dict, images: np.ndarray, imag
                 if name not in arrays:
                     arrays[name] = np.empty((len(images),) + value.shape[1:], storage)
                 arrays[name][start:stop] = np.asarray(value).astype(storage)
+
         run_batches(prefix.apply, prefix_vars, images, batch_size, keep)
         return {n: arrays[n] for n in prefix.backbone.outputs}
-    key = hashlib.sha256(json.dumps({
-        "images": image_key, "outputs": prefix.backbone.outputs,
-        "preprocess": prefix.preprocess_mode, "dtype": str(np.dtype(prefix.backbone.dtype)),
-        "storage": storage.name, "weights": variables_digest(backbone_vars),
-        "version": 2}).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "images": image_key,
+                "outputs": prefix.backbone.outputs,
+                "preprocess": prefix.preprocess_mode,
+                "dtype": str(np.dtype(prefix.backbone.dtype)),
+                "storage": storage.name,
+                "weights": variables_digest(backbone_vars),
+                "version": 2,
+            }
+        ).encode()
+    ).hexdigest()[:24]
     folder = Path(cache_dir) / key
     if (folder / "done").exists():
         return {n: _open(folder / f"{n}.npy", storage) for n in prefix.backbone.outputs}
@@ -121,8 +145,11 @@ def cached_activations(prefix: Prefix, variables: dict, images: np.ndarray, imag
         for name, value in outputs.items():
             if name not in arrays:
                 arrays[name] = np.lib.format.open_memmap(
-                    tmp / f"{name}.npy", mode="w+", dtype=on_disk,
-                    shape=(len(images),) + value.shape[1:])
+                    tmp / f"{name}.npy",
+                    mode="w+",
+                    dtype=on_disk,
+                    shape=(len(images),) + value.shape[1:],
+                )
             arrays[name][start:stop] = np.asarray(value).astype(storage).view(on_disk)
 
     run_batches(prefix.apply, prefix_vars, images, batch_size, sink)
@@ -136,15 +163,25 @@ def cached_activations(prefix: Prefix, variables: dict, images: np.ndarray, imag
 
 def suffix_variables(full: dict, suffix_template: dict) -> dict:
     """The full model's variables restricted to what the suffix model holds."""
+
     def pick(tmpl, src):
-        return {k: pick(v, src[k]) if isinstance(v, dict) else np.asarray(src[k])
-                for k, v in tmpl.items()}
+        return {
+            k: pick(v, src[k]) if isinstance(v, dict) else np.asarray(src[k])
+            for k, v in tmpl.items()
+        }
+
     return pick(suffix_template, full)
 
 
 def merge_variables(full: dict, part: dict) -> dict:
     """``full`` with every leaf that ``part`` holds replaced by ``part``'s value."""
+
     def merge(a, b):
-        return {k: (merge(a[k], b[k]) if isinstance(a[k], dict) else np.asarray(b[k]))
-                if k in b else a[k] for k in a}
+        return {
+            k: (merge(a[k], b[k]) if isinstance(a[k], dict) else np.asarray(b[k]))
+            if k in b
+            else a[k]
+            for k in a
+        }
+
     return merge(full, part)

@@ -18,15 +18,32 @@ import numpy as np
 import optax
 
 from pneumojax import balance
-from pneumojax.data import (CLASS_NAMES, IMAGE_EXTENSIONS, Splits, check_images, image_set_key,
-                            load_images)
+from pneumojax.data import (
+    CLASS_NAMES,
+    IMAGE_EXTENSIONS,
+    Splits,
+    check_images,
+    image_set_key,
+    load_images,
+)
 from pneumojax.backbones import get_backbone
 from pneumojax.checkpoint import CheckpointError, load_variables
-from pneumojax.features import (cacheable_frontier, cached_activations, prefix_model,
-                                storage_dtype, suffix_variables, variables_digest)
+from pneumojax.features import (
+    cacheable_frontier,
+    cached_activations,
+    prefix_model,
+    storage_dtype,
+    suffix_variables,
+    variables_digest,
+)
 from pneumojax.io import existing_folder, write_text_atomic
 from pneumojax.metrics import choose_threshold, combined_metrics, format_metrics
-from pneumojax.model import build_classifier, compute_dtype, pneumonia_probability, resolve_precision
+from pneumojax.model import (
+    build_classifier,
+    compute_dtype,
+    pneumonia_probability,
+    resolve_precision,
+)
 from pneumojax.plots import plot_confusion_matrix, plot_roc
 from pneumojax.train import Steps, make_mesh, member_logits
 from pneumojax.workspace import cache_dir, load_split_arrays, resolve_data, write_json
@@ -51,10 +68,21 @@ class RunModel:
     variables: dict | None = None
 
     @classmethod
-    def build(cls, info, cut: str, trainable: frozenset[str], precision: str,
-              frontier: tuple[str, ...], cache_dtype: str, image_size: int,
-              backbone_source: dict, batch_size: int, mesh, optimizer=None,
-              learning_rate: float = 0.0) -> "RunModel":
+    def build(
+        cls,
+        info,
+        cut: str,
+        trainable: frozenset[str],
+        precision: str,
+        frontier: tuple[str, ...],
+        cache_dtype: str,
+        image_size: int,
+        backbone_source: dict,
+        batch_size: int,
+        mesh,
+        optimizer=None,
+        learning_rate: float = 0.0,
+    ) -> "RunModel":
         """``backbone_source``: full classifier variables whose backbone is the run's frozen
         one; ``optimizer(params, trainable, lr)`` makes the training optimizer (None: the
         model only scores)."""
@@ -65,16 +93,20 @@ class RunModel:
         if frontier:
             prefix = prefix_model(info, frontier, dtype)
             storage = storage_dtype(cache_dtype, dtype)
-            prefix_vars = suffix_variables(backbone_source,
-                                           jax.eval_shape(prefix.init, jax.random.key(0), images))
-            example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, storage),
-                                   jax.eval_shape(prefix.apply, prefix_vars, images))
+            prefix_vars = suffix_variables(
+                backbone_source, jax.eval_shape(prefix.init, jax.random.key(0), images)
+            )
+            example = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, storage),
+                jax.eval_shape(prefix.apply, prefix_vars, images),
+            )
         model = build_classifier(info, cut, trainable, dtype, given=frontier)
         template = jax.eval_shape(model.init, jax.random.key(0), example)
         tx = optax.identity()
         if optimizer is not None:
-            tx = optimizer(suffix_variables(backbone_source, template)["params"], trainable,
-                           learning_rate)
+            tx = optimizer(
+                suffix_variables(backbone_source, template)["params"], trainable, learning_rate
+            )
         self = cls(Steps(model, tx, mesh), prefix, prefix_vars, storage, batch_size)
         self._template = template
         return self
@@ -89,20 +121,31 @@ class RunModel:
         if self.prefix is None:
             return images
         return cached_activations(
-            self.prefix, self.prefix_variables, images, image_key,
-            cache_dir() / "features" if image_key else None, self.batch_size,
-            lambda *a: self.steps.map(*a, desc=desc), self.storage)
+            self.prefix,
+            self.prefix_variables,
+            images,
+            image_key,
+            cache_dir() / "features" if image_key else None,
+            self.batch_size,
+            lambda *a: self.steps.map(*a, desc=desc),
+            self.storage,
+        )
 
     def member_probabilities(self, inputs, desc: str | None = None) -> np.ndarray:
         """P(pneumonia) per input and member, (n, members), for inputs from :meth:`inputs`."""
-        return np.asarray(pneumonia_probability(member_logits(
-            self.steps, self.variables, inputs, self.batch_size, desc)))
+        return np.asarray(
+            pneumonia_probability(
+                member_logits(self.steps, self.variables, inputs, self.batch_size, desc)
+            )
+        )
 
     def probabilities_of_images(self, images, chunk: int = 512) -> np.ndarray:
         """:meth:`member_probabilities` of raw images, a chunk at a time (bounded memory)."""
         chunk = max(self.batch_size, chunk // self.batch_size * self.batch_size)
-        parts = [self.member_probabilities(self.inputs(images[i:i + chunk]))
-                 for i in range(0, len(images), chunk)]
+        parts = [
+            self.member_probabilities(self.inputs(images[i : i + chunk]))
+            for i in range(0, len(images), chunk)
+        ]
         return np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
 
 
@@ -112,19 +155,33 @@ def validation_thresholds(y_val, p_val: np.ndarray, target_recall: float) -> lis
     return [choose_threshold(y_val, p_val[:, i], target_recall) for i in range(p_val.shape[1])]
 
 
-def score_split(y, member_p: np.ndarray, thresholds: list[float], target_recall: float,
-                plots_dir: Path, split_name: str) -> dict:
+def score_split(
+    y,
+    member_p: np.ndarray,
+    thresholds: list[float],
+    target_recall: float,
+    plots_dir: Path,
+    split_name: str,
+) -> dict:
     """Figures and plots of one split at the given (validation-chosen) thresholds.
 
     ``member_p`` holds P(pneumonia) per image and member, (n, members).
     """
     metrics = combined_metrics(y, member_p, thresholds)
     metrics.update(split=split_name, threshold_source="validation", target_recall=target_recall)
-    plot_confusion_matrix(metrics["confusion_matrix"], plots_dir / "confusion_matrix.png",
-                          title=f"{split_name}, threshold {metrics['threshold']:.3f}"
-                          + (f" ({len(thresholds)}-member vote)" if len(thresholds) > 1 else ""))
-    plot_roc(y, balance.mean_probability(member_p.T), plots_dir / "roc.png", auc=metrics["auc"],
-             threshold=thresholds[0] if len(thresholds) == 1 else None)
+    plot_confusion_matrix(
+        metrics["confusion_matrix"],
+        plots_dir / "confusion_matrix.png",
+        title=f"{split_name}, threshold {metrics['threshold']:.3f}"
+        + (f" ({len(thresholds)}-member vote)" if len(thresholds) > 1 else ""),
+    )
+    plot_roc(
+        y,
+        balance.mean_probability(member_p.T),
+        plots_dir / "roc.png",
+        auc=metrics["auc"],
+        threshold=thresholds[0] if len(thresholds) == 1 else None,
+    )
     return metrics
 
 
@@ -132,13 +189,17 @@ def write_predictions(path: Path, items, member_p: np.ndarray):
     """Per image: path, label, P(pneumonia) (the members' mean) and each member's, exactly
     (float32 values written in full), so that a run's figures can be recomputed from it."""
     k = member_p.shape[1]
-    header = "path,label,p_pneumonia" + ("".join(f",p_member{i + 1}" for i in range(k))
-                                         if k > 1 else "")
+    header = "path,label,p_pneumonia" + (
+        "".join(f",p_member{i + 1}" for i in range(k)) if k > 1 else ""
+    )
     mean = balance.mean_probability(member_p.T)
     lines = [header] + [
-        ",".join([_csv_field(str(item[0])), CLASS_NAMES[item[1]], repr(float(m))]
-                 + ([repr(float(v)) for v in row] if k > 1 else []))
-        for item, m, row in zip(items, mean, member_p)]
+        ",".join(
+            [_csv_field(str(item[0])), CLASS_NAMES[item[1]], repr(float(m))]
+            + ([repr(float(v)) for v in row] if k > 1 else [])
+        )
+        for item, m, row in zip(items, mean, member_p)
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, "\n".join(lines) + "\n")
 
@@ -156,9 +217,9 @@ def stack_members(member_variables: list[dict]) -> dict:
 class LoadedRun:
     run_dir: Path
     config: dict
-    model: RunModel              # members stacked on a leading axis, as trained
-    thresholds: list[float]      # one per member, chosen on validation
-    precision: str               # what it scores in (the run's own unless overridden)
+    model: RunModel  # members stacked on a leading axis, as trained
+    thresholds: list[float]  # one per member, chosen on validation
+    precision: str  # what it scores in (the run's own unless overridden)
 
 
 def run_precision(config: dict) -> str:
@@ -167,8 +228,13 @@ def run_precision(config: dict) -> str:
     stored = config.get("precision")
     if stored in (None, "auto"):
         backend = config.get("environment", {}).get("backend")
-        return resolve_precision("auto") if backend is None else \
-            "float32" if backend == "cpu" else "bfloat16"
+        return (
+            resolve_precision("auto")
+            if backend is None
+            else "float32"
+            if backend == "cpu"
+            else "bfloat16"
+        )
     return stored
 
 
@@ -186,36 +252,62 @@ def load_run(run_dir: str | Path, precision: str | None = None, log=print) -> Lo
         raise FileNotFoundError(f"{run_dir} is not a pneumojax run folder (no config.json)")
     config = json.loads((run_dir / "config.json").read_text())
     if not (existing_folder(run_dir / "model") / "manifest.json").exists():
-        raise FileNotFoundError(f"{run_dir} has no finished model (model/manifest.json): the run "
-                                "did not finish; continue it with pneumojax train --resume")
+        raise FileNotFoundError(
+            f"{run_dir} has no finished model (model/manifest.json): the run "
+            "did not finish; continue it with pneumojax train --resume"
+        )
     variables, manifest = load_variables(run_dir / "model")
     info = get_backbone(config["backbone"])
     own = run_precision(config)
     used = own if precision is None else resolve_precision(precision)
     if used != own:
-        log(f"note: scoring in {used} as asked (--precision), not in the run's own {own}: "
-            "figures can differ slightly from its metrics.json")
+        log(
+            f"note: scoring in {used} as asked (--precision), not in the run's own {own}: "
+            "figures can differ slightly from its metrics.json"
+        )
     trainable = frozenset(config["plan"]["trainable_layers"])
-    frontier = (cacheable_frontier(info, config["cut"], trainable)
-                if config.get("feature_cache") else ())
-    members = [jax.tree.map(lambda a, i=i: np.asarray(a[i]), variables)
-               for i in range(manifest["members"])]
+    frontier = (
+        cacheable_frontier(info, config["cut"], trainable) if config.get("feature_cache") else ()
+    )
+    members = [
+        jax.tree.map(lambda a, i=i: np.asarray(a[i]), variables) for i in range(manifest["members"])
+    ]
     cache_dtype = config.get("feature_cache_dtype", "auto") if used == own else "auto"
-    model = RunModel.build(info, config["cut"], trainable, used, frontier, cache_dtype,
-                           config["image_size"], members[0], config["batch_size"], make_mesh())
-    if frontier and any(variables_digest(suffix_variables(m, model.prefix_variables))
-                        != variables_digest(model.prefix_variables) for m in members[1:]):
+    model = RunModel.build(
+        info,
+        config["cut"],
+        trainable,
+        used,
+        frontier,
+        cache_dtype,
+        config["image_size"],
+        members[0],
+        config["batch_size"],
+        make_mesh(),
+    )
+    if frontier and any(
+        variables_digest(suffix_variables(m, model.prefix_variables))
+        != variables_digest(model.prefix_variables)
+        for m in members[1:]
+    ):
         raise CheckpointError(
             f"{run_dir}: the ensemble's members do not share their frozen layers, so they cannot "
             "all have trained on one set of cached activations (a run made before pneumojax "
-            "0.1.1); train it again")
+            "0.1.1); train it again"
+        )
     model.variables = stack_members([model.own_variables(v) for v in members])
     return LoadedRun(run_dir, config, model, list(manifest["thresholds"]), used)
 
 
-def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "test",
-                 out: str | Path | None = None, log=print, strict: bool = False,
-                 precision: str | None = None) -> dict:
+def evaluate_run(
+    run_dir: str | Path,
+    data: str | None = None,
+    split: str = "test",
+    out: str | Path | None = None,
+    log=print,
+    strict: bool = False,
+    precision: str | None = None,
+) -> dict:
     """Evaluates a run's best model on a split of its own data or of another folder.
 
     The thresholds are the ones the run chose on its validation split. On the run's own test
@@ -225,7 +317,9 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "tes
     size, resize = run.config["image_size"], run_resize(run.config)
     if data is None:
         splits = Splits.from_json((run.run_dir / "splits.json").read_text())
-        items = splits.as_dict()[split] if split != "all" else splits.train + splits.val + splits.test
+        items = (
+            splits.as_dict()[split] if split != "all" else splits.train + splits.val + splits.test
+        )
     else:
         source = resolve_data(data, log, strict=strict)
         if split == "all":
@@ -233,15 +327,19 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "tes
         elif source.layout == "kaggle" and split in source.splits and source.splits[split]:
             items = source.splits[split]
         else:
-            raise ValueError(f"--split {split} needs a Kaggle-layout folder with {split}/; for a "
-                             "flat NORMAL/ PNEUMONIA/ folder use --split all")
+            raise ValueError(
+                f"--split {split} needs a Kaggle-layout folder with {split}/; for a "
+                "flat NORMAL/ PNEUMONIA/ folder use --split all"
+            )
     x, y = load_split_arrays(items, size, log, resize)
     out = Path(out) if out else run.run_dir / f"eval-{split}" / "metrics.json"
     key = image_set_key([p for p, _ in items], size, resize)
-    p = run.model.member_probabilities(run.model.inputs(x, key, desc=f"frozen activations ({split})"),
-                                       desc=f"predict {split}")
-    metrics = score_split(y, p, run.thresholds, run.config["target_recall"], out.parent / "plots",
-                          split)
+    p = run.model.member_probabilities(
+        run.model.inputs(x, key, desc=f"frozen activations ({split})"), desc=f"predict {split}"
+    )
+    metrics = score_split(
+        y, p, run.thresholds, run.config["target_recall"], out.parent / "plots", split
+    )
     metrics["data"] = str(data or run.config["data"])
     metrics["compute_precision"] = run.precision
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -252,8 +350,9 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "tes
     return metrics
 
 
-def predict_paths(run_dir: str | Path, paths: list[str], precision: str | None = None,
-                  log=None) -> list[dict]:
+def predict_paths(
+    run_dir: str | Path, paths: list[str], precision: str | None = None, log=None
+) -> list[dict]:
     """Pneumonia probability and label for each image (folders are searched for images)."""
     log = log or (lambda m: print(m, file=sys.stderr))
     run = load_run(run_dir, precision, log)
@@ -270,10 +369,17 @@ def predict_paths(run_dir: str | Path, paths: list[str], precision: str | None =
     files = check_images(files, warn=lambda m: log(f"warning: {m}"))
     if not files:
         raise FileNotFoundError("no readable images among " + ", ".join(paths))
-    images = load_images(files, run.config["image_size"], progress=len(files) > 50,
-                           resize=run_resize(run.config))
+    images = load_images(
+        files, run.config["image_size"], progress=len(files) > 50, resize=run_resize(run.config)
+    )
     p = run.model.probabilities_of_images(images)
     labels = balance.vote(p.T, run.thresholds)  # one member: its own threshold
-    return [{"path": f, "p_pneumonia": float(q), "label": "PNEUMONIA" if lab else "NORMAL",
-             "threshold": run.thresholds[0] if len(run.thresholds) == 1 else "vote"}
-            for f, q, lab in zip(files, balance.mean_probability(p.T), labels)]
+    return [
+        {
+            "path": f,
+            "p_pneumonia": float(q),
+            "label": "PNEUMONIA" if lab else "NORMAL",
+            "threshold": run.thresholds[0] if len(run.thresholds) == 1 else "vote",
+        }
+        for f, q, lab in zip(files, balance.mean_probability(p.T), labels)
+    ]

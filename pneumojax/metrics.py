@@ -262,8 +262,11 @@ def combined_metrics(y: np.ndarray, member_p: np.ndarray, thresholds: list[float
         metrics["auc"], metrics["ci95"]["auc"] = auc, auc_ci
         votes_05 = (member_p >= 0.5).mean(1)
         metrics["at_0_5"] = {**binary_metrics(y, votes_05, 0.5), "auc": auc}
-        metrics["ensemble"] = {"members": len(thresholds), "label": "majority vote",
-                               "auc": "mean probability",
-                               "threshold": "0.5 on the fraction of members voting PNEUMONIA"}
+        metrics["ensemble"] = {
+            "members": len(thresholds),
+            "label": "majority vote",
+            "auc": "mean probability",
+            "threshold": "0.5 on the fraction of members voting PNEUMONIA",
+        }
     metrics["member_thresholds"] = [float(t) for t in thresholds]
     return metrics

@@ -19,8 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pneumojax.backbones import (BackboneInfo, KerasGraph, ancestors, backbone_model,
-                                 init_shapes, preprocess)
+from pneumojax.backbones import (
+    BackboneInfo,
+    KerasGraph,
+    ancestors,
+    backbone_model,
+    init_shapes,
+    preprocess,
+)
 
 HEAD = ("dense", "dense_1")  # Keras's auto-names for the head's two Dense layers
 
@@ -46,8 +52,11 @@ class Classifier(nn.Module):
     @nn.compact
     def __call__(self, images, train: bool = False):
         # With ``backbone.given``, ``images`` is the dict of cached frozen activations.
-        x = images if self.backbone.given else preprocess(images, self.preprocess_mode,
-                                                          self.backbone.dtype)
+        x = (
+            images
+            if self.backbone.given
+            else preprocess(images, self.preprocess_mode, self.backbone.dtype)
+        )
         outputs = self.backbone(x, train=train)
         x = outputs[self.backbone.outputs[0]]
         x = x.reshape(x.shape[0], -1)
@@ -74,24 +83,27 @@ class ModelPlan:
     cut: str
     input_size: int
     trainable_spec: str
-    trainable_ranges: tuple[tuple[str, str], ...]   # (first, last) layer names, inclusive
+    trainable_ranges: tuple[tuple[str, str], ...]  # (first, last) layer names, inclusive
     trainable_layers: frozenset[str]
     trainable_params: int
     frozen_params: int
 
     def lines(self) -> list[str]:
         ranges = ", ".join(f"{a} .. {b}" for a, b in self.trainable_ranges) or "none (head only)"
-        return [f"backbone={self.backbone} cut={self.cut} input_size={self.input_size}",
-                f"trainable layers: {ranges}",
-                f"trainable_params={self.trainable_params}",
-                f"frozen_params={self.frozen_params}"]
+        return [
+            f"backbone={self.backbone} cut={self.cut} input_size={self.input_size}",
+            f"trainable layers: {ranges}",
+            f"trainable_params={self.trainable_params}",
+            f"frozen_params={self.frozen_params}",
+        ]
 
 
 _INT = re.compile(r"^-?\d+$")
 
 
-def parse_trainable(spec: str | None, info: BackboneInfo, cut: str) -> tuple[
-        tuple[tuple[str, str], ...], frozenset[str]]:
+def parse_trainable(
+    spec: str | None, info: BackboneInfo, cut: str
+) -> tuple[tuple[tuple[str, str], ...], frozenset[str]]:
     """Resolves ``--trainable`` to inclusive (first, last) name pairs and the layer names.
 
     ``START:END`` follows Python slices over ``model.layers`` (start inclusive, end exclusive),
@@ -124,13 +136,15 @@ def parse_trainable(spec: str | None, info: BackboneInfo, cut: str) -> tuple[
         if start >= stop:
             raise TrainableSpecError(
                 f"--trainable {part!r} selects no layer: {names[min(start, len(names) - 1)]} "
-                f"(index {start}) is not before index {stop} (ranges are START:END, end exclusive)")
+                f"(index {start}) is not before index {stop} (ranges are START:END, end exclusive)"
+            )
         chosen = [n for n in names[start:stop] if n in needed]
         if not chosen:
             raise TrainableSpecError(
                 f"--trainable {part!r} lies after the cut layer {cut} (index "
                 f"{info.layer_index[cut]}), so it would have no effect; choose layers before the "
-                "cut or a later --cut")
+                "cut or a later --cut"
+            )
         ranges.append((chosen[0], chosen[-1]))
         layers.update(chosen)
     return tuple(ranges), frozenset(layers)
@@ -143,14 +157,18 @@ def _resolve(token: str, info: BackboneInfo, default: int) -> int:
     if _INT.match(token):
         i = int(token)
         if not -n <= i <= n:
-            raise TrainableSpecError(f"--trainable: layer index {i} is out of range for "
-                                     f"{info.name} ({n} layers, 0..{n - 1})")
+            raise TrainableSpecError(
+                f"--trainable: layer index {i} is out of range for "
+                f"{info.name} ({n} layers, 0..{n - 1})"
+            )
         return i + n if i < 0 else i
     if token not in info.layer_index:
         close = difflib.get_close_matches(token, list(info.layer_index), n=3, cutoff=0.0)
         hint = f" Nearest {info.name} layers: {', '.join(close)}." if close else ""
-        raise TrainableSpecError(f"--trainable: {info.name} has no layer {token!r}.{hint} "
-                                 f"List them with: pneumojax layers --backbone {info.name}")
+        raise TrainableSpecError(
+            f"--trainable: {info.name} has no layer {token!r}.{hint} "
+            f"List them with: pneumojax layers --backbone {info.name}"
+        )
     return info.layer_index[token]
 
 
@@ -173,46 +191,70 @@ def compute_dtype(precision: str | None):
     return PRECISIONS[resolve_precision(precision)]
 
 
-def build_classifier(info: BackboneInfo, cut: str, trainable: frozenset[str],
-                     dtype=jnp.float32, given: tuple[str, ...] = (),
-                     intermediates: tuple[str, ...] = ()) -> Classifier:
+def build_classifier(
+    info: BackboneInfo,
+    cut: str,
+    trainable: frozenset[str],
+    dtype=jnp.float32,
+    given: tuple[str, ...] = (),
+    intermediates: tuple[str, ...] = (),
+) -> Classifier:
     """The classifier; with ``given`` layer names it starts from their cached activations;
     with ``intermediates`` (Keras layer names up to the cut) it also returns their
     activations."""
     outputs = [cut] + [name for name in intermediates if name != cut]
-    return Classifier(backbone_model(info, outputs=outputs, trainable=trainable, dtype=dtype,
-                                     given=given), info.preprocess_mode)
+    return Classifier(
+        backbone_model(info, outputs=outputs, trainable=trainable, dtype=dtype, given=given),
+        info.preprocess_mode,
+    )
 
 
-def make_plan(info: BackboneInfo, cut: str | None, trainable_spec: str | None,
-              input_size: int) -> ModelPlan:
+def make_plan(
+    info: BackboneInfo, cut: str | None, trainable_spec: str | None, input_size: int
+) -> ModelPlan:
     """Resolves cut and trainable ranges and counts parameters the way Keras's summary does."""
     cut = info.check_layer(cut or info.default_cut)
     if input_size < info.min_input_size:
-        raise ValueError(f"{info.name} needs --image-size >= {info.min_input_size}, got {input_size}")
+        raise ValueError(
+            f"{info.name} needs --image-size >= {info.min_input_size}, got {input_size}"
+        )
     ranges, layers = parse_trainable(trainable_spec, info, cut)
     variables, _ = init_shapes(build_classifier(info, cut, layers), input_size)
     labels = trainable_labels(variables["params"], layers)
     size = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))  # noqa: E731
-    trainable = sum(size(p) for p, lab in zip(jax.tree.leaves(variables["params"]),
-                                              jax.tree.leaves(labels)) if lab == "train")
+    trainable = sum(
+        size(p)
+        for p, lab in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(labels))
+        if lab == "train"
+    )
     total = size(variables)
-    return ModelPlan(info.name, cut, input_size, trainable_spec or "none", ranges, layers,
-                     trainable, total - trainable)
+    return ModelPlan(
+        info.name,
+        cut,
+        input_size,
+        trainable_spec or "none",
+        ranges,
+        layers,
+        trainable,
+        total - trainable,
+    )
 
 
 def trainable_labels(params: dict, trainable: frozenset[str]) -> dict:
     """'train' / 'freeze' per parameter leaf: the head and the trainable layers train."""
+
     def label(path, _):
         keys = [getattr(k, "key", None) for k in path]
         if keys[0] != "backbone":
             return "train"
         return "train" if keys[1] in trainable else "freeze"
+
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def scale_by_keras_adam(b1: float = 0.9, b2: float = 0.999,
-                        eps: float = 1e-7) -> optax.GradientTransformation:
+def scale_by_keras_adam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7
+) -> optax.GradientTransformation:
     """Adam's direction as ``keras.optimizers.Adam`` computes it.
 
     Keras bias-corrects the step, ``sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)`` with
@@ -221,39 +263,51 @@ def scale_by_keras_adam(b1: float = 0.9, b2: float = 0.999,
     nearly a full step where Keras moves them a fraction of one
     (tests/test_keras_training_oracle.py). Same state as ``optax.scale_by_adam``.
     """
+
     def update(grads, state, params=None):
         del params
         mu = jax.tree.map(lambda g, m: m + (g - m) * (1 - b1), grads, state.mu)
         nu = jax.tree.map(lambda g, v: v + (g * g - v) * (1 - b2), grads, state.nu)
         count = optax.safe_increment(state.count)
         t = count.astype(jnp.float32)
-        alpha = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-        return (jax.tree.map(lambda m, v: m * alpha / (jnp.sqrt(v) + eps), mu, nu),
-                optax.ScaleByAdamState(count=count, mu=mu, nu=nu))
+        alpha = jnp.sqrt(1 - b2**t) / (1 - b1**t)
+        return (
+            jax.tree.map(lambda m, v: m * alpha / (jnp.sqrt(v) + eps), mu, nu),
+            optax.ScaleByAdamState(count=count, mu=mu, nu=nu),
+        )
+
     return optax.GradientTransformation(optax.scale_by_adam(b1, b2, eps).init, update)
 
 
-def keras_adam(learning_rate, b1: float = 0.9, b2: float = 0.999,
-               eps: float = 1e-7) -> optax.GradientTransformation:
+def keras_adam(
+    learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7
+) -> optax.GradientTransformation:
     """``keras.optimizers.Adam`` with its defaults (epsilon 1e-7, where Keras adds it)."""
-    return optax.chain(scale_by_keras_adam(b1, b2, eps),
-                       optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(
+        scale_by_keras_adam(b1, b2, eps), optax.scale_by_learning_rate(learning_rate)
+    )
 
 
-def make_optimizer(params: dict, trainable: frozenset[str], learning_rate) -> optax.GradientTransformation:
+def make_optimizer(
+    params: dict, trainable: frozenset[str], learning_rate
+) -> optax.GradientTransformation:
     """Keras's Adam on trainable leaves, zero updates on frozen ones.
 
     The rate lives in the optimizer state (``inject_hyperparams``) so a per-epoch schedule
     changes a value, not the compiled step.
     """
     return optax.multi_transform(
-        {"train": optax.inject_hyperparams(keras_adam)(learning_rate=learning_rate),
-         "freeze": optax.set_to_zero()},
-        trainable_labels(params, trainable))
+        {
+            "train": optax.inject_hyperparams(keras_adam)(learning_rate=learning_rate),
+            "freeze": optax.set_to_zero(),
+        },
+        trainable_labels(params, trainable),
+    )
 
 
-def init_variables(model: Classifier, input_size: int, seed: int,
-                   backbone_variables: dict | None = None) -> dict[str, Any]:
+def init_variables(
+    model: Classifier, input_size: int, seed: int, backbone_variables: dict | None = None
+) -> dict[str, Any]:
     """Keras's initial values (Glorot-uniform kernels, zero biases, BatchNorm 1/0 statistics),
     with the backbone replaced by ported variables if given.
 
@@ -273,6 +327,7 @@ def init_variables(model: Classifier, input_size: int, seed: int,
             return rng.uniform(-limit, limit, leaf.shape).astype(leaf.dtype)
         fill = 1.0 if keys[-1] in ("scale", "var") else 0.0
         return np.full(leaf.shape, fill, leaf.dtype)
+
     variables = jax.tree_util.tree_map_with_path(value, shapes)
     if backbone_variables is not None:
         for collection in ("params", "batch_stats"):
@@ -283,7 +338,9 @@ def init_variables(model: Classifier, input_size: int, seed: int,
                     raise ValueError(f"the backbone checkpoint has no variables for layer {layer}")
                 for k, v in leaves.items():
                     if np.shape(src[layer][k]) != v.shape:
-                        raise ValueError(f"checkpoint layer {layer}/{k} has shape "
-                                         f"{np.shape(src[layer][k])}, the model needs {v.shape}")
+                        raise ValueError(
+                            f"checkpoint layer {layer}/{k} has shape "
+                            f"{np.shape(src[layer][k])}, the model needs {v.shape}"
+                        )
                     leaves[k] = np.asarray(src[layer][k], v.dtype)
     return variables

@@ -85,8 +85,12 @@ def plot_confusion_matrix(cm, path, title: str = "Confusion matrix") -> Path:
     for i in range(2):
         for j in range(2):
             ax.text(
-                j, i, f"{cm[i, j]}\n{100 * share[i, j]:.1f}%",
-                ha="center", va="center", fontsize=12,
+                j,
+                i,
+                f"{cm[i, j]}\n{100 * share[i, j]:.1f}%",
+                ha="center",
+                va="center",
+                fontsize=12,
                 color="white" if share[i, j] > 0.5 else "black",
             )
     ax.set_xticks([0, 1], labels=CLASS_NAMES)
@@ -113,7 +117,11 @@ def plot_roc(y_true, p, path, auc: float | None = None, threshold: float | None 
         recall = (pred & y).sum() / y.sum()
         false_pos_rate = (pred & ~y).sum() / (~y).sum()
         ax.plot(
-            [false_pos_rate], [recall], "o", color="crimson", markersize=8,
+            [false_pos_rate],
+            [recall],
+            "o",
+            color="crimson",
+            markersize=8,
             label=f"threshold {threshold:.3f}: recall {recall:.3f}, "
             f"specificity {1 - false_pos_rate:.3f}",
         )
@@ -153,8 +161,12 @@ def plot_comparison(rows: list[dict], path) -> Path:
         stats = [_value_and_error(row["metrics"], k) for k in COMPARED_FIGURES]
         values, minus, plus = (np.array(col) for col in zip(*stats))
         ax.bar(
-            x + (r - (n_runs - 1) / 2) * width, values, width,
-            yerr=np.stack([minus, plus]), capsize=3, label=str(row["name"]),
+            x + (r - (n_runs - 1) / 2) * width,
+            values,
+            width,
+            yerr=np.stack([minus, plus]),
+            capsize=3,
+            label=str(row["name"]),
         )
     ax.set_xticks(x, labels=COMPARED_FIGURES)
     ax.set_ylim(0.0, 1.05)

@@ -30,8 +30,15 @@ def interactive() -> bool:
         return False
 
 
-def progress_bar(iterable: Iterable[T], desc: str | None = None, total: int | None = None,
-                 unit: str = "it", disable: bool = False, summary: bool = True, **tqdm_options):
+def progress_bar(
+    iterable: Iterable[T],
+    desc: str | None = None,
+    total: int | None = None,
+    unit: str = "it",
+    disable: bool = False,
+    summary: bool = True,
+    **tqdm_options,
+):
     """Wraps ``iterable`` like ``tqdm`` on a terminal; otherwise yields the same items and, if
     ``summary`` and not ``disable``, prints one line to stderr when the iteration ends.
 
@@ -39,6 +46,7 @@ def progress_bar(iterable: Iterable[T], desc: str | None = None, total: int | No
     returned object supports ``set_postfix``, ``update`` and ``close`` in both cases."""
     if interactive():
         from tqdm.auto import tqdm  # noqa: PLC0415
+
         return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, **tqdm_options)
     return _PhaseLine(iterable, desc, unit, quiet=disable or not summary or desc is None)
 
@@ -48,6 +56,7 @@ def write(line: str) -> None:
     someone follows (``tail -f``) is current."""
     if interactive():
         from tqdm.auto import tqdm  # noqa: PLC0415
+
         tqdm.write(line)
         sys.stdout.flush()
     else:
@@ -77,8 +86,12 @@ class _PhaseLine:
             yield item
         if n and not self._quiet:  # only a phase that ran to its end reports
             one, many = _UNITS.get(self._unit, (self._unit, self._unit))
-            print(f"{self._desc}: {n:,} {one if n == 1 else many} in "
-                  f"{duration(time.perf_counter() - start)}", file=sys.stderr, flush=True)
+            print(
+                f"{self._desc}: {n:,} {one if n == 1 else many} in "
+                f"{duration(time.perf_counter() - start)}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def set_postfix(self, *args, **kwargs) -> None:
         pass

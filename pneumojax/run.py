@@ -21,20 +21,44 @@ from pneumojax.backbones import get_backbone
 from pneumojax.checkpoint import save_variables
 from pneumojax.config import TrainConfig
 from pneumojax.features import cacheable_frontier, merge_variables, storage_dtype
-from pneumojax.inference import (RunModel, score_split, stack_members, validation_thresholds,
-                                 write_predictions)
+from pneumojax.inference import (
+    RunModel,
+    score_split,
+    stack_members,
+    validation_thresholds,
+    write_predictions,
+)
 from pneumojax.io import write_text_atomic
 from pneumojax.metrics import format_metrics
-from pneumojax.model import (build_classifier, compute_dtype, init_variables, make_optimizer,
-                             make_plan, resolve_precision)
+from pneumojax.model import (
+    build_classifier,
+    compute_dtype,
+    init_variables,
+    make_optimizer,
+    make_plan,
+    resolve_precision,
+)
 from pneumojax.plots import plot_history
 from pneumojax.train import fit, make_mesh
-from pneumojax.workspace import (cache_dir, environment, load_split_arrays, read_json,
-                                 resolve_data, resolve_weights, warn_via, write_json)
+from pneumojax.workspace import (
+    cache_dir,
+    environment,
+    load_split_arrays,
+    read_json,
+    resolve_data,
+    resolve_weights,
+    warn_via,
+    write_json,
+)
 
 
-def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
-              log: Callable[[str], None] = print, stop_after_steps: int | None = None) -> dict:
+def train_run(
+    cfg: TrainConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+    stop_after_steps: int | None = None,
+) -> dict:
     """Trains and evaluates; returns the test metrics (also in ``RUN_DIR/metrics.json``).
 
     ``resume`` continues the interrupted run in ``cfg.out`` with its own config.json;
@@ -53,11 +77,14 @@ def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     backbone_vars, weights_record = resolve_weights(cfg.weights, info.name)
     if not resume:
         start_run_folder(run_dir, cfg, plan, source, splits, weights_record, requested)
-    arrays = {name: load_split_arrays(items, cfg.image_size, log, cfg.resize)
-              for name, items in splits.as_dict().items()}
+    arrays = {
+        name: load_split_arrays(items, cfg.image_size, log, cfg.resize)
+        for name, items in splits.as_dict().items()
+    }
     train_key = data.image_set_key([p for p, _ in splits.train], cfg.image_size, cfg.resize)
-    balanced = balance.apply_balance(cfg, *arrays["train"], train_key, log,
-                                     augment_cache=cache_dir() / "augmented")
+    balanced = balance.apply_balance(
+        cfg, *arrays["train"], train_key, log, augment_cache=cache_dir() / "augmented"
+    )
     if not resume:
         config = read_json(run_dir / "config.json")
         write_json(run_dir / "config.json", {**config, "balance_applied": balanced.record})
@@ -65,30 +92,58 @@ def train_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
 
     mesh = make_mesh()
     model = build_classifier(info, plan.cut, plan.trainable_layers, compute_dtype(cfg.precision))
-    member_vars = member_initial_variables(model, cfg.image_size, cfg.seed,
-                                           len(balanced.members), backbone_vars)
+    member_vars = member_initial_variables(
+        model, cfg.image_size, cfg.seed, len(balanced.members), backbone_vars
+    )
     log_devices(mesh, cfg, len(balanced.members), log)
-    frontier = cacheable_frontier(info, plan.cut, plan.trainable_layers) if cfg.feature_cache else ()
+    frontier = (
+        cacheable_frontier(info, plan.cut, plan.trainable_layers) if cfg.feature_cache else ()
+    )
     # Members share the backbone (member_initial_variables), so member 0's prefix serves all.
-    run_model = RunModel.build(info, plan.cut, plan.trainable_layers, cfg.precision, frontier,
-                               cfg.feature_cache_dtype, cfg.image_size, member_vars[0],
-                               cfg.batch_size, mesh, make_optimizer, cfg.learning_rate)
+    run_model = RunModel.build(
+        info,
+        plan.cut,
+        plan.trainable_layers,
+        cfg.precision,
+        frontier,
+        cfg.feature_cache_dtype,
+        cfg.image_size,
+        member_vars[0],
+        cfg.batch_size,
+        mesh,
+        make_optimizer,
+        cfg.learning_rate,
+    )
     inputs = training_inputs(cfg, splits, balanced, arrays, run_model, frontier, log)
-    best, progress = fit(run_model.steps, [run_model.own_variables(v) for v in member_vars],
-                         (inputs["train"], balanced.labels, balanced.weights),
-                         (inputs["val"], arrays["val"][1]), cfg.fit_options(), run_dir,
-                         members=balanced.members, resume=resume, log=log,
-                         stop_after_steps=stop_after_steps)
+    best, progress = fit(
+        run_model.steps,
+        [run_model.own_variables(v) for v in member_vars],
+        (inputs["train"], balanced.labels, balanced.weights),
+        (inputs["val"], arrays["val"][1]),
+        cfg.fit_options(),
+        run_dir,
+        members=balanced.members,
+        resume=resume,
+        log=log,
+        stop_after_steps=stop_after_steps,
+    )
     t_fit = time.perf_counter() - t0 - t_data
     run_model.variables = stack_members(best)
     metrics = finish_run(run_dir, cfg, run_model, inputs, arrays, splits, log)
-    save_model(run_dir / "model", member_vars, best, plan, cfg.image_size,
-               metrics["member_thresholds"])
+    save_model(
+        run_dir / "model", member_vars, best, plan, cfg.image_size, metrics["member_thresholds"]
+    )
     metrics["balance"] = balanced.record
-    metrics["training"] = {"epochs_run": progress.epoch, "best_epoch": progress.best_epoch,
-                           "stopped_early": progress.stopped_early,
-                           "seconds": {"data": round(t_data, 2), "fit": round(t_fit, 2),
-                                       "total": round(time.perf_counter() - t0, 2)}}
+    metrics["training"] = {
+        "epochs_run": progress.epoch,
+        "best_epoch": progress.best_epoch,
+        "stopped_early": progress.stopped_early,
+        "seconds": {
+            "data": round(t_data, 2),
+            "fit": round(t_fit, 2),
+            "total": round(time.perf_counter() - t0, 2),
+        },
+    }
     write_json(run_dir / "metrics.json", metrics)
     plot_history(progress.history, run_dir / "plots" / "history.png")
     log(format_metrics(metrics))
@@ -108,87 +163,148 @@ def resolved_config(cfg: TrainConfig, run_dir: Path, resume: bool) -> tuple[Trai
     cfg = dataclasses.replace(cfg)  # the caller's object stays as it was
     requested = {"precision": cfg.precision, "feature_cache_dtype": cfg.feature_cache_dtype}
     cfg.precision = resolve_precision(cfg.precision)
-    cfg.feature_cache_dtype = storage_dtype(cfg.feature_cache_dtype,
-                                            compute_dtype(cfg.precision)).name
+    cfg.feature_cache_dtype = storage_dtype(
+        cfg.feature_cache_dtype, compute_dtype(cfg.precision)
+    ).name
     return cfg, requested
 
 
-def run_splits(cfg: TrainConfig, source: data.DataSource, run_dir: Path, resume: bool,
-               log: Callable[[str], None]) -> data.Splits:
+def run_splits(
+    cfg: TrainConfig,
+    source: data.DataSource,
+    run_dir: Path,
+    resume: bool,
+    log: Callable[[str], None],
+) -> data.Splits:
     """The run's splits (a resumed run's own), logged one line per split."""
     if resume:
         splits = data.Splits.from_json((run_dir / "splits.json").read_text())
     else:
-        splits = data.make_splits(source, cfg.val_fraction, cfg.test_fraction, seed=cfg.seed,
-                                  warn=warn_via(log))
+        splits = data.make_splits(
+            source, cfg.val_fraction, cfg.test_fraction, seed=cfg.seed, warn=warn_via(log)
+        )
     for name, s in splits.summary().items():
-        log(f"split {name}: {s['n']} images ({s['normal']} NORMAL, {s['pneumonia']} PNEUMONIA), "
-            f"{s['patients']} patients")
+        log(
+            f"split {name}: {s['n']} images ({s['normal']} NORMAL, {s['pneumonia']} PNEUMONIA), "
+            f"{s['patients']} patients"
+        )
     return splits
 
 
-def start_run_folder(run_dir: Path, cfg: TrainConfig, plan, source: data.DataSource,
-                     splits: data.Splits, weights_record: dict, requested: dict):
+def start_run_folder(
+    run_dir: Path,
+    cfg: TrainConfig,
+    plan,
+    source: data.DataSource,
+    splits: data.Splits,
+    weights_record: dict,
+    requested: dict,
+):
     """Writes splits.json, then config.json (last: its presence marks a run)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = {**dataclasses.asdict(cfg), "cut": plan.cut, "plan": dataclasses.asdict(plan),
-              "weights_source": weights_record, "environment": environment(),
-              "data_layout": source.layout, "requested": requested,
-              "skipped_images": [[os.path.relpath(p, source.root), r]
-                                 for p, r in source.skipped]}
+    config = {
+        **dataclasses.asdict(cfg),
+        "cut": plan.cut,
+        "plan": dataclasses.asdict(plan),
+        "weights_source": weights_record,
+        "environment": environment(),
+        "data_layout": source.layout,
+        "requested": requested,
+        "skipped_images": [[os.path.relpath(p, source.root), r] for p, r in source.skipped],
+    }
     config["plan"]["trainable_layers"] = sorted(plan.trainable_layers)
     write_text_atomic(run_dir / "splits.json", splits.to_json())
     write_json(run_dir / "config.json", config)
 
 
 def log_devices(mesh, cfg: TrainConfig, members: int, log: Callable[[str], None]):
-    log(f"devices: {mesh.devices.size} x {jax.default_backend()} ({jax.process_count()} "
+    log(
+        f"devices: {mesh.devices.size} x {jax.default_backend()} ({jax.process_count()} "
         f"host(s)), {cfg.precision} compute; global batch {cfg.batch_size}, "
         f"{cfg.batch_size // mesh.devices.size} per device"
-        + (f"; {members} ensemble members trained side by side (vmap)" if members > 1 else ""))
+        + (f"; {members} ensemble members trained side by side (vmap)" if members > 1 else "")
+    )
 
 
-def training_inputs(cfg: TrainConfig, splits: data.Splits, balanced: balance.BalancedTrain,
-                    arrays: dict, run_model: RunModel, frontier: tuple[str, ...],
-                    log: Callable[[str], None]) -> dict:
+def training_inputs(
+    cfg: TrainConfig,
+    splits: data.Splits,
+    balanced: balance.BalancedTrain,
+    arrays: dict,
+    run_model: RunModel,
+    frontier: tuple[str, ...],
+    log: Callable[[str], None],
+) -> dict:
     """What the trainable part takes for each split: the images, or the frozen prefix's
     activations, computed once per (weights, images, size, resize) and cached."""
-    keys = {"train": balanced.key, **{n: data.image_set_key([p for p, _ in getattr(splits, n)],
-                                                            cfg.image_size, cfg.resize)
-                                      for n in ("val", "test")}}
+    keys = {
+        "train": balanced.key,
+        **{
+            n: data.image_set_key([p for p, _ in getattr(splits, n)], cfg.image_size, cfg.resize)
+            for n in ("val", "test")
+        },
+    }
     images = {"train": balanced.images, "val": arrays["val"][0], "test": arrays["test"][0]}
-    inputs = {n: run_model.inputs(images[n], keys[n], desc=f"frozen activations ({n})")
-              for n in images}
+    inputs = {
+        n: run_model.inputs(images[n], keys[n], desc=f"frozen activations ({n})") for n in images
+    }
     if frontier:
-        log(f"feature cache: training on cached activations of {', '.join(frontier)}, stored "
+        log(
+            f"feature cache: training on cached activations of {', '.join(frontier)}, stored "
             f"as {cfg.feature_cache_dtype} (the frozen part runs once; --no-feature-cache turns "
-            "this off)")
+            "this off)"
+        )
     return inputs
 
 
-def finish_run(run_dir: Path, cfg: TrainConfig, run_model: RunModel, inputs: dict,
-               arrays: dict, splits: data.Splits, log: Callable[[str], None]) -> dict:
+def finish_run(
+    run_dir: Path,
+    cfg: TrainConfig,
+    run_model: RunModel,
+    inputs: dict,
+    arrays: dict,
+    splits: data.Splits,
+    log: Callable[[str], None],
+) -> dict:
     """Thresholds on validation, figures and plots on test, every test probability saved."""
     p_val = run_model.member_probabilities(inputs["val"])
     p_test = run_model.member_probabilities(inputs["test"], desc="predict test")
     thresholds = validation_thresholds(arrays["val"][1], p_val, cfg.target_recall)
-    metrics = score_split(arrays["test"][1], p_test, thresholds, cfg.target_recall,
-                          run_dir / "plots", "test")
+    metrics = score_split(
+        arrays["test"][1], p_test, thresholds, cfg.target_recall, run_dir / "plots", "test"
+    )
     write_predictions(run_dir / "predictions" / "test.csv", splits.test, p_test)
     return metrics
 
-def save_model(folder: Path, member_vars: list[dict], best: list[dict], plan, image_size: int,
-               thresholds: list[float]):
+
+def save_model(
+    folder: Path,
+    member_vars: list[dict],
+    best: list[dict],
+    plan,
+    image_size: int,
+    thresholds: list[float],
+):
     """The finished model: each member's trained part merged into its full variables (the
     frozen backbone as it was), stacked, with what scoring needs in the manifest."""
     full = stack_members([merge_variables(v, b) for v, b in zip(member_vars, best)])
-    save_variables(folder, full, {"backbone": plan.backbone, "cut": plan.cut,
-                                  "image_size": image_size, "members": len(best),
-                                  "thresholds": thresholds}, overwrite=True)
+    save_variables(
+        folder,
+        full,
+        {
+            "backbone": plan.backbone,
+            "cut": plan.cut,
+            "image_size": image_size,
+            "members": len(best),
+            "thresholds": thresholds,
+        },
+        overwrite=True,
+    )
 
 
-def member_initial_variables(model, image_size: int, seed: int, k: int,
-                             backbone_vars: dict | None) -> list[dict]:
+def member_initial_variables(
+    model, image_size: int, seed: int, k: int, backbone_vars: dict | None
+) -> list[dict]:
     """Initial variables of K members. The backbone starts the same for all, as with ported
     weights (one random init from ``seed`` under ``--weights none``): the frozen part's
     activations are computed once and shared, and the saved model must pair each head with the
@@ -196,8 +312,9 @@ def member_initial_variables(model, image_size: int, seed: int, k: int,
     first = init_variables(model, image_size, seed, backbone_vars)
     if backbone_vars is None:
         backbone_vars = {c: first[c]["backbone"] for c in first if "backbone" in first[c]}
-    return [first] + [init_variables(model, image_size, seed + i, backbone_vars)
-                      for i in range(1, k)]
+    return [first] + [
+        init_variables(model, image_size, seed + i, backbone_vars) for i in range(1, k)
+    ]
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool):
@@ -207,6 +324,8 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool):
         raise FileNotFoundError(f"--resume: {run_dir} holds no run to continue")
     if has_run and not resume:
         if not overwrite:
-            raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, "
-                                  "--overwrite to replace it, or choose another --out")
+            raise FileExistsError(
+                f"{run_dir} already holds a run; pass --resume to continue it, "
+                "--overwrite to replace it, or choose another --out"
+            )
         shutil.rmtree(run_dir)

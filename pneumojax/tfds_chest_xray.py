@@ -115,12 +115,15 @@ class ChestXrayPneumonia(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, items, root: Path):
         for path, label in items:
             key = Path(path).relative_to(root).as_posix()
-            yield key, {
-                "image": _encodable_image(path),
-                "label": label,
-                "filename": Path(path).name,
-                "patient": data.patient_id(path),
-            }
+            yield (
+                key,
+                {
+                    "image": _encodable_image(path),
+                    "label": label,
+                    "filename": Path(path).name,
+                    "patient": data.patient_id(path),
+                },
+            )
 
 
 def kaggle_root(manual_dir: str | os.PathLike) -> Path:

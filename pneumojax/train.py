@@ -40,7 +40,6 @@ from pneumojax.model import Classifier, pneumonia_probability
 from pneumojax.progress import progress_bar
 
 
-
 class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after saving a resumable checkpoint."""
 
@@ -66,7 +65,7 @@ def epoch_lr_factor(kind: str, epoch) -> Any:
     if kind == "keras-seed":
         return 0.85 ** (epoch * (epoch + 1) / 2)
     if kind == "exponential":
-        return 0.85 ** epoch
+        return 0.85**epoch
     if kind == "constant":
         return 1.0 + 0 * epoch
     raise ValueError(f"unknown --lr-schedule {kind!r}; choose one of {', '.join(LR_SCHEDULES)}")
@@ -74,8 +73,7 @@ def epoch_lr_factor(kind: str, epoch) -> Any:
 
 def make_mesh() -> jax.sharding.Mesh:
     """All devices of all hosts on one ``data`` axis (XLA partitions the step: Auto axes)."""
-    return jax.make_mesh((jax.device_count(),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def loss_and_accuracy(logits, labels, weights):
@@ -91,8 +89,14 @@ def loss_and_accuracy(logits, labels, weights):
 
 # The step: pure functions of the model, the optimizer and arrays, testable without a mesh.
 
-def train_step(model: Classifier, tx: optax.GradientTransformation, state: TrainState,
-               batch: dict, key: jax.Array) -> tuple[TrainState, dict]:
+
+def train_step(
+    model: Classifier,
+    tx: optax.GradientTransformation,
+    state: TrainState,
+    batch: dict,
+    key: jax.Array,
+) -> tuple[TrainState, dict]:
     """One optimizer step of one member on ``batch`` (``image``: images or cached activations,
     ``label``, ``weight``); returns the new state and the batch's ``loss`` and ``accuracy``.
 
@@ -102,8 +106,12 @@ def train_step(model: Classifier, tx: optax.GradientTransformation, state: Train
 
     def loss_fn(params):
         logits, updates = model.apply(
-            {"params": params, "batch_stats": state.batch_stats}, batch["image"],
-            train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            rngs={"dropout": key},
+            mutable=["batch_stats"],
+        )
         loss, acc = loss_and_accuracy(logits, batch["label"], batch["weight"])
         return loss, (acc, updates.get("batch_stats", state.batch_stats))
 
@@ -114,8 +122,13 @@ def train_step(model: Classifier, tx: optax.GradientTransformation, state: Train
     return new, {"loss": loss, "accuracy": acc}
 
 
-def train_members_step(model: Classifier, tx: optax.GradientTransformation, state: TrainState,
-                       batch: dict, keys: jax.Array) -> tuple[TrainState, dict]:
+def train_members_step(
+    model: Classifier,
+    tx: optax.GradientTransformation,
+    state: TrainState,
+    batch: dict,
+    keys: jax.Array,
+) -> tuple[TrainState, dict]:
     """:func:`train_step` for K members side by side: the state, the batch and the metrics
     carry a leading member axis, ``keys`` holds one key per member.
 
@@ -140,19 +153,19 @@ def predict_members_step(model: Classifier, member_variables: dict, images) -> j
     """Logits of every member (variables stacked on a leading axis), batch first:
     (batch, members, 2)."""
     logits = jax.vmap(functools.partial(predict_step, model), in_axes=(0, None))(
-        member_variables, images)
+        member_variables, images
+    )
     return jnp.swapaxes(logits, 0, 1)
 
 
-def create_train_state(tx: optax.GradientTransformation, member_variables: list[dict]
-                       ) -> TrainState:
+def create_train_state(
+    tx: optax.GradientTransformation, member_variables: list[dict]
+) -> TrainState:
     """The members' variables stacked on a leading axis, with their optimizer states."""
-    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
-                           *member_variables)
+    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *member_variables)
     params, batch_stats = stacked["params"], stacked.get("batch_stats", {})
     k = len(member_variables)
-    return TrainState(jnp.zeros((k,), jnp.int32), params, batch_stats,
-                      jax.vmap(tx.init)(params))
+    return TrainState(jnp.zeros((k,), jnp.int32), params, batch_stats, jax.vmap(tx.init)(params))
 
 
 @dataclasses.dataclass
@@ -173,11 +186,12 @@ class Steps:
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
         self.member_batch_sharding = NamedSharding(self.mesh, P(None, "data"))
-        self.train = jax.jit(functools.partial(train_members_step, self.model, self.tx),
-                             donate_argnums=0,
-                             in_shardings=(self.replicated, self.member_batch_sharding,
-                                           self.replicated),
-                             out_shardings=(self.replicated, self.replicated))
+        self.train = jax.jit(
+            functools.partial(train_members_step, self.model, self.tx),
+            donate_argnums=0,
+            in_shardings=(self.replicated, self.member_batch_sharding, self.replicated),
+            out_shardings=(self.replicated, self.replicated),
+        )
         self.predict = functools.partial(predict_step, self.model)
         self.predict_members = functools.partial(predict_members_step, self.model)
         self._jitted = {}
@@ -198,7 +212,9 @@ class Steps:
         def local(a):
             n = a.shape[axis] // count
             return jax.make_array_from_process_local_data(
-                sharding, np.take(a, np.arange(pid * n, (pid + 1) * n), axis=axis))
+                sharding, np.take(a, np.arange(pid * n, (pid + 1) * n), axis=axis)
+            )
+
         return jax.tree.map(local, batch)
 
     def map(self, fn, variables, inputs, batch_size: int, sink, desc: str | None = None):
@@ -206,17 +222,21 @@ class Steps:
         fixed-size sharded batches, the last one padded, so it compiles once; hands each
         result to ``sink(start, stop, outputs)`` as numpy."""
         if fn not in self._jitted:
-            self._jitted[fn] = jax.jit(fn, in_shardings=(self.replicated, self.batch_sharding),
-                                       out_shardings=self.batch_sharding)
+            self._jitted[fn] = jax.jit(
+                fn,
+                in_shardings=(self.replicated, self.batch_sharding),
+                out_shardings=self.batch_sharding,
+            )
         jitted = self._jitted[fn]
         variables = jax.device_put(variables, self.replicated)
         n = len(jax.tree.leaves(inputs)[0])
-        for start in progress_bar(range(0, n, batch_size), desc=desc, unit="batch", leave=False,
-                                  disable=desc is None):
+        for start in progress_bar(
+            range(0, n, batch_size), desc=desc, unit="batch", leave=False, disable=desc is None
+        ):
             stop = min(start + batch_size, n)
             batch = jax.tree.map(lambda a: _padded(a[start:stop], batch_size), inputs)
             out = jitted(variables, self.shard(batch))
-            sink(start, stop, jax.tree.map(lambda o: np.asarray(o)[:stop - start], out))
+            sink(start, stop, jax.tree.map(lambda o: np.asarray(o)[: stop - start], out))
 
 
 def _padded(chunk, size: int) -> np.ndarray:
@@ -227,33 +247,38 @@ def _padded(chunk, size: int) -> np.ndarray:
     return chunk
 
 
-def predict_logits(steps: Steps, variables, inputs, batch_size: int,
-                   desc: str | None = None) -> np.ndarray:
+def predict_logits(
+    steps: Steps, variables, inputs, batch_size: int, desc: str | None = None
+) -> np.ndarray:
     """Logits for every input (images, or cached activations for a suffix model)."""
     out = np.zeros((len(jax.tree.leaves(inputs)[0]), 2), np.float32)
 
     def sink(start, stop, logits):
         out[start:stop] = logits
+
     steps.map(steps.predict, variables, inputs, batch_size, sink, desc)
     return out
 
 
-def member_logits(steps: Steps, member_variables, inputs, batch_size: int,
-                  desc: str | None = None) -> np.ndarray:
+def member_logits(
+    steps: Steps, member_variables, inputs, batch_size: int, desc: str | None = None
+) -> np.ndarray:
     """Logits of every member for every input: (n, members, 2)."""
     k = len(jax.tree.leaves(member_variables)[0])
     out = np.zeros((len(jax.tree.leaves(inputs)[0]), k, 2), np.float32)
 
     def sink(start, stop, logits):
         out[start:stop] = logits
+
     steps.map(steps.predict_members, member_variables, inputs, batch_size, sink, desc)
     return out
 
 
 def evaluate_loss(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """Loss and accuracy of one model's logits over a whole split (unweighted)."""
-    loss, acc = loss_and_accuracy(jnp.asarray(logits), jnp.asarray(labels),
-                                  jnp.ones(len(labels), jnp.float32))
+    loss, acc = loss_and_accuracy(
+        jnp.asarray(logits), jnp.asarray(labels), jnp.ones(len(labels), jnp.float32)
+    )
     return float(loss), float(acc)
 
 
@@ -300,7 +325,7 @@ class Progress:
     """
 
     epoch: int = 0
-    batch: int = 0                # batches done in the current epoch
+    batch: int = 0  # batches done in the current epoch
     sums: dict = dataclasses.field(default_factory=lambda: {"loss": 0.0, "accuracy": 0.0})
     history: list = dataclasses.field(default_factory=list)
     stopping: EarlyStopping = dataclasses.field(default_factory=EarlyStopping)
@@ -329,9 +354,13 @@ class Progress:
     def from_json(cls, record: dict) -> Progress:
         """The inverse of :meth:`to_json`."""
         record = dict(record)
-        stopping = EarlyStopping(**{f.name: record.pop(f.name)
-                                    for f in dataclasses.fields(EarlyStopping)
-                                    if f.name in record})
+        stopping = EarlyStopping(
+            **{
+                f.name: record.pop(f.name)
+                for f in dataclasses.fields(EarlyStopping)
+                if f.name in record
+            }
+        )
         return cls(stopping=stopping, **record)
 
 
@@ -339,6 +368,7 @@ def prefetch(make: Callable[[int], Any], indices, depth: int = 2):
     """Yields ``make(i)`` for each index, preparing the next ones in a background thread so
     batch assembly and host-to-device copies overlap the running step."""
     from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
     indices = list(indices)
     with ThreadPoolExecutor(max_workers=1) as pool:
         futures = [pool.submit(make, i) for i in indices[:depth]]
@@ -386,8 +416,9 @@ class RunCheckpoints:
 
     def __init__(self, directory: Path):
         directory = Path(directory).absolute()  # orbax requires absolute paths
-        opts = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=False,
-                                            cleanup_tmp_directories=True)
+        opts = ocp.CheckpointManagerOptions(
+            max_to_keep=None, enable_async_checkpointing=False, cleanup_tmp_directories=True
+        )
         self.last = ocp.CheckpointManager(directory / "last", options=opts)
         self.best = ocp.CheckpointManager(directory / "best", options=opts)
         for d in (directory, directory.parent):  # the folders themselves survive power loss
@@ -408,41 +439,60 @@ class RunCheckpoints:
                 manager.delete(step)
 
     def save_last(self, state: TrainState, progress: Progress):
-        step = self._save(self.last, ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            progress=ocp.args.JsonSave(progress.to_json())))
+        step = self._save(
+            self.last,
+            ocp.args.Composite(
+                state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress.to_json())
+            ),
+        )
         # Only now, with the new copy on disk, older ones and bests it does not refer to go.
         self._drop_all_but(self.last, {step})
         self._drop_all_but(self.best, {progress.best_save} - {None})
 
-    def restore_last(self, abstract_state: TrainState, log: Callable[[str], None] = print
-                     ) -> tuple[TrainState, Progress] | None:
+    def restore_last(
+        self, abstract_state: TrainState, log: Callable[[str], None] = print
+    ) -> tuple[TrainState, Progress] | None:
         """The newest readable ``last``; an older one if the newest was cut short (power loss
         after its rename, before it was flushed: the older one is deleted only after that)."""
         errors = []
         for step in sorted(self.last.all_steps(), reverse=True):
             try:
-                restored = self.last.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    progress=ocp.args.JsonRestore()))
+                restored = self.last.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        progress=ocp.args.JsonRestore(),
+                    ),
+                )
             except Exception as e:  # noqa: BLE001 - any unreadable copy: try the one before
                 errors.append(e)
-                log(f"checkpoint {Path(self.last.directory) / str(step)} is unreadable "
-                    f"({type(e).__name__}: {e}); trying the one before it")
+                log(
+                    f"checkpoint {Path(self.last.directory) / str(step)} is unreadable "
+                    f"({type(e).__name__}: {e}); trying the one before it"
+                )
                 continue
             return restored["state"], Progress.from_json(restored["progress"])
         if errors:
-            raise CheckpointError(f"no readable checkpoint in {self.last.directory}: "
-                                  f"{errors[0]}") from errors[0]
+            raise CheckpointError(
+                f"no readable checkpoint in {self.last.directory}: {errors[0]}"
+            ) from errors[0]
         return None
 
     def save_best(self, weights: dict, progress: Progress) -> int:
         """Saves the best weights; returns the save's number, for ``progress.best_save``."""
-        return self._save(self.best, ocp.args.Composite(
-            variables=ocp.args.StandardSave(weights),
-            info=ocp.args.JsonSave({"epoch": max(progress.best_epoch),
-                                    "best_epoch": list(progress.best_epoch),
-                                    "best_val_loss": list(progress.stopping.best_val_loss)})))
+        return self._save(
+            self.best,
+            ocp.args.Composite(
+                variables=ocp.args.StandardSave(weights),
+                info=ocp.args.JsonSave(
+                    {
+                        "epoch": max(progress.best_epoch),
+                        "best_epoch": list(progress.best_epoch),
+                        "best_val_loss": list(progress.stopping.best_val_loss),
+                    }
+                ),
+            ),
+        )
 
     def restore_best(self, abstract_variables, progress: Progress) -> dict | None:
         """The best weights ``progress`` refers to; None while no epoch has been the best.
@@ -459,17 +509,26 @@ class RunCheckpoints:
             raise CheckpointError(
                 f"{self.best.directory} lacks the best weights (epoch {epochs}) that "
                 f"{self.last.directory} refers to, so this run cannot end with its best "
-                f"weights; start it again with --overwrite")
-        restored = self.best.restore(step, args=ocp.args.Composite(
-            variables=ocp.args.StandardRestore(abstract_variables), info=ocp.args.JsonRestore()))
+                f"weights; start it again with --overwrite"
+            )
+        restored = self.best.restore(
+            step,
+            args=ocp.args.Composite(
+                variables=ocp.args.StandardRestore(abstract_variables), info=ocp.args.JsonRestore()
+            ),
+        )
         info = restored["info"]
-        matches = (info["best_epoch"] == list(progress.best_epoch) if "best_epoch" in info
-                   else info.get("epoch") == max(progress.best_epoch))
+        matches = (
+            info["best_epoch"] == list(progress.best_epoch)
+            if "best_epoch" in info
+            else info.get("epoch") == max(progress.best_epoch)
+        )
         if not matches:
             raise CheckpointError(
                 f"{Path(self.best.directory) / str(step)} holds the best weights of epoch "
                 f"{info.get('best_epoch', info.get('epoch'))}, but {self.last.directory} records "
-                f"epoch {epochs} as the best; start the run again with --overwrite")
+                f"epoch {epochs} as the best; start the run again with --overwrite"
+            )
         progress.best_save = step
         return restored["variables"]
 
@@ -478,10 +537,18 @@ class RunCheckpoints:
         self.best.close()
 
 
-def fit(steps: Steps, variables: dict | list[dict], train: tuple, val: tuple,
-        opts: FitOptions, run_dir: Path, members: list[np.ndarray] | None = None,
-        resume: bool = False, log: Callable[[str], None] = print,
-        stop_after_steps: int | None = None) -> tuple[list[dict], Progress]:
+def fit(
+    steps: Steps,
+    variables: dict | list[dict],
+    train: tuple,
+    val: tuple,
+    opts: FitOptions,
+    run_dir: Path,
+    members: list[np.ndarray] | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    stop_after_steps: int | None = None,
+) -> tuple[list[dict], Progress]:
     """Trains with early stopping on validation loss; returns each member's best variables.
 
     ``train`` is (inputs, labels, per-example weights), inputs being uint8 images or a dict of
@@ -501,25 +568,34 @@ def fit(steps: Steps, variables: dict | list[dict], train: tuple, val: tuple,
     best = jax.tree.map(jnp.copy, _weights(state))  # the step donates the state's buffers
     if resume:
         state, progress, best = _resume(ckpt, state, progress, best, log)
-    keys = jax.random.split(jax.random.key(opts.seed), k) if k > 1 else \
-        jax.random.key(opts.seed)[None]
+    keys = (
+        jax.random.split(jax.random.key(opts.seed), k) if k > 1 else jax.random.key(opts.seed)[None]
+    )
     _write_history(run_dir, progress.history)
 
     with _StopFlag() as stop:
-        def interrupt(global_step: int) -> bool:
-            return stop.signal is not None or (stop_after_steps is not None
-                                               and global_step >= stop_after_steps)
 
-        epochs = progress_bar(range(progress.epoch, opts.epochs), desc="epochs",
-                              initial=progress.epoch, total=opts.epochs, summary=False)
+        def interrupt(global_step: int) -> bool:
+            return stop.signal is not None or (
+                stop_after_steps is not None and global_step >= stop_after_steps
+            )
+
+        epochs = progress_bar(
+            range(progress.epoch, opts.epochs),
+            desc="epochs",
+            initial=progress.epoch,
+            total=opts.epochs,
+            summary=False,
+        )
         for epoch in epochs:
             if progress.finished:
                 break
             lr = opts.learning_rate * epoch_lr_factor(opts.lr_schedule, epoch)
             state = _set_learning_rate(state, lr)
             batches = _epoch_batches(steps, train, members, opts, epoch, progress)
-            state, interrupted = _train_epoch(steps, state, keys, batches, progress, epoch,
-                                              opts.log_every, interrupt)
+            state, interrupted = _train_epoch(
+                steps, state, keys, batches, progress, epoch, opts.log_every, interrupt
+            )
             if interrupted:
                 _save_and_raise(ckpt, state, progress, stop.signal, epoch, run_dir)
             row, val_losses = _validate(steps, _weights(state), val, opts.batch_size)
@@ -535,17 +611,22 @@ def fit(steps: Steps, variables: dict | list[dict], train: tuple, val: tuple,
 
 def _steps_per_epoch(members: list[np.ndarray], batch_size: int, devices: int) -> int:
     if batch_size % devices:
-        raise ValueError(f"--batch-size {batch_size} is not a multiple of the "
-                         f"{devices} devices")
+        raise ValueError(f"--batch-size {batch_size} is not a multiple of the {devices} devices")
     smallest = min(len(m) for m in members)
     if smallest < batch_size:
-        raise ValueError(f"the train split has {smallest} images, fewer than "
-                         f"one batch of {batch_size}")
+        raise ValueError(
+            f"the train split has {smallest} images, fewer than one batch of {batch_size}"
+        )
     return smallest // batch_size
 
 
-def _resume(ckpt: RunCheckpoints, state: TrainState, progress: Progress, best: dict,
-            log: Callable[[str], None]) -> tuple[TrainState, Progress, dict]:
+def _resume(
+    ckpt: RunCheckpoints,
+    state: TrainState,
+    progress: Progress,
+    best: dict,
+    log: Callable[[str], None],
+) -> tuple[TrainState, Progress, dict]:
     """State, progress and best weights as the last checkpoint left them; the given ones
     where no checkpoint was saved."""
     restored = ckpt.restore_last(jax.tree.map(ocp.utils.to_shape_dtype_struct, state), log)
@@ -553,39 +634,64 @@ def _resume(ckpt: RunCheckpoints, state: TrainState, progress: Progress, best: d
         log("no checkpoint was saved before the interruption: starting from the beginning")
         return state, progress, best
     state, progress = restored
-    saved_best = ckpt.restore_best(jax.tree.map(ocp.utils.to_shape_dtype_struct, best),
-                                   progress)
+    saved_best = ckpt.restore_best(jax.tree.map(ocp.utils.to_shape_dtype_struct, best), progress)
     log(f"resuming at epoch {progress.epoch + 1}, batch {progress.batch}")
     return state, progress, best if saved_best is None else saved_best
 
 
-def _epoch_batches(steps: Steps, train: tuple, members: list[np.ndarray], opts: FitOptions,
-                   epoch: int, progress: Progress):
+def _epoch_batches(
+    steps: Steps,
+    train: tuple,
+    members: list[np.ndarray],
+    opts: FitOptions,
+    epoch: int,
+    progress: Progress,
+):
     """The epoch's remaining batches, sharded with a member axis, prepared ahead.
 
     Each member's order is drawn from (seed, epoch, member) alone, so a resumed epoch
     continues the same order."""
     inputs, labels, weights = train
-    orders = [m[np.random.default_rng([opts.seed, epoch, i]).permutation(len(m))]
-              for i, m in enumerate(members)]
+    orders = [
+        m[np.random.default_rng([opts.seed, epoch, i]).permutation(len(m))]
+        for i, m in enumerate(members)
+    ]
 
     def make_batch(b):
-        idx = [np.sort(o[b * opts.batch_size:(b + 1) * opts.batch_size]) for o in orders]
-        return steps.shard({
-            "image": jax.tree.map(lambda a: np.stack([np.asarray(a[i]) for i in idx]), inputs),
-            "label": np.stack([labels[i] for i in idx]),
-            "weight": np.stack([weights[i] for i in idx]).astype(np.float32)}, members=True)
+        idx = [np.sort(o[b * opts.batch_size : (b + 1) * opts.batch_size]) for o in orders]
+        return steps.shard(
+            {
+                "image": jax.tree.map(lambda a: np.stack([np.asarray(a[i]) for i in idx]), inputs),
+                "label": np.stack([labels[i] for i in idx]),
+                "weight": np.stack([weights[i] for i in idx]).astype(np.float32),
+            },
+            members=True,
+        )
+
     return prefetch(make_batch, range(progress.batch, progress.steps_per_epoch))
 
 
-def _train_epoch(steps: Steps, state: TrainState, keys, batches, progress: Progress,
-                 epoch: int, log_every: int, interrupt: Callable[[int], bool]
-                 ) -> tuple[TrainState, bool]:
+def _train_epoch(
+    steps: Steps,
+    state: TrainState,
+    keys,
+    batches,
+    progress: Progress,
+    epoch: int,
+    log_every: int,
+    interrupt: Callable[[int], bool],
+) -> tuple[TrainState, bool]:
     """Steps through ``batches``, adding their metrics to ``progress`` every ``log_every``
     steps; returns the state and whether ``interrupt(global_step)`` cut the epoch short."""
     n = progress.steps_per_epoch
-    bar = progress_bar(range(progress.batch, n), desc=f"epoch {epoch + 1}",
-                       initial=progress.batch, total=n, leave=False, summary=False)
+    bar = progress_bar(
+        range(progress.batch, n),
+        desc=f"epoch {epoch + 1}",
+        initial=progress.batch,
+        total=n,
+        leave=False,
+        summary=False,
+    )
     pending = []  # metrics still on the device: a host sync every step would stall it
     for b, batch in zip(bar, batches):
         state, metrics = steps.train(state, batch, keys)
@@ -609,8 +715,10 @@ def _add_metrics(progress: Progress, metrics: list[dict], epoch: int, first_step
     syncs does not change the sums); fails at the first non-finite loss."""
     for i, m in enumerate(metrics):
         if not np.isfinite(m["loss"]).all():
-            raise NonFiniteLoss(f"loss became {m['loss']} at epoch {epoch + 1}, step "
-                                f"{first_step + i}; the last good checkpoint is kept")
+            raise NonFiniteLoss(
+                f"loss became {m['loss']} at epoch {epoch + 1}, step "
+                f"{first_step + i}; the last good checkpoint is kept"
+            )
         for key in progress.sums:
             progress.sums[key] += float(np.mean(m[key]))
 
@@ -619,42 +727,64 @@ def _train_means(progress: Progress, batches: int) -> dict:
     return {key: total / batches for key, total in progress.sums.items()}
 
 
-def _save_and_raise(ckpt: RunCheckpoints, state: TrainState, progress: Progress,
-                    signum: int | None, epoch: int, run_dir: Path):
+def _save_and_raise(
+    ckpt: RunCheckpoints,
+    state: TrainState,
+    progress: Progress,
+    signum: int | None,
+    epoch: int,
+    run_dir: Path,
+):
     """Saves ``last`` mid-epoch and raises :class:`Interrupted` (no signal: stop_after_steps)."""
     ckpt.save_last(state, progress)
     ckpt.close()
     why = signal.Signals(signum or signal.SIGINT).name
-    raise Interrupted(f"interrupted by {why} at epoch {epoch + 1}, batch {progress.batch}; "
-                      f"state saved in {run_dir / 'checkpoints' / 'last'}")
+    raise Interrupted(
+        f"interrupted by {why} at epoch {epoch + 1}, batch {progress.batch}; "
+        f"state saved in {run_dir / 'checkpoints' / 'last'}"
+    )
 
 
-def _validate(steps: Steps, member_weights: dict, val: tuple, batch_size: int
-              ) -> tuple[dict, list[float]]:
+def _validate(
+    steps: Steps, member_weights: dict, val: tuple, batch_size: int
+) -> tuple[dict, list[float]]:
     """The history row's validation figures (means over members) and each member's loss."""
     logits = member_logits(steps, member_weights, val[0], batch_size)
     scores = [evaluate_loss(logits[:, i], val[1]) for i in range(logits.shape[1])]
     losses = [loss for loss, _ in scores]
-    row = {"val_loss": float(np.mean(losses)),
-           "val_accuracy": float(np.mean([acc for _, acc in scores]))}
+    row = {
+        "val_loss": float(np.mean(losses)),
+        "val_accuracy": float(np.mean([acc for _, acc in scores])),
+    }
     if len(scores) > 1:
         row["member_val_loss"] = losses
     return row, losses
 
 
-def _record_epoch(progress: Progress, row: dict, bar, epochs: int, k: int,
-                  log: Callable[[str], None]):
+def _record_epoch(
+    progress: Progress, row: dict, bar, epochs: int, k: int, log: Callable[[str], None]
+):
     progress.history.append(row)
-    bar.set_postfix(loss=f"{row['loss']:.4f}", val_loss=f"{row['val_loss']:.4f}",
-                    val_acc=f"{row['val_accuracy']:.3f}")
-    log(f"epoch {row['epoch']}/{epochs} loss={row['loss']:.4f} "
+    bar.set_postfix(
+        loss=f"{row['loss']:.4f}",
+        val_loss=f"{row['val_loss']:.4f}",
+        val_acc=f"{row['val_accuracy']:.3f}",
+    )
+    log(
+        f"epoch {row['epoch']}/{epochs} loss={row['loss']:.4f} "
         f"accuracy={row['accuracy']:.4f} val_loss={row['val_loss']:.4f} "
         f"val_accuracy={row['val_accuracy']:.4f} lr={row['lr']:.3g}"
-        + (f" ({k} members)" if k > 1 else ""))
+        + (f" ({k} members)" if k > 1 else "")
+    )
 
 
-def _end_epoch(progress: Progress, val_losses: list[float], epoch: int, opts: FitOptions,
-               log: Callable[[str], None]) -> np.ndarray:
+def _end_epoch(
+    progress: Progress,
+    val_losses: list[float],
+    epoch: int,
+    opts: FitOptions,
+    log: Callable[[str], None],
+) -> np.ndarray:
     """Moves ``progress`` past ``epoch``: early stopping, counters, whether the run is
     finished. Returns which members improved."""
     improved = progress.stopping.update(epoch + 1, val_losses)
@@ -662,16 +792,19 @@ def _end_epoch(progress: Progress, val_losses: list[float], epoch: int, opts: Fi
     progress.sums = {key: 0.0 for key in progress.sums}
     if all(progress.stopping.stopped(opts.patience)):
         progress.stopped_early = progress.finished = True
-        log(f"early stopping after epoch {epoch + 1}: val_loss has not improved for "
+        log(
+            f"early stopping after epoch {epoch + 1}: val_loss has not improved for "
             f"{opts.patience} epochs; restoring epoch "
-            f"{', '.join(map(str, progress.best_epoch))}")
+            f"{', '.join(map(str, progress.best_epoch))}"
+        )
     if epoch + 1 == opts.epochs:
         progress.finished = True
     return improved
 
 
-def _save_epoch(ckpt: RunCheckpoints, state: TrainState, best: dict, improved: np.ndarray,
-                progress: Progress) -> dict:
+def _save_epoch(
+    ckpt: RunCheckpoints, state: TrainState, best: dict, improved: np.ndarray, progress: Progress
+) -> dict:
     """The checkpoint policy at an epoch's end: new best weights first (only if a member
     improved), then ``last``, which refers to them. Returns the best weights."""
     if improved.any():
@@ -684,8 +817,8 @@ def _save_epoch(ckpt: RunCheckpoints, state: TrainState, best: dict, improved: n
 def _keep_improved(best: dict, weights: dict, improved: np.ndarray) -> dict:
     """``best`` with the improved members' slices replaced by their current weights."""
     return jax.tree.map(
-        lambda b, w: jnp.where(improved.reshape((-1,) + (1,) * (w.ndim - 1)), w, b),
-        best, weights)
+        lambda b, w: jnp.where(improved.reshape((-1,) + (1,) * (w.ndim - 1)), w, b), best, weights
+    )
 
 
 def _weights(state: TrainState) -> dict:
@@ -697,6 +830,7 @@ _HYPERPARAM_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperpar
 
 def _set_learning_rate(state: TrainState, lr: float) -> TrainState:
     """Sets the rate inside ``inject_hyperparams`` state: a value, not a recompile."""
+
     def visit(x):
         if isinstance(x, _HYPERPARAM_STATES):
             hp = dict(x.hyperparams)
@@ -705,8 +839,10 @@ def _set_learning_rate(state: TrainState, lr: float) -> TrainState:
             hp["learning_rate"] = jax.device_put(jnp.full(old.shape, lr, old.dtype), old.sharding)
             return x._replace(hyperparams=hp)
         return x
-    opt_state = jax.tree.map(visit, state.opt_state,
-                             is_leaf=lambda x: isinstance(x, _HYPERPARAM_STATES))
+
+    opt_state = jax.tree.map(
+        visit, state.opt_state, is_leaf=lambda x: isinstance(x, _HYPERPARAM_STATES)
+    )
     return state.replace(opt_state=opt_state)
 
 

@@ -31,15 +31,18 @@ def warn_via(log: Callable[[str], None]) -> Callable[[str], None]:
     return lambda message: log(f"warning: {message}")
 
 
-def resolve_data(spec: str, log: Callable[[str], None] = print,
-                 strict: bool = False) -> data.DataSource:
+def resolve_data(
+    spec: str, log: Callable[[str], None] = print, strict: bool = False
+) -> data.DataSource:
     """``demo`` makes (once) and uses the synthetic set; anything else is a data folder.
 
     Unreadable images are skipped with one warning (or stop the run with ``strict``)."""
     kwargs = dict(strict=strict, warn=warn_via(log), cache_dir=cache_dir() / "images")
     if spec == "demo":
         folder = data.make_demo_dataset(cache_dir() / "demo")
-        log(f"data: SYNTHETIC demo images ({folder}), not real X-rays: for trying the pipeline only")
+        log(
+            f"data: SYNTHETIC demo images ({folder}), not real X-rays: for trying the pipeline only"
+        )
         return data.find_images(folder, **kwargs)
     return data.find_images(spec, **kwargs)
 
@@ -53,16 +56,19 @@ def resolve_weights(weights: str, backbone: str) -> tuple[dict | None, dict]:
         raise FileNotFoundError(
             f"no ported ImageNet checkpoint at {folder}. Make it with `pneumojax port --backbone "
             f"{backbone} --weights imagenet` (needs internet once), or train from Keras's random "
-            "init with --weights none")
+            "init with --weights none"
+        )
     variables, manifest = load_variables(folder)
     if manifest.get("backbone") != backbone:
-        raise ValueError(f"checkpoint {folder} holds {manifest.get('backbone')} weights, "
-                         f"not {backbone}")
+        raise ValueError(
+            f"checkpoint {folder} holds {manifest.get('backbone')} weights, not {backbone}"
+        )
     return variables, {"weights": str(folder), "weights_sha256": manifest.get("weights_sha256")}
 
 
-def load_split_arrays(items, image_size: int, log=print,
-                      resize: str = "antialias") -> tuple[np.ndarray, np.ndarray]:
+def load_split_arrays(
+    items, image_size: int, log=print, resize: str = "antialias"
+) -> tuple[np.ndarray, np.ndarray]:
     images = data.load_images(items, image_size, cache_dir=cache_dir() / "images", resize=resize)
     labels = np.array([label for _, label in items], np.int32)
     return images, labels
@@ -70,9 +76,14 @@ def load_split_arrays(items, image_size: int, log=print,
 
 def environment() -> dict:
     """The software and devices a run ran on (for config.json)."""
-    return {"jax": jax.__version__, "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
-            "python": platform.python_version(), "machine": platform.machine()}
+    return {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "process_count": jax.process_count(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
 
 
 def read_json(path: Path) -> dict:

@@ -26,9 +26,12 @@ KerasWeights = dict[str, dict[str, np.ndarray]]
 # Keras weight name -> (Flax collection, Flax variable name), per layer kind.
 _TO_FLAX = {
     "Conv2D": {"kernel": ("params", "kernel"), "bias": ("params", "bias")},
-    "BatchNormalization": {"gamma": ("params", "scale"), "beta": ("params", "bias"),
-                           "moving_mean": ("batch_stats", "mean"),
-                           "moving_variance": ("batch_stats", "var")},
+    "BatchNormalization": {
+        "gamma": ("params", "scale"),
+        "beta": ("params", "bias"),
+        "moving_mean": ("batch_stats", "mean"),
+        "moving_variance": ("batch_stats", "var"),
+    },
 }
 
 # Parity tolerance: max |flax - keras| <= PARITY_RTOL * max |keras| at every checked layer.
@@ -44,6 +47,7 @@ class PortError(Exception):
 
 def _quiet_keras():
     import keras  # noqa: PLC0415  (TensorFlow is heavy: only porting pays for it)
+
     return keras
 
 
@@ -63,9 +67,13 @@ def keras_preprocess(info: BackboneInfo, images: np.ndarray) -> np.ndarray:
 
 def weights_of_keras_model(model) -> KerasWeights:
     """Every variable of a Keras model by layer name and Keras variable name."""
-    return {layer.name: {v.name.split("/")[-1].split(":")[0]: np.asarray(v.numpy())
-                         for v in layer.weights}
-            for layer in model.layers if layer.weights}
+    return {
+        layer.name: {
+            v.name.split("/")[-1].split(":")[0]: np.asarray(v.numpy()) for v in layer.weights
+        }
+        for layer in model.layers
+        if layer.weights
+    }
 
 
 def read_legacy_h5(path: str | Path) -> KerasWeights:
@@ -79,8 +87,10 @@ def read_legacy_h5(path: str | Path) -> KerasWeights:
     with h5py.File(path, "r") as f:
         root = f["model_weights"] if "model_weights" in f else f
         if "layer_names" not in root.attrs:
-            raise PortError(f"{path}: not a Keras .h5 weight file (no 'layer_names' attribute); "
-                            "for Keras 3 files use the .weights.h5 or .keras suffix")
+            raise PortError(
+                f"{path}: not a Keras .h5 weight file (no 'layer_names' attribute); "
+                "for Keras 3 files use the .weights.h5 or .keras suffix"
+            )
         for layer in map(text, root.attrs["layer_names"]):
             group = root[layer]
             names = [text(n) for n in group.attrs.get("weight_names", [])]
@@ -121,8 +131,9 @@ def randomize_keras_model(model, seed: int = 0) -> None:
             layer.set_weights(values)
 
 
-def port_keras_weights(weights: Mapping[str, Mapping[str, np.ndarray]], info: BackboneInfo,
-                       input_size: int) -> dict:
+def port_keras_weights(
+    weights: Mapping[str, Mapping[str, np.ndarray]], info: BackboneInfo, input_size: int
+) -> dict:
     """Maps Keras weights onto the Flax variables of ``info``; strict in every direction."""
     expected, _ = init_shapes(backbone_model(info), input_size)
     variables: dict = {"params": {}, "batch_stats": {}}
@@ -144,13 +155,18 @@ def port_keras_weights(weights: Mapping[str, Mapping[str, np.ndarray]], info: Ba
                 continue
             got = tuple(np.shape(src[wname]))
             if got != want:
-                problems.append(f"layer {spec.name}: weight {wname!r} has shape {got}, "
-                                f"the {info.name} graph needs {want}")
+                problems.append(
+                    f"layer {spec.name}: weight {wname!r} has shape {got}, "
+                    f"the {info.name} graph needs {want}"
+                )
                 continue
             variables[collection].setdefault(spec.name, {})[fname] = np.asarray(
-                src[wname], np.float32)
+                src[wname], np.float32
+            )
         for wname in set(src) - set(names):
-            problems.append(f"layer {spec.name}: source weight {wname!r} is not used by {info.name}")
+            problems.append(
+                f"layer {spec.name}: source weight {wname!r} is not used by {info.name}"
+            )
     for layer in set(weights) - set(graph_layers):
         if weights[layer]:
             problems.append(f"layer {layer}: in the weight source but not in {info.name}")
@@ -171,8 +187,10 @@ class ParityRow:
         return self.max_abs_diff <= PARITY_RTOL * max(self.max_abs_ref, 1e-6)
 
     def line(self) -> str:
-        return (f"parity {self.layer} max_abs_diff={self.max_abs_diff:.3e} "
-                f"max_abs_ref={self.max_abs_ref:.3e}")
+        return (
+            f"parity {self.layer} max_abs_diff={self.max_abs_diff:.3e} "
+            f"max_abs_ref={self.max_abs_ref:.3e}"
+        )
 
 
 def parity_layers(info: BackboneInfo, n_inner: int = 3) -> list[str]:
@@ -191,9 +209,14 @@ def parity_batch(input_size: int, n: int = 2, seed: int = 0) -> np.ndarray:
     return np.clip(x + rng.normal(0, 20, x.shape), 0, 255).astype(np.uint8)
 
 
-def measure_parity(keras_model, variables: dict, info: BackboneInfo, input_size: int,
-                   layers: Iterable[str] | None = None, images: np.ndarray | None = None
-                   ) -> list[ParityRow]:
+def measure_parity(
+    keras_model,
+    variables: dict,
+    info: BackboneInfo,
+    input_size: int,
+    layers: Iterable[str] | None = None,
+    images: np.ndarray | None = None,
+) -> list[ParityRow]:
     """Runs Keras and Flax on the same images and compares the named layers' outputs."""
     import jax  # noqa: PLC0415
 
@@ -206,8 +229,10 @@ def measure_parity(keras_model, variables: dict, info: BackboneInfo, input_size:
     model = backbone_model(info, outputs=layers)
     with jax.default_matmul_precision("highest"):
         got = jax.jit(model.apply)(variables, preprocess(images, info.preprocess_mode))
-    return [ParityRow(n, float(np.max(np.abs(np.asarray(got[n]) - r))), float(np.max(np.abs(r))))
-            for n, r in zip(layers, ref)]
+    return [
+        ParityRow(n, float(np.max(np.abs(np.asarray(got[n]) - r))), float(np.max(np.abs(r))))
+        for n, r in zip(layers, ref)
+    ]
 
 
 def weights_sha256(weights: Mapping[str, Mapping[str, np.ndarray]]) -> str:
@@ -250,8 +275,9 @@ def require_internet(host: str = "storage.googleapis.com", timeout: float = 5.0)
         ) from None
 
 
-def load_weight_source(info: BackboneInfo, weights: str, input_size: int,
-                       randomize_seed: int | None = None):
+def load_weight_source(
+    info: BackboneInfo, weights: str, input_size: int, randomize_seed: int | None = None
+):
     """Resolves ``imagenet | none | PATH`` to ``(keras_model, weights_dict, source_record)``.
 
     The Keras model carries the same weights and serves as the parity reference.
@@ -270,8 +296,10 @@ def load_weight_source(info: BackboneInfo, weights: str, input_size: int,
     else:
         path = Path(weights)
         if not path.is_file():
-            raise PortError(f"--weights {weights}: no such file (expected imagenet, none, or a "
-                            "Keras .h5 / .weights.h5 / .keras file)")
+            raise PortError(
+                f"--weights {weights}: no such file (expected imagenet, none, or a "
+                "Keras .h5 / .weights.h5 / .keras file)"
+            )
         model = build_keras_model(info, input_size, None)
         if path.name.endswith(".weights.h5"):
             model.load_weights(path)
@@ -282,7 +310,9 @@ def load_weight_source(info: BackboneInfo, weights: str, input_size: int,
         elif path.suffix == ".h5":
             set_keras_weights(model, _checked(read_legacy_h5(path), info, input_size))
         else:
-            raise PortError(f"--weights {weights}: unknown file type (use .h5, .weights.h5 or .keras)")
+            raise PortError(
+                f"--weights {weights}: unknown file type (use .h5, .weights.h5 or .keras)"
+            )
         source.update(file=str(path.absolute()), file_sha256=file_sha256(path))
     if randomize_seed is not None:
         randomize_keras_model(model, randomize_seed)
@@ -295,9 +325,15 @@ def _checked(weights: KerasWeights, info: BackboneInfo, input_size: int) -> Kera
     return weights
 
 
-def port_backbone(info: BackboneInfo, weights: str = "none", input_size: int = 256,
-                  out: str | Path | None = None, randomize_seed: int | None = None,
-                  overwrite: bool = False, echo=print) -> dict:
+def port_backbone(
+    info: BackboneInfo,
+    weights: str = "none",
+    input_size: int = 256,
+    out: str | Path | None = None,
+    randomize_seed: int | None = None,
+    overwrite: bool = False,
+    echo=print,
+) -> dict:
     """Ports, checks parity, and saves an orbax checkpoint with its manifest; returns it."""
     import flax  # noqa: PLC0415
     import jax  # noqa: PLC0415
@@ -307,7 +343,9 @@ def port_backbone(info: BackboneInfo, weights: str = "none", input_size: int = 2
     from pneumojax.checkpoint import save_variables  # noqa: PLC0415
 
     if input_size < info.min_input_size:
-        raise PortError(f"{info.name} needs --input-size >= {info.min_input_size}, got {input_size}")
+        raise PortError(
+            f"{info.name} needs --input-size >= {info.min_input_size}, got {input_size}"
+        )
     model, keras_weights, source = load_weight_source(info, weights, input_size, randomize_seed)
     variables = port_keras_weights(keras_weights, info, input_size)
     rows = measure_parity(model, variables, info, input_size)
@@ -315,8 +353,9 @@ def port_backbone(info: BackboneInfo, weights: str = "none", input_size: int = 2
         echo(row.line())
     bad = [r.layer for r in rows if not r.ok]
     if bad:
-        raise PortError(f"parity above tolerance ({PARITY_RTOL:g} x max|ref|) at {', '.join(bad)}; "
-                        "not saving")
+        raise PortError(
+            f"parity above tolerance ({PARITY_RTOL:g} x max|ref|) at {', '.join(bad)}; not saving"
+        )
     label = weights if weights in ("imagenet", "none") else Path(weights).name.split(".")[0]
     out = Path(out) if out else Path("checkpoints") / f"{info.name}-{label}"
     manifest = {
@@ -327,8 +366,12 @@ def port_backbone(info: BackboneInfo, weights: str = "none", input_size: int = 2
         "source": source,
         "weights_sha256": weights_sha256(keras_weights),
         "parity": {"rtol": PARITY_RTOL, "layers": [dataclasses.asdict(r) for r in rows]},
-        "versions": {"keras": keras.__version__, "tensorflow": tf.__version__,
-                     "jax": jax.__version__, "flax": flax.__version__},
+        "versions": {
+            "keras": keras.__version__,
+            "tensorflow": tf.__version__,
+            "jax": jax.__version__,
+            "flax": flax.__version__,
+        },
     }
     path = save_variables(out, variables, manifest, overwrite=overwrite)
     echo(f"saved {path}")

@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pneumojax.backbones import (REGISTRY, GraphBuilder, KerasGraph, backbone_model,
-                                 get_backbone, keras_layer_order, layer_table)
+from pneumojax.backbones import (
+    REGISTRY,
+    GraphBuilder,
+    KerasGraph,
+    backbone_model,
+    get_backbone,
+    layer_table,
+)
 from pneumojax.cli import main
 
 
@@ -59,9 +65,14 @@ def test_cut_model_builds_only_what_the_cut_needs():
     info = get_backbone("densenet121")
     model = backbone_model(info, outputs=["conv2_block1_concat"])
     variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-    assert set(variables["params"]) == {"conv1_conv", "conv1_bn", "conv2_block1_0_bn",
-                                        "conv2_block1_1_conv", "conv2_block1_1_bn",
-                                        "conv2_block1_2_conv"}
+    assert set(variables["params"]) == {
+        "conv1_conv",
+        "conv1_bn",
+        "conv2_block1_0_bn",
+        "conv2_block1_1_conv",
+        "conv2_block1_1_bn",
+        "conv2_block1_2_conv",
+    }
 
 
 def _tiny_graph():
@@ -78,8 +89,9 @@ def test_frozen_prefix_gets_no_gradient_and_frozen_bn_keeps_statistics():
     variables = model.init(jax.random.key(0), x)
 
     def loss(params):
-        out, updates = model.apply({**variables, "params": params}, x, train=True,
-                                   mutable=["batch_stats"])
+        out, updates = model.apply(
+            {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+        )
         return jnp.mean(out["r2"] ** 2), updates
 
     grads, updates = jax.grad(loss, has_aux=True)(variables["params"])
@@ -106,7 +118,9 @@ def test_layers_command_lists_keras_names_and_shapes():
 
 
 def test_layers_command_bad_input_size_is_a_usage_error():
-    result = CliRunner().invoke(main, ["layers", "--backbone", "inception_v3", "--input-size", "64"])
+    result = CliRunner().invoke(
+        main, ["layers", "--backbone", "inception_v3", "--input-size", "64"]
+    )
     assert result.exit_code == 2 and "at least 75 px" in result.output
 
 

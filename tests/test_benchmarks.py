@@ -20,8 +20,13 @@ import throughput  # noqa: E402
 
 
 def _run(script: str, *args: str, timeout: float) -> None:
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
 
 
@@ -50,16 +55,22 @@ def test_throughput_quick_measures_every_framework(tmp_path):
             _check_rate(result["inference"])
             assert result["peak_rss_mb"] > 0 and result["setup_s"] > 0
         for other in ("keras-tf", "keras-jax"):
-            assert all(entry["ratios"][f"pneumojax/{other}"][phase] > 0
-                       for phase in ("train", "inference"))
+            assert all(
+                entry["ratios"][f"pneumojax/{other}"][phase] > 0 for phase in ("train", "inference")
+            )
         # The same model on every side: same trainable set, same outputs from the same weights.
         assert entry["checks"]["trainable_params_equal"]
         assert max(entry["checks"]["logit_diff_vs_pneumojax"].values()) < 1e-3
     reused = [e for e in payload["configs"] if e["same_step_as"]]
     assert reused and all(e["measured_as"] == e["same_step_as"] and e["note"] for e in reused)
     table = out.with_suffix(".md").read_text()
-    for column in ("pneumojax / Keras-TF", "pneumojax / Keras-JAX", "peak RSS MB",
-                   "first train step s", "cores used training"):
+    for column in (
+        "pneumojax / Keras-TF",
+        "pneumojax / Keras-JAX",
+        "peak RSS MB",
+        "first train step s",
+        "cores used training",
+    ):
         assert column in table
 
 
@@ -106,32 +117,73 @@ def test_intervals_overlap():
 
 def test_summarize_reports_median_and_spread():
     import common  # noqa: PLC0415
+
     s = common.summarize([0.5, 1.0, 2.0], batch_size=8)
     assert s["median_s"] == 1.0 and s["images_per_s"] == 8.0
     assert s["images_per_s_range"] == [4.0, 16.0]
 
 
 def test_throughput_table_marks_failures_and_skips():
-    ok = {"setup_s": 1.0, "peak_rss_mb": 100.0, "trainable_params": 10,
-          "probe_logits": [[0.25, 0.75]],
-          "train": {"images_per_s": 20.0, "images_per_s_range": [18.0, 21.0],
-                    "first_call_s": 3.0, "cores_used": 1.9},
-          "inference": {"images_per_s": 40.0, "images_per_s_range": [39.0, 41.0],
-                        "first_call_s": 1.0, "cores_used": 1.9}}
-    results = {"pneumojax": ok, "keras-tf": {**ok, "train": {**ok["train"], "images_per_s": 10.0}},
-               "keras-jax": {"error": "exit status 1"}}
+    ok = {
+        "setup_s": 1.0,
+        "peak_rss_mb": 100.0,
+        "trainable_params": 10,
+        "probe_logits": [[0.25, 0.75]],
+        "train": {
+            "images_per_s": 20.0,
+            "images_per_s_range": [18.0, 21.0],
+            "first_call_s": 3.0,
+            "cores_used": 1.9,
+        },
+        "inference": {
+            "images_per_s": 40.0,
+            "images_per_s_range": [39.0, 41.0],
+            "first_call_s": 1.0,
+            "cores_used": 1.9,
+        },
+    }
+    results = {
+        "pneumojax": ok,
+        "keras-tf": {**ok, "train": {**ok["train"], "images_per_s": 10.0}},
+        "keras-jax": {"error": "exit status 1"},
+    }
     cfg = throughput.CONFIGS[6]
-    entry = {"number": 6, "label": cfg.label, "same_step_as": None, "trainable_params": 10,
-             "results": results, "checks": throughput.checks(results, {"trainable_params": 10}),
-             "ratios": {f"pneumojax/{o}": {p: throughput.ratio(results, p, "pneumojax", o)
-                                           for p in ("train", "inference")}
-                        for o in ("keras-tf", "keras-jax")}}
-    payload = {"settings": {"frameworks": list(throughput.FRAMEWORKS), "batch_size": 8,
-                            "image_size": 96, "steps": 3, "warmup": 1, "quick": True},
-               "hardware": {"cpu": "x", "cpu_count": 2, "usable_cores": 2, "memory_gb": 1,
-                            "load_average": [0, 0, 0], "load_average_before": [0, 0, 0],
-                            "accelerators": ["cpu: cpu"]},
-               "versions": {}, "configs": [entry], "wall_s": 1.0}
+    entry = {
+        "number": 6,
+        "label": cfg.label,
+        "same_step_as": None,
+        "trainable_params": 10,
+        "results": results,
+        "checks": throughput.checks(results, {"trainable_params": 10}),
+        "ratios": {
+            f"pneumojax/{o}": {
+                p: throughput.ratio(results, p, "pneumojax", o) for p in ("train", "inference")
+            }
+            for o in ("keras-tf", "keras-jax")
+        },
+    }
+    payload = {
+        "settings": {
+            "frameworks": list(throughput.FRAMEWORKS),
+            "batch_size": 8,
+            "image_size": 96,
+            "steps": 3,
+            "warmup": 1,
+            "quick": True,
+        },
+        "hardware": {
+            "cpu": "x",
+            "cpu_count": 2,
+            "usable_cores": 2,
+            "memory_gb": 1,
+            "load_average": [0, 0, 0],
+            "load_average_before": [0, 0, 0],
+            "accelerators": ["cpu: cpu"],
+        },
+        "versions": {},
+        "configs": [entry],
+        "wall_s": 1.0,
+    }
     table = throughput.render_markdown(payload)
     assert "2.00×" in table  # pneumojax / Keras-TF training: 20 / 10
     assert "failed" in table and "Not measured: config 6 Keras-JAX: exit status 1." in table
@@ -176,26 +228,51 @@ ENTRY %main (a: f32[4,8,8,16]) -> f32[4,8,8,16] {
 
 def test_profile_attributes_operations_to_kinds_and_layers():
     ops = profile_step.hlo_operations(HLO)
-    kinds = {name: profile_step.classify(ops[name], batch=4) for name in
-             ("ynn_fusion.1", "ynn_fusion.2", "ynn_fusion.3", "reduce_window_max.0",
-              "add_fusion", "transpose_copy_fusion")}
-    assert kinds == {"ynn_fusion.1": ("convolution forward", "conv2d_7"),
-                     "ynn_fusion.2": ("convolution input gradient", "conv2d_7"),
-                     "ynn_fusion.3": ("convolution weight gradient", "-"),
-                     "reduce_window_max.0": ("pooling", "max_pooling2d"),
-                     "add_fusion": ("elementwise fusions and other", "-"),
-                     "transpose_copy_fusion": ("layout copies", "-")}
+    kinds = {
+        name: profile_step.classify(ops[name], batch=4)
+        for name in (
+            "ynn_fusion.1",
+            "ynn_fusion.2",
+            "ynn_fusion.3",
+            "reduce_window_max.0",
+            "add_fusion",
+            "transpose_copy_fusion",
+        )
+    }
+    assert kinds == {
+        "ynn_fusion.1": ("convolution forward", "conv2d_7"),
+        "ynn_fusion.2": ("convolution input gradient", "conv2d_7"),
+        "ynn_fusion.3": ("convolution weight gradient", "-"),
+        "reduce_window_max.0": ("pooling", "max_pooling2d"),
+        "add_fusion": ("elementwise fusions and other", "-"),
+        "transpose_copy_fusion": ("layout copies", "-"),
+    }
 
 
 @pytest.mark.slow
 def test_profile_step_runs_a_trainable_range(tmp_path):
     out = tmp_path / "profile.json"
-    _run("profile_step.py", "--config", "4", "--batch-size", "2", "--image-size", "96",
-         "--steps", "1", "--out", str(out), timeout=300)
+    _run(
+        "profile_step.py",
+        "--config",
+        "4",
+        "--batch-size",
+        "2",
+        "--image-size",
+        "96",
+        "--steps",
+        "1",
+        "--out",
+        str(out),
+        timeout=300,
+    )
     payload = json.loads(out.read_text())
     kinds = payload["kinds"]
-    for kind in ("convolution forward", "convolution input gradient",
-                 "convolution weight gradient"):
+    for kind in (
+        "convolution forward",
+        "convolution input gradient",
+        "convolution weight gradient",
+    ):
         assert kinds[kind] > 0, kind  # the trainable range runs backward
     assert payload["op_ms_per_step"] == pytest.approx(sum(kinds.values()), abs=1.0)
     assert payload["top"] and all(r["kind"] in profile_step.KINDS for r in payload["top"])

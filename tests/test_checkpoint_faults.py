@@ -78,9 +78,12 @@ def watch_saves(on_event):
         on_event("deleting", Path(self._directory).name, Path(target))
         wipe(self, step, target)
 
-    with mock.patch.object(manager, "save", save_), mock.patch.object(temp, "finalize", finalize_), \
-            mock.patch.object(deleter, "delete", delete_), \
-            mock.patch.object(deleter, "_delete_step_permanently", wipe_):
+    with (
+        mock.patch.object(manager, "save", save_),
+        mock.patch.object(temp, "finalize", finalize_),
+        mock.patch.object(deleter, "delete", delete_),
+        mock.patch.object(deleter, "_delete_step_permanently", wipe_),
+    ):
         yield
 
 
@@ -98,12 +101,18 @@ class KillPoints:
         dest = self.out / f"{len(self.points):03d}-{which}-{stage}"
         shutil.copytree(self.run_dir, dest)
         if target is not None:  # killed halfway through deleting target
-            files = sorted(p for p in (dest / target.relative_to(self.run_dir)).rglob("*")
-                           if p.is_file())
+            files = sorted(
+                p for p in (dest / target.relative_to(self.run_dir)).rglob("*") if p.is_file()
+            )
             for p in files[::2]:
                 p.unlink()
-        point = {"stage": stage, "which": which, "dir": dest, "digest": _digest(dest),
-                 "after_a_checkpoint": self.lasts_done > 0}
+        point = {
+            "stage": stage,
+            "which": which,
+            "dir": dest,
+            "digest": _digest(dest),
+            "after_a_checkpoint": self.lasts_done > 0,
+        }
         self.points.append(point)
         first = self.distinct.setdefault(point["digest"], point)
         first["after_a_checkpoint"] |= point["after_a_checkpoint"]
@@ -124,8 +133,11 @@ def _digest(folder: Path) -> str:
 def setup():
     steps, variables, _, (images, labels, weights), val = _tiny(MID, lr=LR)
     n = len(labels)
-    train = (np.concatenate([images, images]), np.concatenate([labels, 1 - labels]),
-             np.concatenate([weights, weights]))
+    train = (
+        np.concatenate([images, images]),
+        np.concatenate([labels, 1 - labels]),
+        np.concatenate([weights, weights]),
+    )
     members = [np.arange(n), np.arange(n, 2 * n)]
     return steps, variables, train, val, members
 
@@ -133,8 +145,9 @@ def setup():
 def _fit(setup, run_dir, **kw):
     steps, variables, train, val, members = setup
     lines = []
-    best, progress = fit(steps, variables, train, val, OPTS, run_dir, members=members,
-                         log=lines.append, **kw)
+    best, progress = fit(
+        steps, variables, train, val, OPTS, run_dir, members=members, log=lines.append, **kw
+    )
     return best, progress, lines
 
 
@@ -178,8 +191,11 @@ def reference(setup, tmp_path_factory):
     # what the scenarios need: the first member improves at the last epoch, the second not
     assert best_epoch[1] < best_epoch[0] == EPOCHS, best_epoch
     seen = {(p["stage"], p["which"]) for p in kills.points}  # the watch sees every stage
-    assert seen == {(stage, which) for which in ("last", "best") for stage in
-                    ("save", "written", "renamed", "saved", "delete", "deleting", "deleted")}
+    assert seen == {
+        (stage, which)
+        for which in ("last", "best")
+        for stage in ("save", "written", "renamed", "saved", "delete", "deleting", "deleted")
+    }
     return result, kills.points
 
 
@@ -212,7 +228,7 @@ def test_a_second_kill_while_the_resumed_run_redoes_a_save(setup, reference, tmp
     _check_same(resumed, result, run)
     # a kill at every stage of the resumed run's first epoch of saves (its best and its last)
     starts = [i for i, p in enumerate(kills.points) if p["stage"] == "save"]
-    first_epoch = kills.points[:starts[2] if len(starts) > 2 else None]
+    first_epoch = kills.points[: starts[2] if len(starts) > 2 else None]
     assert _resume_from_each(setup, first_epoch, result) >= 5
 
 
@@ -241,8 +257,26 @@ _KILL_SCRIPT = textwrap.dedent("""
 
 
 def _cli_args(data, out, *extra):
-    return ["train", "--data", str(data), "--weights", "none", "--cut", CUT, "--image-size", "32",
-            "--batch-size", "8", "--epochs", "3", "--patience", "0", "--out", str(out), *extra]
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--weights",
+        "none",
+        "--cut",
+        CUT,
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "3",
+        "--patience",
+        "0",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _figures(run_dir):
@@ -255,24 +289,43 @@ def _figures(run_dir):
 def test_a_process_killed_inside_a_save_resumes_to_the_same_metrics(tmp_path, monkeypatch):
     from pneumojax.data import Splits, make_demo_dataset
     from pneumojax.run import TrainConfig, train_run
+
     monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))
     data = make_demo_dataset(tmp_path / "xray", n_per_class=24, image_size=40, seed=1)
     done = CliRunner().invoke(main, _cli_args(data, tmp_path / "ref"))
     assert done.exit_code == 0, done.output
     # Stopped on the last batch of epoch 1: the resume saves that training step again.
-    steps_per_epoch = len(Splits.from_json((tmp_path / "ref" / "splits.json").read_text())
-                          .train) // 8
+    steps_per_epoch = (
+        len(Splits.from_json((tmp_path / "ref" / "splits.json").read_text()).train) // 8
+    )
     run = tmp_path / "run"
-    cfg = TrainConfig(data=str(data), weights="none", cut=CUT, image_size=32, batch_size=8,
-                      epochs=3, patience=0, out=str(run))
+    cfg = TrainConfig(
+        data=str(data),
+        weights="none",
+        cut=CUT,
+        image_size=32,
+        batch_size=8,
+        epochs=3,
+        patience=0,
+        out=str(run),
+    )
     with pytest.raises(Interrupted, match=f"epoch 1, batch {steps_per_epoch};"):
         train_run(cfg, log=lambda line: None, stop_after_steps=steps_per_epoch)
     # The resume is killed (os._exit) just after its first delete of an old `last`.
-    script = _KILL_SCRIPT.format(tests=str(REPO / "tests"), at=("deleted", "last"),
-                                 args=["train", "--out", str(run), "--resume"])
+    script = _KILL_SCRIPT.format(
+        tests=str(REPO / "tests"),
+        at=("deleted", "last"),
+        args=["train", "--out", str(run), "--resume"],
+    )
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    killed = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == 137, killed.stdout + killed.stderr
     assert "resuming at epoch 1, batch" in killed.stdout + killed.stderr
     assert "killed at deleted last" in killed.stdout and not (run / "metrics.json").exists()

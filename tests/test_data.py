@@ -217,8 +217,9 @@ def test_make_splits_warns_about_shared_patients_between_given_folders(tmp_path)
     _kaggle_tree(tmp_path, {"train": 3, "val": 1, "test": 1})
     _write_image(tmp_path / "val/NORMAL/IM-0001-0002.jpeg")  # IM-0001 is a train patient
     warnings = []
-    splits = data.make_splits(data.find_images(tmp_path), merge_kaggle_val=False,
-                              warn=warnings.append)
+    splits = data.make_splits(
+        data.find_images(tmp_path), merge_kaggle_val=False, warn=warnings.append
+    )
     assert splits.info["shared_patients"]["val"]["examples"] == ["IM-0001"]
     assert sum("used as given" in w for w in warnings) == 1
 

@@ -19,8 +19,13 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
-from pydicom.uid import (ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit,
-                         JPEGLosslessSV1, generate_uid)
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    generate_uid,
+)
 
 from pneumojax import data
 from pneumojax.data import DataError
@@ -42,8 +47,11 @@ def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=None, **ele
 def write_encapsulated(path, frame: bytes, syntax, shape, photometric="MONOCHROME2", bits=8):
     """A DICOM file whose pixel data is ``frame``, compressed in transfer syntax ``syntax``."""
     colour = len(shape) == 3
-    ds = _dataset(np.zeros(shape, np.uint8 if bits == 8 else np.uint16),
-                  "RGB" if colour else "MONOCHROME2", bits)
+    ds = _dataset(
+        np.zeros(shape, np.uint8 if bits == 8 else np.uint16),
+        "RGB" if colour else "MONOCHROME2",
+        bits,
+    )
     ds.file_meta.TransferSyntaxUID = syntax
     ds.PhotometricInterpretation = photometric
     ds.PixelData = encapsulate([frame])
@@ -63,8 +71,9 @@ def _dataset(pixels, photometric, bits_stored, **elements):
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = "DX"
     pixels = np.asarray(pixels)
-    ds.set_pixel_data(pixels, photometric, bits_stored or 8 * pixels.dtype.itemsize,
-                      generate_instance_uid=False)
+    ds.set_pixel_data(
+        pixels, photometric, bits_stored or 8 * pixels.dtype.itemsize, generate_instance_uid=False
+    )
     for keyword, value in elements.items():
         setattr(ds, keyword, value)
     return ds
@@ -92,8 +101,15 @@ def gradient(rows=64, columns=48, bits=12, seed=0):
 
 def test_16bit_rescale_and_window_give_the_dicom_formula(tmp_path):
     stored = gradient()
-    path = write_dicom(tmp_path / "a.dcm", stored, bits_stored=12, RescaleSlope=2,
-                       RescaleIntercept=-1024, WindowCenter=1500, WindowWidth=3000)
+    path = write_dicom(
+        tmp_path / "a.dcm",
+        stored,
+        bits_stored=12,
+        RescaleSlope=2,
+        RescaleIntercept=-1024,
+        WindowCenter=1500,
+        WindowWidth=3000,
+    )
     image = decoded(path)
     want = expected_window(stored, 2, -1024, 1500, 3000)
     assert image.dtype == np.uint8 and image.shape == stored.shape
@@ -101,21 +117,42 @@ def test_16bit_rescale_and_window_give_the_dicom_formula(tmp_path):
     assert (image == want).mean() > 0.99
     assert image.min() == 0 and image.max() == 255  # the window clips both ends
     # The window, not the image's own range: a narrower window gives another image.
-    narrow = decoded(write_dicom(tmp_path / "b.dcm", stored, bits_stored=12, RescaleSlope=2,
-                                 RescaleIntercept=-1024, WindowCenter=2000, WindowWidth=500))
+    narrow = decoded(
+        write_dicom(
+            tmp_path / "b.dcm",
+            stored,
+            bits_stored=12,
+            RescaleSlope=2,
+            RescaleIntercept=-1024,
+            WindowCenter=2000,
+            WindowWidth=500,
+        )
+    )
     assert np.abs(narrow.astype(int) - expected_window(stored, 2, -1024, 2000, 500)).max() <= 1
 
 
 def test_without_a_window_the_modality_values_are_scaled_min_to_max(tmp_path):
     stored = gradient(bits=14)
-    image = decoded(write_dicom(tmp_path / "a.dcm", stored, bits_stored=14, RescaleSlope=0.5,
-                                RescaleIntercept=100))
+    image = decoded(
+        write_dicom(
+            tmp_path / "a.dcm", stored, bits_stored=14, RescaleSlope=0.5, RescaleIntercept=100
+        )
+    )
     value = stored * 0.5 + 100
     want = np.rint((value - value.min()) * 255 / (value.max() - value.min()))
     np.testing.assert_array_equal(image, want.astype(np.uint8))
     # A window of width 0 is unusable: min-max too, not an unreadable file.
-    bad = decoded(write_dicom(tmp_path / "b.dcm", stored, bits_stored=14, RescaleSlope=0.5,
-                              RescaleIntercept=100, WindowCenter=300, WindowWidth=0))
+    bad = decoded(
+        write_dicom(
+            tmp_path / "b.dcm",
+            stored,
+            bits_stored=14,
+            RescaleSlope=0.5,
+            RescaleIntercept=100,
+            WindowCenter=300,
+            WindowWidth=0,
+        )
+    )
     np.testing.assert_array_equal(bad, image)
 
 
@@ -126,16 +163,23 @@ def test_voi_lut_sequence_is_applied(tmp_path, bits):
     item = Dataset()
     item.add_new("LUTDescriptor", "US", [4096, 0, bits])
     item.add_new("LUTData", "US", lut.tolist())
-    path = write_dicom(tmp_path / "a.dcm", stored, bits_stored=12, WindowCenter=100,
-                       WindowWidth=10, VOILUTSequence=[item])
+    path = write_dicom(
+        tmp_path / "a.dcm",
+        stored,
+        bits_stored=12,
+        WindowCenter=100,
+        WindowWidth=10,
+        VOILUTSequence=[item],
+    )
     want = np.rint(lut[stored] / lut.max() * 255).astype(np.uint8)  # the LUT's range: 0..255
     np.testing.assert_array_equal(decoded(path), want)  # and the LUT wins over the window
 
 
 def test_monochrome1_is_the_inverse_of_monochrome2(tmp_path):
     stored = gradient(64, 64)
-    elements = dict(bits_stored=12, RescaleSlope=1, RescaleIntercept=0, WindowCenter=2048,
-                    WindowWidth=4096)
+    elements = dict(
+        bits_stored=12, RescaleSlope=1, RescaleIntercept=0, WindowCenter=2048, WindowWidth=4096
+    )
     two = write_dicom(tmp_path / "two.dcm", stored, "MONOCHROME2", **elements)
     one = write_dicom(tmp_path / "one.dcm", stored, "MONOCHROME1", **elements)
     np.testing.assert_array_equal(decoded(one), 255 - decoded(two))
@@ -156,9 +200,11 @@ def test_8bit_dicom_keeps_its_pixels_and_rgb_dicom_decodes(tmp_path):
     with data.open_image(path) as image:
         assert image.mode == "RGB"
         np.testing.assert_array_equal(np.asarray(image), rgb)
-    np.testing.assert_array_equal(data.decode_image(path, 40)[:30], np.asarray(
-        Image.fromarray(rgb).resize((40, 40), Image.Resampling.BILINEAR))[:30])
-    deep = (rgb.astype(np.uint16) * 257)  # 16-bit RGB scales back to the same 8 bits
+    np.testing.assert_array_equal(
+        data.decode_image(path, 40)[:30],
+        np.asarray(Image.fromarray(rgb).resize((40, 40), Image.Resampling.BILINEAR))[:30],
+    )
+    deep = rgb.astype(np.uint16) * 257  # 16-bit RGB scales back to the same 8 bits
     np.testing.assert_array_equal(decoded(write_dicom(tmp_path / "d.dcm", deep, "RGB")), rgb)
 
 
@@ -180,8 +226,13 @@ def test_compressed_dicom_without_a_codec_names_the_package(tmp_path):
     if get_decoder(JPEGLosslessSV1).is_available:
         pytest.skip("a JPEG lossless decoder is installed here")
     # Encapsulated bytes with a JPEG lossless transfer syntax: never decoded, the codec is missing.
-    path = write_encapsulated(tmp_path / "lossless.dcm", b"\xff\xd8\xff\xc3" + bytes(40) +
-                              b"\xff\xd9", JPEGLosslessSV1, (8, 8), bits=16)
+    path = write_encapsulated(
+        tmp_path / "lossless.dcm",
+        b"\xff\xd8\xff\xc3" + bytes(40) + b"\xff\xd9",
+        JPEGLosslessSV1,
+        (8, 8),
+        bits=16,
+    )
     reason = data.image_problem(path)
     assert reason.startswith("pixel data compressed as JPEG Lossless")
     assert "1.2.840.10008.1.2.4.70" in reason
@@ -194,12 +245,18 @@ def test_compressed_dicom_without_a_codec_names_the_package(tmp_path):
 def test_12bit_jpeg_that_pillow_refuses_names_the_package(tmp_path):
     if get_decoder(JPEGExtended12Bit).available_plugins != ("pillow",):
         pytest.skip("a decoder beyond Pillow's is installed here")
-    path = write_encapsulated(tmp_path / "extended.dcm", b"\xff\xd8\xff\xc1" + bytes(40) +
-                              b"\xff\xd9", JPEGExtended12Bit, (8, 8), bits=16)
+    path = write_encapsulated(
+        tmp_path / "extended.dcm",
+        b"\xff\xd8\xff\xc1" + bytes(40) + b"\xff\xd9",
+        JPEGExtended12Bit,
+        (8, 8),
+        bits=16,
+    )
     reason = data.image_problem(path)
     assert "Pillow does not support 'JPEG Extended' for samples with 12-bit precision" in reason
-    assert reason.endswith("another decoder may read it: pip install pylibjpeg "
-                           "pylibjpeg-libjpeg (or python-gdcm)")
+    assert reason.endswith(
+        "another decoder may read it: pip install pylibjpeg pylibjpeg-libjpeg (or python-gdcm)"
+    )
     assert "\n" not in reason
 
 
@@ -230,7 +287,10 @@ def test_bad_dicom_files_are_skipped_with_a_reason(tmp_path):
     assert reasons["header.dcm"] is not None
     assert reasons["junk.dcm"].startswith("not a DICOM file (no 'DICM' marker")
     assert reasons["empty.dcm"] == "empty file (0 bytes)"
-    assert reasons["report.dcm"] == "DICOM file without pixel data (Basic Text SR Storage), not an image"
+    assert (
+        reasons["report.dcm"]
+        == "DICOM file without pixel data (Basic Text SR Storage), not an image"
+    )
 
     warned: list[str] = []
     assert data.check_images(paths, warn=warned.append) == [str(good)]
@@ -242,8 +302,10 @@ def test_bad_dicom_files_are_skipped_with_a_reason(tmp_path):
 def test_dicom_over_the_pixel_limit_is_refused_before_its_pixels_are_read(tmp_path, monkeypatch):
     path = write_dicom(tmp_path / "big.dcm", gradient(30, 20), bits_stored=12)
     monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100)
-    assert data.image_problem(path) == ("too large: 20 x 30 = 600 pixels, over pneumojax's limit "
-                                        "of 100 (pneumojax.data.MAX_IMAGE_PIXELS); shrink it first")
+    assert data.image_problem(path) == (
+        "too large: 20 x 30 = 600 pixels, over pneumojax's limit "
+        "of 100 (pneumojax.data.MAX_IMAGE_PIXELS); shrink it first"
+    )
 
 
 def test_large_dicom_is_shrunk_in_bounded_memory(tmp_path):
@@ -251,8 +313,13 @@ def test_large_dicom_is_shrunk_in_bounded_memory(tmp_path):
     PNG once 8-bit; the conversion runs on row blocks, so no float64 copy is ever made."""
     side = 4200
     ramp = np.broadcast_to(np.linspace(0, 4095, side).astype(np.uint16), (side, side))
-    write_dicom(tmp_path / "big.dcm", np.ascontiguousarray(ramp), bits_stored=12,
-                WindowCenter=2048, WindowWidth=4096)
+    write_dicom(
+        tmp_path / "big.dcm",
+        np.ascontiguousarray(ramp),
+        bits_stored=12,
+        WindowCenter=2048,
+        WindowWidth=4096,
+    )
     # Peak memory from /proc (VmHWM): ru_maxrss would carry over pytest's own peak across exec.
     script = textwrap.dedent(
         """
@@ -270,8 +337,13 @@ def test_large_dicom_is_shrunk_in_bounded_memory(tmp_path):
     )
     if not Path("/proc/self/status").exists():
         pytest.skip("needs Linux /proc to measure peak memory")
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "big.dcm")],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "big.dcm")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
     row = np.array(result["row"])
@@ -304,22 +376,59 @@ def test_train_and_predict_on_a_folder_mixing_dicom_and_jpeg(tmp_path, monkeypat
             stored = pixels.astype(np.uint16) * 16
             if kind == "mono1":
                 stored = 4095 - stored
-            write_dicom(target, stored, "MONOCHROME1" if kind == "mono1" else "MONOCHROME2",
-                        bits_stored=12, RescaleSlope=1, RescaleIntercept=-1000,
-                        WindowCenter=1048, WindowWidth=4096)
+            write_dicom(
+                target,
+                stored,
+                "MONOCHROME1" if kind == "mono1" else "MONOCHROME2",
+                bits_stored=12,
+                RescaleSlope=1,
+                RescaleIntercept=-1000,
+                WindowCenter=1048,
+                WindowWidth=4096,
+            )
     assert min(kinds.values()) >= 15
     run = tmp_path / "run"
-    result = CliRunner().invoke(main, [
-        "train", "--data", str(folder), "--backbone", "densenet121", "--weights", "none",
-        "--cut", CUT, "--image-size", "32", "--epochs", "1", "--batch-size", "8",
-        "--out", str(run)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--data",
+            str(folder),
+            "--backbone",
+            "densenet121",
+            "--weights",
+            "none",
+            "--cut",
+            CUT,
+            "--image-size",
+            "32",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--out",
+            str(run),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "unreadable" not in result.output
     splits = json.loads((run / "splits.json").read_text())
     assert ".dcm" in json.dumps(splits)
 
-    result = CliRunner().invoke(main, ["evaluate", "--run", str(run), "--data", str(folder),
-                                       "--split", "all", "--out", str(tmp_path / "all.json")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--run",
+            str(run),
+            "--data",
+            str(folder),
+            "--split",
+            "all",
+            "--out",
+            str(tmp_path / "all.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "all.json").read_text())["n"] == 80
 
@@ -361,8 +470,9 @@ def test_dicom_of_a_real_jpeg_decodes_to_the_jpeg_pixels(tmp_path):
         np.testing.assert_array_equal(data.decode_image(plain, 64), data.decode_image(jpeg, 64))
         # The JPEG file itself inside DICOM (JPEG baseline, as modalities store it): Pillow
         # decodes it for pydicom, so the pixels are the JPEG's own.
-        wrapped = write_encapsulated(tmp_path / (jpeg.stem + "-jpeg.dcm"), jpeg.read_bytes(),
-                                     JPEGBaseline8Bit, gray.shape)
+        wrapped = write_encapsulated(
+            tmp_path / (jpeg.stem + "-jpeg.dcm"), jpeg.read_bytes(), JPEGBaseline8Bit, gray.shape
+        )
         np.testing.assert_array_equal(decoded(wrapped), gray)
 
 
@@ -372,8 +482,13 @@ def test_dicom_of_a_real_rgb_jpeg_decodes_to_its_colours(tmp_path):
             rgb = np.asarray(image)
         plain = write_dicom(tmp_path / (jpeg.stem + ".dcm"), rgb, "RGB")
         np.testing.assert_array_equal(data.decode_image(plain, 64), data.decode_image(jpeg, 64))
-        wrapped = write_encapsulated(tmp_path / (jpeg.stem + "-jpeg.dcm"), jpeg.read_bytes(),
-                                     JPEGBaseline8Bit, rgb.shape, "YBR_FULL_422")
+        wrapped = write_encapsulated(
+            tmp_path / (jpeg.stem + "-jpeg.dcm"),
+            jpeg.read_bytes(),
+            JPEGBaseline8Bit,
+            rgb.shape,
+            "YBR_FULL_422",
+        )
         with data.open_image(wrapped) as image:
             assert image.mode == "RGB"
             assert np.abs(np.asarray(image).astype(int) - rgb).max() <= 2
@@ -386,9 +501,16 @@ def test_windowed_12bit_dicom_of_a_real_jpeg_matches_it_closely(tmp_path):
         stored = gray.astype(np.uint16) * 16 + 8  # 12 bits, as a detector stores them
         for photometric in ("MONOCHROME2", "MONOCHROME1"):
             values = stored if photometric == "MONOCHROME2" else 4095 - stored
-            path = write_dicom(tmp_path / f"{photometric}.dcm", values, photometric,
-                               bits_stored=12, RescaleSlope=1, RescaleIntercept=-1024,
-                               WindowCenter=1024, WindowWidth=4096)
+            path = write_dicom(
+                tmp_path / f"{photometric}.dcm",
+                values,
+                photometric,
+                bits_stored=12,
+                RescaleSlope=1,
+                RescaleIntercept=-1024,
+                WindowCenter=1024,
+                WindowWidth=4096,
+            )
             image = decoded(path).astype(int)
             assert np.abs(image - gray).max() <= 1, (jpeg.name, photometric)
             small = data.decode_image(path, 64).astype(int)

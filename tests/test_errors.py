@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings, strategies as st
@@ -25,14 +24,20 @@ from test_train import CUT, MID, _tiny
 
 INCEPTION = get_backbone("inception_v3")
 NAMES = [s.name for s in INCEPTION.layers]
-_token = st.one_of(st.sampled_from(NAMES), st.integers(-400, 400).map(str), st.text(max_size=6),
-                   st.just(""))
+_token = st.one_of(
+    st.sampled_from(NAMES), st.integers(-400, 400).map(str), st.text(max_size=6), st.just("")
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(st.text(max_size=30),
-                 st.lists(st.tuples(_token, st.sampled_from([":", "", "::"]), _token), max_size=3)
-                 .map(lambda parts: ",".join(a + sep + b for a, sep, b in parts))))
+@given(
+    st.one_of(
+        st.text(max_size=30),
+        st.lists(st.tuples(_token, st.sampled_from([":", "", "::"]), _token), max_size=3).map(
+            lambda parts: ",".join(a + sep + b for a, sep, b in parts)
+        ),
+    )
+)
 def test_trainable_parser_parses_or_gives_a_clear_error(spec):
     try:
         ranges, layers = parse_trainable(spec, INCEPTION, "conv2d_86")
@@ -50,13 +55,16 @@ def _invoke(*args):
     return result
 
 
-@pytest.mark.parametrize("args, code, message", [
-    (["--backbone", "vgg16"], 2, "'vgg16' is not one of"),
-    (["--backbone", "inception_v3", "--image-size", "64"], 2, "needs --image-size >= 75"),
-    (["--trainable", "conv2_block3_concat:conv2_block1_concat"], 2, "selects no layer"),
-    (["--trainable", "relu:"], 2, "after the cut layer conv5_block15_1_relu"),
-    (["--cut", "conv9"], 2, "densenet121 has no layer 'conv9'"),
-])
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--backbone", "vgg16"], 2, "'vgg16' is not one of"),
+        (["--backbone", "inception_v3", "--image-size", "64"], 2, "needs --image-size >= 75"),
+        (["--trainable", "conv2_block3_concat:conv2_block1_concat"], 2, "selects no layer"),
+        (["--trainable", "relu:"], 2, "after the cut layer conv5_block15_1_relu"),
+        (["--cut", "conv9"], 2, "densenet121 has no layer 'conv9'"),
+    ],
+)
 def test_model_usage_errors_exit_2(args, code, message):
     result = _invoke("train", "--dry-run", *args)
     assert result.exit_code == code and message in result.output
@@ -65,13 +73,28 @@ def test_model_usage_errors_exit_2(args, code, message):
 @pytest.fixture
 def tiny_data(tmp_path, monkeypatch):
     from pneumojax.data import make_demo_dataset
+
     monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))
     return make_demo_dataset(tmp_path / "xray", n_per_class=40, image_size=48, seed=1)
 
 
 def _train_args(data, out, *extra):
-    return ["train", "--data", str(data), "--weights", "none", "--cut", CUT, "--image-size", "32",
-            "--batch-size", "8", "--out", str(out), *extra]
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--weights",
+        "none",
+        "--cut",
+        CUT,
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_checkpoint_errors_name_the_problem(tiny_data, tmp_path):
@@ -82,6 +105,7 @@ def test_checkpoint_errors_name_the_problem(tiny_data, tmp_path):
     result = _invoke(*_train_args(tiny_data, tmp_path / "r2", "--weights", str(tmp_path / "no")))
     assert result.exit_code == 1 and "does not exist" in result.output
     from pneumojax.checkpoint import save_variables
+
     save_variables(tmp_path / "other", {"params": {}}, {"backbone": "resnet152"})
     result = _invoke(*_train_args(tiny_data, tmp_path / "r3", "--weights", str(tmp_path / "other")))
     assert result.exit_code == 1 and "holds resnet152 weights, not densenet121" in result.output
@@ -95,25 +119,37 @@ def test_resume_without_a_run_is_a_clear_error(tmp_path):
 def test_nan_loss_stops_and_says_where(tmp_path):
     steps, variables, _, train, val = _tiny(MID, lr=1e30)
     with pytest.raises(NonFiniteLoss, match=r"at epoch 1, step \d+; the last good checkpoint"):
-        fit(steps, variables, train, val,
+        fit(
+            steps,
+            variables,
+            train,
+            val,
             FitOptions(epochs=2, batch_size=8, patience=0, learning_rate=1e30, log_every=1),
-            tmp_path)
+            tmp_path,
+        )
 
 
 def test_disk_full_while_saving_is_reported(tiny_data, tmp_path, monkeypatch):
-    from pneumojax import train as T
+    from pneumojax import train as train_module
 
     def full(self, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run"))
-    monkeypatch.setattr(T.RunCheckpoints, "save_last", full)
+
+    monkeypatch.setattr(train_module.RunCheckpoints, "save_last", full)
     result = _invoke(*_train_args(tiny_data, tmp_path / "run", "--epochs", "1"))
     assert result.exit_code == 1 and "disk full while writing" in result.output
     assert "--resume" in result.output
 
 
 def _spawn(args, env):
-    return subprocess.Popen([sys.executable, "-m", "pneumojax.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pneumojax.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _env(tmp_path):
@@ -134,9 +170,14 @@ def test_sigterm_saves_and_resume_finishes(tiny_data, tmp_path):
     rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, "".join(lines) + rest
     assert "interrupted by SIGTERM" in rest and "--resume" in rest
-    done = subprocess.run([sys.executable, "-m", "pneumojax.cli", "train", "--out", str(out),
-                           "--resume"], cwd=REPO, env=_env(tmp_path), capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "pneumojax.cli", "train", "--out", str(out), "--resume"],
+        cwd=REPO,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     history = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == list(range(1, 31))
@@ -151,8 +192,10 @@ def test_kill_9_at_random_points_then_resume_completes(tiny_data, tmp_path):
     checkpointed = []  # whether a complete checkpoint was on disk at each kill
     outputs = []
     for _ in range(3):
-        proc = _spawn(args + (["--resume"] if (out / "config.json").exists() else ["--overwrite"]),
-                      _env(tmp_path))
+        proc = _spawn(
+            args + (["--resume"] if (out / "config.json").exists() else ["--overwrite"]),
+            _env(tmp_path),
+        )
         lines = []
         for line in proc.stdout:  # a random point after the process finishes an epoch
             lines.append(line)
@@ -165,7 +208,12 @@ def test_kill_9_at_random_points_then_resume_completes(tiny_data, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "pneumojax.cli"]
         + (["train", "--out", str(out), "--resume"] if (out / "config.json").exists() else args),
-        cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+        cwd=REPO,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     outputs.append(done.stdout + done.stderr)
     assert any(checkpointed), "every kill came before the first checkpoint"

@@ -43,6 +43,7 @@ def test_a_replaced_model_folder_survives_a_kill_at_every_point(tmp_path, monkey
         if os.path.basename(src).startswith(".model.tmp"):  # the new copy moving in
             raise KeyboardInterrupt  # stands for the kill
         return real_replace(src, dst)
+
     monkeypatch.setattr(pio.os, "replace", killed_second_rename)
     with pytest.raises(KeyboardInterrupt):
         save_variables(target, _variables(2.0), {"n": 2}, overwrite=True)

@@ -39,24 +39,26 @@ from ports import keras_port as kp
 
 pytestmark = pytest.mark.tensorflow
 
-SIZE, LR = 75, 1e-3                # InceptionV3's smallest input keeps both sides fast
+SIZE, LR = 75, 1e-3  # InceptionV3's smallest input keeps both sides fast
 LABELS = np.array([0, 1, 1, 0], np.int32)
 CONFIGS = {"head_only": "none", "experiment_4": "conv2d_44:average_pooling2d_4"}
 WEIGHT_SEED, HEAD_SEED, IMAGE_SEED = 1, 2, 4
 
 # Tolerances, with what was measured (2-core CPU, TF 2.x oneDNN vs XLA:CPU, float32):
-LOSS_ATOL = 2e-6          # measured <= 6e-8
-GRAD_RTOL = 1e-4          # of the tensor's max |gradient|; measured <= 2.0e-5
-STEP_ATOL = 2e-2 * LR     # one Adam step moves a parameter by <= LR; measured <= 3.8e-3 LR
+LOSS_ATOL = 2e-6  # measured <= 6e-8
+GRAD_RTOL = 1e-4  # of the tensor's max |gradient|; measured <= 2.0e-5
+STEP_ATOL = 2e-2 * LR  # one Adam step moves a parameter by <= LR; measured <= 3.8e-3 LR
 #                           (Adam divides by |g| + ~3e-6: gradients near 0 amplify rounding)
-STATS_ATOL = 1e-6         # moving means and variances ~1; measured <= 1.2e-7
+STATS_ATOL = 1e-6  # moving means and variances ~1; measured <= 1.2e-7
 
-_TO_KERAS = {kind: {flax: keras for keras, (_, flax) in names.items()}
-             for kind, names in kp._TO_FLAX.items()}
+_TO_KERAS = {
+    kind: {flax: keras for keras, (_, flax) in names.items()} for kind, names in kp._TO_FLAX.items()
+}
 
 
-def keras_train_on_batch(spec: str, weight_seed=WEIGHT_SEED, head_seed=HEAD_SEED,
-                         image_seed=IMAGE_SEED) -> dict:
+def keras_train_on_batch(
+    spec: str, weight_seed=WEIGHT_SEED, head_seed=HEAD_SEED, image_seed=IMAGE_SEED
+) -> dict:
     """One Keras ``train_on_batch`` of the study's model; every variable randomized first."""
     import keras  # noqa: PLC0415
 
@@ -76,25 +78,36 @@ def keras_train_on_batch(spec: str, weight_seed=WEIGHT_SEED, head_seed=HEAD_SEED
         if layer not in head:
             layer.trainable = layer.name in plan.trainable_layers
     # jit_compile=False: TF's graph mode without XLA, the numerics of oneDNN kernels.
-    model.compile(optimizer=keras.optimizers.Adam(LR), loss=keras.losses.BinaryCrossentropy(),
-                  jit_compile=False)
+    model.compile(
+        optimizer=keras.optimizers.Adam(LR),
+        loss=keras.losses.BinaryCrossentropy(),
+        jit_compile=False,
+    )
     images = kp.parity_batch(SIZE, n=len(LABELS), seed=image_seed)
     before = kp.weights_of_keras_model(model)
     backbone_weights = kp.weights_of_keras_model(base)  # past the cut too: porting wants all
     t0 = time.perf_counter()
-    loss = model.train_on_batch(kp.keras_preprocess(info, images),
-                                np.eye(2, dtype=np.float32)[LABELS])
+    loss = model.train_on_batch(
+        kp.keras_preprocess(info, images), np.eye(2, dtype=np.float32)[LABELS]
+    )
     opt = model.optimizer
     grads = {}
     for v, m in zip(opt._trainable_variables, opt._momentums):
         layer, name = v.path.split("/")[-2:]
         grads[(layer, name)] = np.asarray(m.numpy()) / (1 - opt.beta_1)
-    return dict(info=info, plan=plan, images=images, before=before,
-                after=kp.weights_of_keras_model(model), loss=float(np.asarray(loss)),
-                grads=grads, iterations=int(opt.iterations.numpy()),
-                backbone_weights=backbone_weights,
-                kinds={layer.name: type(layer).__name__ for layer in model.layers},
-                seconds=time.perf_counter() - t0)
+    return dict(
+        info=info,
+        plan=plan,
+        images=images,
+        before=before,
+        after=kp.weights_of_keras_model(model),
+        loss=float(np.asarray(loss)),
+        grads=grads,
+        iterations=int(opt.iterations.numpy()),
+        backbone_weights=backbone_weights,
+        kinds={layer.name: type(layer).__name__ for layer in model.layers},
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def pneumojax_train_step(k: dict, cached: bool, optimizer=make_optimizer) -> dict:
@@ -105,34 +118,47 @@ def pneumojax_train_step(k: dict, cached: bool, optimizer=make_optimizer) -> dic
     """
     info, plan = k["info"], k["plan"]
     model = build_classifier(info, plan.cut, plan.trainable_layers).clone(dropout=0.0)
-    variables = init_variables(model, SIZE, 0,
-                               kp.port_keras_weights(k["backbone_weights"], info, SIZE))
+    variables = init_variables(
+        model, SIZE, 0, kp.port_keras_weights(k["backbone_weights"], info, SIZE)
+    )
     for name in HEAD:
-        variables["params"][name] = {w: np.asarray(k["before"][name][w])
-                                     for w in ("kernel", "bias")}
+        variables["params"][name] = {
+            w: np.asarray(k["before"][name][w]) for w in ("kernel", "bias")
+        }
     inputs = k["images"]
     if cached:
         frontier = cacheable_frontier(info, plan.cut, plan.trainable_layers)
         assert frontier, "nothing frozen precedes the trainable part"
         inputs = jax.device_get(jax.jit(prefix_model(info, frontier).apply)(variables, inputs))
-        model = build_classifier(info, plan.cut, plan.trainable_layers,
-                                 given=frontier).clone(dropout=0.0)
-        template = jax.eval_shape(model.init, jax.random.key(0),
-                                  jax.tree.map(lambda a: a[:1], inputs))
+        model = build_classifier(info, plan.cut, plan.trainable_layers, given=frontier).clone(
+            dropout=0.0
+        )
+        template = jax.eval_shape(
+            model.init, jax.random.key(0), jax.tree.map(lambda a: a[:1], inputs)
+        )
         variables = suffix_variables(variables, template)
     steps = Steps(model, optimizer(variables["params"], plan.trainable_layers, LR), make_mesh())
     state = steps.init_state([variables])
-    batch = steps.shard({"image": jax.tree.map(lambda a: a[None], inputs),
-                         "label": LABELS[None], "weight": np.ones((1, len(LABELS)), np.float32)},
-                        members=True)
+    batch = steps.shard(
+        {
+            "image": jax.tree.map(lambda a: a[None], inputs),
+            "label": LABELS[None],
+            "weight": np.ones((1, len(LABELS)), np.float32),
+        },
+        members=True,
+    )
     t0 = time.perf_counter()
     new, metrics = steps.train(state, batch, jax.random.key(0)[None])
     new, loss = jax.device_get((new, metrics["loss"]))
     seconds = time.perf_counter() - t0
     one = lambda t: jax.tree.map(lambda a: np.asarray(a)[0], t)  # noqa: E731
-    adam = [s for s in jax.tree.leaves(new.opt_state,
-                                       is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
-            if isinstance(s, optax.ScaleByAdamState)]
+    adam = [
+        s
+        for s in jax.tree.leaves(
+            new.opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState)
+        )
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
     assert len(adam) == 1
     mu = adam[0].mu
     after, grads = {}, {}
@@ -149,15 +175,26 @@ def pneumojax_train_step(k: dict, cached: bool, optimizer=make_optimizer) -> dic
                     m = m[flax_name]
                     if isinstance(m, (np.ndarray, jax.Array)):  # frozen leaves: MaskedNode
                         grads[(layer, name)] = np.asarray(m)[0] / (1 - 0.9)  # Adam's b1
-    return dict(after=after, grads=grads, loss=float(np.asarray(loss)[0]),
-                step=int(np.asarray(new.step)[0]), seconds=seconds)
+    return dict(
+        after=after,
+        grads=grads,
+        loss=float(np.asarray(loss)[0]),
+        step=int(np.asarray(new.step)[0]),
+        seconds=seconds,
+    )
 
 
 def compare(k: dict, ours: dict) -> dict:
     """Asserts one step agrees; returns the measured maximum differences."""
     trainable = set(k["plan"].trainable_layers) | set(HEAD)
-    report = {"loss": abs(ours["loss"] - k["loss"]), "grad_rel": 0.0, "trainable_step": 0.0,
-              "trainable_stats": 0.0, "frozen_checked": 0, "trainable_checked": 0}
+    report = {
+        "loss": abs(ours["loss"] - k["loss"]),
+        "grad_rel": 0.0,
+        "trainable_step": 0.0,
+        "trainable_stats": 0.0,
+        "frozen_checked": 0,
+        "trainable_checked": 0,
+    }
     assert report["loss"] <= LOSS_ATOL, (ours["loss"], k["loss"])
     assert ours["step"] == k["iterations"] == 1
     # Gradients: the same set of tensors is trained, with the same gradient.
@@ -196,6 +233,7 @@ def keras_step():
         if config not in cache:
             cache[config] = keras_train_on_batch(CONFIGS[config])
         return cache[config]
+
     return get
 
 
@@ -212,17 +250,22 @@ def test_one_train_step_equals_keras_train_on_batch(keras_step, config, cached):
     assert len(trained_bn) == (6 if config == "experiment_4" else 0)
     if not cached:
         assert len(bn) > 50 and report["frozen_checked"] > 100  # the frozen part was compared
-    print(f"\n{config} {'cached' if cached else 'full'}: {report}, "
-          f"keras {k['seconds']:.1f} s, pneumojax {ours['seconds']:.1f} s")
+    print(
+        f"\n{config} {'cached' if cached else 'full'}: {report}, "
+        f"keras {k['seconds']:.1f} s, pneumojax {ours['seconds']:.1f} s"
+    )
 
 
 def test_the_oracle_catches_optax_epsilon_placement(keras_step):
     # optax.adam adds epsilon after bias correction: same eps number, not Keras's step.
     def optax_adam(params, trainable, lr):
         from pneumojax.model import trainable_labels  # noqa: PLC0415
-        return optax.multi_transform({"train": optax.adam(lr, eps=1e-7),
-                                      "freeze": optax.set_to_zero()},
-                                     trainable_labels(params, trainable))
+
+        return optax.multi_transform(
+            {"train": optax.adam(lr, eps=1e-7), "freeze": optax.set_to_zero()},
+            trainable_labels(params, trainable),
+        )
+
     k = keras_step("head_only")
     ours = pneumojax_train_step(k, cached=True, optimizer=optax_adam)
     # Same loss and gradients; the update of the head's near-zero gradients is what differs.

@@ -1,7 +1,6 @@
 """Porting keras.applications weights: layer lists, parity, strictness, checkpoints."""
 
 import dataclasses
-import json
 
 import h5py
 import numpy as np
@@ -29,6 +28,7 @@ def randomized():
             kp.randomize_keras_model(model, seed=1)
             cache[(name, size)] = (model, kp.weights_of_keras_model(model))
         return cache[(name, size)]
+
     return get
 
 
@@ -38,9 +38,16 @@ def test_layer_list_equals_keras(name):
     info = get_backbone(name)
     model = kp.build_keras_model(info, 256)
     ours = layer_table(info, 256)
-    theirs = [dict(index=i, name=l.name, kind=type(l).__name__,
-                   output_shape=tuple(l.output.shape), params=l.count_params())
-              for i, l in enumerate(model.layers)]
+    theirs = [
+        dict(
+            index=i,
+            name=l.name,
+            kind=type(l).__name__,
+            output_shape=tuple(l.output.shape),
+            params=l.count_params(),
+        )
+        for i, l in enumerate(model.layers)
+    ]
     assert ours == theirs
 
 
@@ -61,8 +68,20 @@ def test_parity_with_randomized_keras_model(name, randomized):
 @pytest.mark.tensorflow
 def test_parity_at_256_px_through_the_cli(tmp_path):
     out = tmp_path / "inc"
-    result = CliRunner().invoke(main, ["port", "--backbone", "inception_v3", "--weights", "none",
-                                       "--randomize", "3", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "port",
+            "--backbone",
+            "inception_v3",
+            "--weights",
+            "none",
+            "--randomize",
+            "3",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "parity conv2d_86 max_abs_diff=" in result.output
     assert "parity mixed10 max_abs_diff=" in result.output
@@ -79,9 +98,12 @@ def test_parity_check_catches_a_wrong_epsilon(randomized):
     info = get_backbone("inception_v3")
     model, weights = randomized("inception_v3")
     variables = kp.port_keras_weights(weights, info, 75)
-    wrong = tuple(dataclasses.replace(s, config=tuple((k, 1.001e-5 if k == "epsilon" else v)
-                                                      for k, v in s.config))
-                  for s in info.layers)
+    wrong = tuple(
+        dataclasses.replace(
+            s, config=tuple((k, 1.001e-5 if k == "epsilon" else v) for k, v in s.config)
+        )
+        for s in info.layers
+    )
     buggy = dataclasses.replace(info, build=lambda: wrong)
     rows = kp.measure_parity(model, variables, buggy, 75, [info.default_cut])
     assert not rows[0].ok
@@ -90,10 +112,15 @@ def test_parity_check_catches_a_wrong_epsilon(randomized):
 @pytest.mark.tensorflow
 def test_preprocess_equals_keras_preprocess_input():
     from pneumojax.backbones import preprocess
+
     images = kp.parity_batch(32, n=3)
     for info in REGISTRY.values():
-        np.testing.assert_allclose(np.asarray(preprocess(images, info.preprocess_mode)),
-                                   kp.keras_preprocess(info, images), rtol=1e-6, atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(preprocess(images, info.preprocess_mode)),
+            kp.keras_preprocess(info, images),
+            rtol=1e-6,
+            atol=1e-5,
+        )
 
 
 def _write_legacy_h5(path, weights):
@@ -114,23 +141,39 @@ def test_port_from_legacy_h5_file_keeps_parity_and_records_sha(tmp_path, randomi
     path = tmp_path / "resnet50v2_notop.h5"
     _write_legacy_h5(path, weights)
     out = tmp_path / "ck"
-    result = CliRunner().invoke(main, ["port", "--backbone", "resnet50v2", "--weights", str(path),
-                                       "--input-size", "64", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "port",
+            "--backbone",
+            "resnet50v2",
+            "--weights",
+            str(path),
+            "--input-size",
+            "64",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)
     assert manifest["source"]["file_sha256"] == kp.file_sha256(path)
     assert manifest["weights_sha256"] == kp.weights_sha256(weights)
     variables, _ = load_variables(out)
-    np.testing.assert_array_equal(variables["params"]["conv1_conv"]["kernel"],
-                                  weights["conv1_conv"]["kernel"])
+    np.testing.assert_array_equal(
+        variables["params"]["conv1_conv"]["kernel"], weights["conv1_conv"]["kernel"]
+    )
 
 
 @pytest.mark.tensorflow
-@pytest.mark.parametrize("defect, message", [
-    ("missing", "layer conv2_block2_1_conv (Conv2D): missing from the weight source"),
-    ("shape", "layer conv2_block2_1_conv: weight 'kernel' has shape (1, 1, 256, 32)"),
-    ("unused", "layer extra_dense: in the weight source but not in resnet50v2"),
-])
+@pytest.mark.parametrize(
+    "defect, message",
+    [
+        ("missing", "layer conv2_block2_1_conv (Conv2D): missing from the weight source"),
+        ("shape", "layer conv2_block2_1_conv: weight 'kernel' has shape (1, 1, 256, 32)"),
+        ("unused", "layer extra_dense: in the weight source but not in resnet50v2"),
+    ],
+)
 def test_port_refuses_a_defective_weight_file(tmp_path, randomized, defect, message):
     _, weights = randomized("resnet50v2")
     weights = {k: dict(v) for k, v in weights.items()}
@@ -142,8 +185,20 @@ def test_port_refuses_a_defective_weight_file(tmp_path, randomized, defect, mess
         weights["extra_dense"] = {"kernel": np.zeros((3, 2), np.float32)}
     path = tmp_path / "bad.h5"
     _write_legacy_h5(path, weights)
-    result = CliRunner().invoke(main, ["port", "--backbone", "resnet50v2", "--weights", str(path),
-                                       "--input-size", "64", "--out", str(tmp_path / "ck")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "port",
+            "--backbone",
+            "resnet50v2",
+            "--weights",
+            str(path),
+            "--input-size",
+            "64",
+            "--out",
+            str(tmp_path / "ck"),
+        ],
+    )
     assert result.exit_code == 1
     assert message in result.output
     assert not (tmp_path / "ck").exists()
@@ -154,35 +209,56 @@ def test_port_from_keras3_weights_file(tmp_path, randomized):
     model, weights = randomized("densenet121")
     path = tmp_path / "d.weights.h5"
     model.save_weights(path)
-    manifest = kp.port_backbone(get_backbone("densenet121"), str(path), 64, tmp_path / "ck",
-                                echo=lambda s: None)
+    manifest = kp.port_backbone(
+        get_backbone("densenet121"), str(path), 64, tmp_path / "ck", echo=lambda s: None
+    )
     assert manifest["weights_sha256"] == kp.weights_sha256(weights)
 
 
 def test_imagenet_offline_fails_fast_with_what_to_do(monkeypatch, tmp_path):
     def no_network(*a, **k):
         raise OSError("network is unreachable")
+
     monkeypatch.setattr(kp, "cached_imagenet_file", lambda info: None)
     monkeypatch.setattr(kp.socket, "create_connection", no_network)
-    result = CliRunner().invoke(main, ["port", "--backbone", "densenet121", "--weights", "imagenet",
-                                       "--out", str(tmp_path / "ck")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "port",
+            "--backbone",
+            "densenet121",
+            "--weights",
+            "imagenet",
+            "--out",
+            str(tmp_path / "ck"),
+        ],
+    )
     assert result.exit_code == 1
     assert "cannot reach storage.googleapis.com" in result.output
     assert "--weights FILE.h5" in result.output and "checkpoints/NAME-imagenet/" in result.output
 
 
 def test_port_rejects_unknown_weight_argument(tmp_path):
-    result = CliRunner().invoke(main, ["port", "--backbone", "densenet121", "--weights",
-                                       str(tmp_path / "nope.h5")])
+    result = CliRunner().invoke(
+        main, ["port", "--backbone", "densenet121", "--weights", str(tmp_path / "nope.h5")]
+    )
     assert result.exit_code == 1 and "no such file" in result.output
 
 
 def test_orbax_round_trip_restores_identical_arrays(tmp_path):
     rng = np.random.default_rng(0)
-    variables = {"params": {"conv2d": {"kernel": rng.normal(size=(3, 3, 3, 8)).astype(np.float32)},
-                            "batch_normalization": {"bias": rng.normal(size=8).astype(np.float32)}},
-                 "batch_stats": {"batch_normalization": {"mean": rng.normal(size=8).astype(np.float32),
-                                                         "var": rng.uniform(size=8).astype(np.float32)}}}
+    variables = {
+        "params": {
+            "conv2d": {"kernel": rng.normal(size=(3, 3, 3, 8)).astype(np.float32)},
+            "batch_normalization": {"bias": rng.normal(size=8).astype(np.float32)},
+        },
+        "batch_stats": {
+            "batch_normalization": {
+                "mean": rng.normal(size=8).astype(np.float32),
+                "var": rng.uniform(size=8).astype(np.float32),
+            }
+        },
+    }
     save_variables(tmp_path / "ck", variables, {"backbone": "test"})
     restored, manifest = load_variables(tmp_path / "ck")
     assert manifest == {"backbone": "test"}

@@ -17,10 +17,32 @@ def test_precision_benchmark_writes_every_figure(tmp_path):
     data = make_demo_dataset(tmp_path / "xray", n_per_class=20, image_size=48)
     out = tmp_path / "precision.json"
     cut = "conv2_block3_concat"  # a shallow cut keeps the compiles short
-    assert precision.main(["--data", str(data), "--image-size", "32", "--cut", cut,
-                           "--activation-backbones", "densenet121", "--activation-cut", cut,
-                           "--activation-images", "4", "--epochs", "2", "--batch-size", "8",
-                           "--in-process", "--out", str(out)]) == 0
+    assert (
+        precision.main(
+            [
+                "--data",
+                str(data),
+                "--image-size",
+                "32",
+                "--cut",
+                cut,
+                "--activation-backbones",
+                "densenet121",
+                "--activation-cut",
+                cut,
+                "--activation-images",
+                "4",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "8",
+                "--in-process",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     payload = json.loads(out.read_text())
 
     act = payload["activations"]["densenet121"]
@@ -46,14 +68,20 @@ def test_precision_benchmark_writes_every_figure(tmp_path):
 
     vs = payload["comparison"]["vs_float32"]
     assert set(vs) == set(precision.VARIANTS) - {precision.REFERENCE}
-    assert all(set(v["inside_float32_ci95"]) == set(precision.INSIDE_FIGURES)
-               for v in vs.values())
+    assert all(set(v["inside_float32_ci95"]) == set(precision.INSIDE_FIGURES) for v in vs.values())
     assert payload["comparison"]["cache_pair"]["runs"] == list(precision.CACHE_PAIR)
     assert all(v in (True, False) for k, v in payload["claims"].items() if k != "max_rel_max")
 
     table = out.with_suffix(".md").read_text()
-    for text in ("## Precision", "Command: `", "Machine: ", "max abs Δ / max abs f32",
-                 "inside float32's interval", "Wall time (s)", "The README's claims"):
+    for text in (
+        "## Precision",
+        "Command: `",
+        "Machine: ",
+        "max abs Δ / max abs f32",
+        "inside float32's interval",
+        "Wall time (s)",
+        "The README's claims",
+    ):
         assert text in table, text
 
 

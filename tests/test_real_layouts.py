@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pneumojax import balance as B
+from pneumojax import balance
 from pneumojax import data
 from pneumojax.cli import main
 from pneumojax.balance import apply_balance
@@ -17,13 +17,17 @@ from pneumojax.run import TrainConfig
 
 from conftest import REPO
 
-MINI = Path(__import__("os").environ.get("PNEUMOJAX_MINI_DATA",
-                                         REPO.parent / "shared" / "data" / "chest_xray_mini"))
+MINI = Path(
+    __import__("os").environ.get(
+        "PNEUMOJAX_MINI_DATA", REPO.parent / "shared" / "data" / "chest_xray_mini"
+    )
+)
 CUT = "conv2_block3_concat"  # a short DenseNet121 prefix: quick compiles
 
 
 def _jpeg(path: Path, seed: int, bright: bool):
     from PIL import Image
+
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 90, (40, 40), dtype=np.uint8)
     if bright:
@@ -80,9 +84,26 @@ def test_train_runs_on_the_kaggle_layout_and_records_the_overlap(tmp_path, monke
     monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))
     root = kaggle_with_reused_patient_numbers(tmp_path / "chest_xray")
     run = tmp_path / "run"
-    r = CliRunner().invoke(main, ["train", "--data", str(root), "--weights", "none", "--cut", CUT,
-                                  "--image-size", "32", "--epochs", "1", "--batch-size", "8",
-                                  "--out", str(run)])
+    r = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--data",
+            str(root),
+            "--weights",
+            "none",
+            "--cut",
+            CUT,
+            "--image-size",
+            "32",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--out",
+            str(run),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "warning:" in r.output and "used as given" in r.output
     splits = json.loads((run / "splits.json").read_text())
@@ -95,7 +116,9 @@ def test_a_flat_folder_is_carved_strictly_by_patient(tmp_path):
     root = tmp_path / "flat"
     for p in range(1, 25):  # several images per patient
         for shot in range(3):
-            _jpeg(root / "PNEUMONIA" / f"person{p}_bacteria_{p * 10 + shot}.jpeg", p * 10 + shot, True)
+            _jpeg(
+                root / "PNEUMONIA" / f"person{p}_bacteria_{p * 10 + shot}.jpeg", p * 10 + shot, True
+            )
             _jpeg(root / "NORMAL" / f"IM-{p:04d}-{shot + 1:04d}.jpeg", 1000 + p * 10 + shot, False)
     warnings = []
     splits = data.make_splits(data.find_images(root), 0.2, 0.2, warn=warnings.append)
@@ -108,8 +131,9 @@ def test_real_mini_set_splits_are_carved_by_patient_and_keep_test(tmp_path):
     source = data.find_images(MINI, check=False)
     splits = data.make_splits(source, warn=lambda m: None)
     assert len(splits.test) == 120 and splits.test == source.splits["test"]
-    assert not ({data.patient_id(p) for p, _ in splits.train}
-                & {data.patient_id(p) for p, _ in splits.val})
+    assert not (
+        {data.patient_id(p) for p, _ in splits.train} & {data.patient_id(p) for p, _ in splits.val}
+    )
 
 
 # --- balance methods keep both classes, however the counts fall ---------------------------
@@ -118,9 +142,10 @@ COUNTS = {"equal": (12, 12), "1:3": (6, 18), "3:1": (18, 6), "far": (2, 30)}
 
 
 @pytest.mark.parametrize("counts", list(COUNTS.values()), ids=list(COUNTS))
-@pytest.mark.parametrize("method", B.METHODS)
-def test_every_method_keeps_both_classes_with_its_documented_meaning(method, counts, tmp_path,
-                                                                     monkeypatch):
+@pytest.mark.parametrize("method", balance.METHODS)
+def test_every_method_keeps_both_classes_with_its_documented_meaning(
+    method, counts, tmp_path, monkeypatch
+):
     monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))
     n0, n1 = counts
     labels = np.array([0] * n0 + [1] * n1, np.int32)
@@ -143,7 +168,7 @@ def test_every_method_keeps_both_classes_with_its_documented_meaning(method, cou
         assert set(np.flatnonzero(labels == minority)) <= set(out.members[0])
     if method == "oversample":
         assert np.bincount(out.labels).tolist() == [large, large]
-        assert (out.labels[len(labels):] == minority).all()
+        assert (out.labels[len(labels) :] == minority).all()
     if method == "ensemble":
         assert len(out.members) == max(1, round(large / small))
         chunks = [set(m[out.labels[m] == majority]) for m in out.members]
@@ -153,7 +178,7 @@ def test_every_method_keeps_both_classes_with_its_documented_meaning(method, cou
 
 def test_equal_classes_ensemble_of_three_splits_pneumonia_and_keeps_all_normal():
     labels = np.array([0] * 12 + [1] * 12, np.int32)
-    chunks = B.ensemble_chunks(labels, 3, seed=0)
+    chunks = balance.ensemble_chunks(labels, 3, seed=0)
     assert [np.bincount(labels[c], minlength=2).tolist() for c in chunks] == [[12, 4]] * 3
 
 
@@ -161,9 +186,28 @@ def test_equal_classes_ensemble_of_three_splits_pneumonia_and_keeps_all_normal()
 @pytest.mark.parametrize("method", ["undersample", "ensemble"])
 def test_real_mini_set_with_equal_classes_trains_on_both(method, tmp_path, monkeypatch):
     monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))
-    r = CliRunner().invoke(main, ["train", "--data", str(MINI), "--weights", "none", "--cut", CUT,
-                                  "--image-size", "32", "--epochs", "1", "--batch-size", "32",
-                                  "--balance", method, "--out", str(tmp_path / "run")])
+    r = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--data",
+            str(MINI),
+            "--weights",
+            "none",
+            "--cut",
+            CUT,
+            "--image-size",
+            "32",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--balance",
+            method,
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())["balance"]
     assert record["train_counts_before"][0] == record["train_counts_before"][1]

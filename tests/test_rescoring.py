@@ -8,7 +8,6 @@ import json
 import shutil
 from pathlib import Path
 
-import jax
 import pytest
 from click.testing import CliRunner
 
@@ -35,23 +34,49 @@ def unequal_data(tmp_path_factory):
 # Each method with each precision and each cache setting; the cross product is 20 runs, so the
 # full matrix runs for the two structurally different cases (one model, an ensemble) and every
 # other method covers both precisions and both cache settings once.
-CASES = ([("none", p, c) for p in ("float32", "bfloat16") for c in (True, False)]
-         + [("ensemble", p, c) for p in ("float32", "bfloat16") for c in (True, False)]
-         + [(m, "float32", True) for m in ("class-weight", "undersample", "oversample")]
-         + [(m, "bfloat16", False) for m in ("class-weight", "undersample", "oversample")])
+CASES = (
+    [("none", p, c) for p in ("float32", "bfloat16") for c in (True, False)]
+    + [("ensemble", p, c) for p in ("float32", "bfloat16") for c in (True, False)]
+    + [(m, "float32", True) for m in ("class-weight", "undersample", "oversample")]
+    + [(m, "bfloat16", False) for m in ("class-weight", "undersample", "oversample")]
+)
 
 
-@pytest.mark.parametrize("method,precision,cache", CASES,
-                         ids=[f"{m}-{p}-{'cache' if c else 'nocache'}" for m, p, c in CASES])
-def test_a_saved_run_rescores_exactly(method, precision, cache, unequal_data, tmp_path,
-                                      monkeypatch):
+@pytest.mark.parametrize(
+    "method,precision,cache",
+    CASES,
+    ids=[f"{m}-{p}-{'cache' if c else 'nocache'}" for m, p, c in CASES],
+)
+def test_a_saved_run_rescores_exactly(
+    method, precision, cache, unequal_data, tmp_path, monkeypatch
+):
     monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
     # --weights none: with an ensemble every member must share the one random backbone.
-    args = ["train", "--data", str(unequal_data), "--weights", "none", "--cut", CUT,
-            "--trainable", "none" if method != "undersample" else MID, "--image-size", "32",
-            "--epochs", "2", "--batch-size", "8", "--balance", method, "--precision", precision,
-            "--feature-cache" if cache else "--no-feature-cache", "--out", str(run)]
+    args = [
+        "train",
+        "--data",
+        str(unequal_data),
+        "--weights",
+        "none",
+        "--cut",
+        CUT,
+        "--trainable",
+        "none" if method != "undersample" else MID,
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--balance",
+        method,
+        "--precision",
+        precision,
+        "--feature-cache" if cache else "--no-feature-cache",
+        "--out",
+        str(run),
+    ]
     if method == "ensemble":
         args += ["--ensemble-size", "3"]
     r = CliRunner().invoke(main, args)
@@ -66,19 +91,30 @@ def test_a_saved_run_rescores_exactly(method, precision, cache, unequal_data, tm
     r = CliRunner().invoke(main, ["evaluate", "--run", str(run), "--split", "test"])
     assert r.exit_code == 0, r.output
     again = json.loads((run / "eval-test" / "metrics.json").read_text())
-    for key in ("threshold", "member_thresholds", "confusion_matrix", "auc", "accuracy",
-                "recall", "specificity", "at_0_5", "ci95"):
+    for key in (
+        "threshold",
+        "member_thresholds",
+        "confusion_matrix",
+        "auc",
+        "accuracy",
+        "recall",
+        "specificity",
+        "at_0_5",
+        "ci95",
+    ):
         assert again[key] == trained[key], key
 
     stored = list(csv.DictReader(io.StringIO((run / "predictions" / "test.csv").read_text())))
-    assert (run / "eval-test" / "predictions.csv").read_text() == \
-        (run / "predictions" / "test.csv").read_text()  # every image's probability, exactly
+    assert (run / "eval-test" / "predictions.csv").read_text() == (
+        run / "predictions" / "test.csv"
+    ).read_text()  # every image's probability, exactly
     assert [row["path"] for row in stored] == [p for p, _ in _test_items(run)]
     r = CliRunner().invoke(main, ["predict", "--run", str(run)] + [row["path"] for row in stored])
     assert r.exit_code == 0, r.output
     predicted = list(csv.DictReader(io.StringIO(r.stdout)))
-    assert [float(row["p_pneumonia"]) for row in predicted] == \
-        [float(row["p_pneumonia"]) for row in stored]
+    assert [float(row["p_pneumonia"]) for row in predicted] == [
+        float(row["p_pneumonia"]) for row in stored
+    ]
     labels = ["PNEUMONIA" if p else "NORMAL" for p in _predicted_positive(trained, stored)]
     assert [row["label"] for row in predicted] == labels
 
@@ -92,21 +128,41 @@ def _predicted_positive(metrics, rows):
     thresholds = metrics["member_thresholds"]
     if len(thresholds) == 1:
         return [float(r["p_pneumonia"]) >= thresholds[0] for r in rows]
-    return [2 * sum(float(r[f"p_member{i + 1}"]) >= t for i, t in enumerate(thresholds))
-            >= len(thresholds) for r in rows]
+    return [
+        2 * sum(float(r[f"p_member{i + 1}"]) >= t for i, t in enumerate(thresholds))
+        >= len(thresholds)
+        for r in rows
+    ]
 
 
-def test_the_precision_a_run_used_is_kept_on_another_machine(unequal_data, tmp_path,
-                                                             monkeypatch):
+def test_the_precision_a_run_used_is_kept_on_another_machine(unequal_data, tmp_path, monkeypatch):
     """A run trained and thresholded in float32 on a CPU is scored in float32 on a GPU too,
     unless the user asks otherwise (and is told)."""
     from pneumojax import model as model_module
     from pneumojax.inference import load_run
+
     monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
-    r = CliRunner().invoke(main, ["train", "--data", str(unequal_data), "--weights", "none",
-                                  "--cut", CUT, "--image-size", "32", "--epochs", "1",
-                                  "--batch-size", "8", "--out", str(run)])  # --precision auto
+    r = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--data",
+            str(unequal_data),
+            "--weights",
+            "none",
+            "--cut",
+            CUT,
+            "--image-size",
+            "32",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--out",
+            str(run),
+        ],
+    )  # --precision auto
     assert r.exit_code == 0, r.output
     config = json.loads((run / "config.json").read_text())
     assert config["precision"] == "float32" and config["requested"]["precision"] == "auto"

@@ -21,9 +21,16 @@ REPO = Path(__file__).resolve().parents[1]
 MINI = Path(os.environ.get("PNEUMOJAX_MINI_DATA", REPO.parent / "shared/data/chest_xray_mini"))
 # (in H, in W, channels or None, out H, out W): downscales by odd factors, upscales, 1-pixel
 # images, an unchanged size and a very wide strip.
-SHAPES = [(256, 316, None, 128, 128), (300, 256, 3, 128, 128), (7, 5, 3, 16, 9),
-          (1000, 1200, None, 224, 224), (64, 64, 3, 64, 64), (1, 1, None, 4, 4),
-          (3, 900, None, 128, 64), (2, 2, 3, 1, 1)]
+SHAPES = [
+    (256, 316, None, 128, 128),
+    (300, 256, 3, 128, 128),
+    (7, 5, 3, 16, 9),
+    (1000, 1200, None, 224, 224),
+    (64, 64, 3, 64, 64),
+    (1, 1, None, 4, 4),
+    (3, 900, None, 128, 64),
+    (2, 2, 3, 1, 1),
+]
 
 
 @pytest.mark.tensorflow
@@ -32,8 +39,9 @@ def test_keras_resize_is_tf_image_resize_on_random_images(shape):
     import tensorflow as tf
 
     h, w, c, oh, ow = shape
-    a = np.random.default_rng(sum(shape[:2])).integers(0, 256, (h, w) + ((c,) if c else ()),
-                                                       dtype=np.uint8)
+    a = np.random.default_rng(sum(shape[:2])).integers(
+        0, 256, (h, w) + ((c,) if c else ()), dtype=np.uint8
+    )
     ref = tf.image.resize(a if c else a[..., None], (oh, ow)).numpy()
     ours = tf_bilinear(a, oh, ow)
     assert ours.dtype == np.float32 and ours.shape == ((oh, ow, c) if c else (oh, ow))
@@ -63,8 +71,11 @@ def test_keras_resize_equals_the_study_pipeline_on_real_images(tmp_path):
     Image.open(files[0]).save(png)
     for path in [*files, png]:
         raw = tf.io.read_file(str(path))
-        full = (tf.io.decode_png(raw, channels=3) if path.suffix == ".png" else
-                tf.io.decode_jpeg(raw, channels=3, dct_method="INTEGER_ACCURATE"))
+        full = (
+            tf.io.decode_png(raw, channels=3)
+            if path.suffix == ".png"
+            else tf.io.decode_jpeg(raw, channels=3, dct_method="INTEGER_ACCURATE")
+        )
         for size in (128, 37):
             ref = tf.image.resize(full, (size, size)).numpy()
             ours = data.decode_image(path, size, "keras")
@@ -106,10 +117,28 @@ def test_a_keras_resize_run_stores_it_and_rescores_exactly(tmp_path, monkeypatch
     monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))
     demo = make_demo_dataset(tmp_path / "demo", n_per_class=24, image_size=48, seed=1)
     run = tmp_path / "run"
-    r = CliRunner().invoke(main, [
-        "train", "--data", str(demo), "--weights", "none", "--cut", "conv2_block3_concat",
-        "--image-size", "32", "--resize", "keras", "--epochs", "1", "--batch-size", "8",
-        "--out", str(run)])
+    r = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--data",
+            str(demo),
+            "--weights",
+            "none",
+            "--cut",
+            "conv2_block3_concat",
+            "--image-size",
+            "32",
+            "--resize",
+            "keras",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--out",
+            str(run),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads((run / "config.json").read_text())["resize"] == "keras"
     images = tmp_path / "cache" / "images"
@@ -128,5 +157,6 @@ def test_a_keras_resize_run_stores_it_and_rescores_exactly(tmp_path, monkeypatch
     r = CliRunner().invoke(main, ["predict", "--run", str(run)] + [row["path"] for row in stored])
     assert r.exit_code == 0, r.output
     predicted = list(csv.DictReader(io.StringIO(r.stdout)))
-    assert [float(row["p_pneumonia"]) for row in predicted] == \
-        [float(row["p_pneumonia"]) for row in stored]
+    assert [float(row["p_pneumonia"]) for row in predicted] == [
+        float(row["p_pneumonia"]) for row in stored
+    ]

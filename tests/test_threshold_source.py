@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pneumojax import data as D
+from pneumojax import data as pj_data
 from pneumojax.cli import main
 from pneumojax.metrics import choose_threshold
 from pneumojax.inference import load_run
@@ -29,29 +29,50 @@ SIZE = 32
 def kaggle_pair(tmp_path, monkeypatch):
     """Two Kaggle-layout folders, identical but for a third of the test labels."""
     monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))
-    train = D.make_demo_dataset(tmp_path / "demo_train", n_per_class=40, image_size=48, seed=1)
-    test = D.make_demo_dataset(tmp_path / "demo_test", n_per_class=15, image_size=48, seed=2)
+    train = pj_data.make_demo_dataset(
+        tmp_path / "demo_train", n_per_class=40, image_size=48, seed=1
+    )
+    test = pj_data.make_demo_dataset(tmp_path / "demo_test", n_per_class=15, image_size=48, seed=2)
     a, b = tmp_path / "a", tmp_path / "b"
     for root in (a, b):
         for split, src in (("train", train), ("test", test)):
-            for cls in D.CLASS_NAMES:
+            for cls in pj_data.CLASS_NAMES:
                 shutil.copytree(src / cls, root / split / cls)
-    for cls, other in zip(D.CLASS_NAMES, D.CLASS_NAMES[::-1]):
+    for cls, other in zip(pj_data.CLASS_NAMES, pj_data.CLASS_NAMES[::-1]):
         for path in sorted((b / "test" / cls).iterdir())[::3]:
             path.rename(b / "test" / other / path.name)
     return a, b
 
 
 def _train(data, out):
-    result = CliRunner().invoke(main, [
-        "train", "--data", str(data), "--weights", "none", "--cut", CUT, "--image-size", str(SIZE),
-        "--epochs", "1", "--batch-size", "8", "--seed", "3", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--data",
+            str(data),
+            "--weights",
+            "none",
+            "--cut",
+            CUT,
+            "--image-size",
+            str(SIZE),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     return json.loads((out / "metrics.json").read_text())
 
 
 def _split(run_dir, name):
-    splits = D.Splits.from_json((run_dir / "splits.json").read_text())
+    splits = pj_data.Splits.from_json((run_dir / "splits.json").read_text())
     return load_split_arrays(splits.as_dict()[name], SIZE)
 
 
@@ -61,10 +82,18 @@ def test_threshold_comes_from_validation_not_test(kaggle_pair, tmp_path, monkeyp
     run = load_run(tmp_path / "run_a")
     (val_x, val_y), (test_x, test_a) = _split(run.run_dir, "val"), _split(run.run_dir, "test")
     # run B's test labels, in run A's order (the same files, some in the other class folder)
-    label_b = {os.path.basename(path): y for path, y in D.Splits.from_json(
-        (tmp_path / "run_b" / "splits.json").read_text()).test}
-    test_b = np.array([label_b[os.path.basename(path)] for path, _ in D.Splits.from_json(
-        (run.run_dir / "splits.json").read_text()).test])
+    label_b = {
+        os.path.basename(path): y
+        for path, y in pj_data.Splits.from_json(
+            (tmp_path / "run_b" / "splits.json").read_text()
+        ).test
+    }
+    test_b = np.array(
+        [
+            label_b[os.path.basename(path)]
+            for path, _ in pj_data.Splits.from_json((run.run_dir / "splits.json").read_text()).test
+        ]
+    )
     p_val = run.model.probabilities_of_images(val_x)[:, 0]
     p_test = run.model.probabilities_of_images(test_x)[:, 0]
 
@@ -82,16 +111,18 @@ def test_threshold_comes_from_validation_not_test(kaggle_pair, tmp_path, monkeyp
     # the threshold to the next PNEUMONIA image's score.
     positives = np.flatnonzero(val_y == 1)
     lowest = positives[np.argmin(p_val[positives])]
-    val_paths = {path for path, _ in D.Splits.from_json(
-        (run.run_dir / "splits.json").read_text()).val}
-    make_splits = D.make_splits
+    val_paths = {
+        path for path, _ in pj_data.Splits.from_json((run.run_dir / "splits.json").read_text()).val
+    }
+    make_splits = pj_data.make_splits
 
     def relabelled_val(*args, **kwargs):
         splits = make_splits(*args, **kwargs)
         assert {p for p, _ in splits.val} == val_paths  # same carve as run A
         val = [(p, 0 if i == lowest else y) for i, (p, y) in enumerate(splits.val)]
         return dataclasses.replace(splits, val=val)
-    monkeypatch.setattr(D, "make_splits", relabelled_val)
+
+    monkeypatch.setattr(pj_data, "make_splits", relabelled_val)
     mc = _train(a, tmp_path / "run_c")
     assert mc["threshold"] > ma["threshold"]
     assert mc["threshold"] == pytest.approx(np.sort(p_val[positives])[1], abs=1e-6)

@@ -13,8 +13,14 @@ from click.testing import CliRunner
 
 from pneumojax.backbones import get_backbone
 from pneumojax.cli import main
-from pneumojax.model import (TrainableSpecError, build_classifier, init_variables, make_optimizer,
-                             make_plan, parse_trainable)
+from pneumojax.model import (
+    TrainableSpecError,
+    build_classifier,
+    init_variables,
+    make_optimizer,
+    make_plan,
+    parse_trainable,
+)
 from pneumojax.train import FitOptions, Interrupted, Steps, epoch_lr_factor, fit, make_mesh
 
 from conftest import REPO
@@ -24,12 +30,15 @@ CUT = "conv2_block3_concat"
 MID = "conv2_block2_0_bn:conv2_block3_0_bn"
 
 
-@pytest.mark.parametrize("backbone, trainable, expected", [
-    ("resnet152", "none", 4_194_690),
-    ("densenet121", "none", 1_048_962),
-    ("inception_v3", "none", 1_769_858),
-    ("inception_v3", "conv2d_44:average_pooling2d_4", 2_733_378),
-])
+@pytest.mark.parametrize(
+    "backbone, trainable, expected",
+    [
+        ("resnet152", "none", 4_194_690),
+        ("densenet121", "none", 1_048_962),
+        ("inception_v3", "none", 1_769_858),
+        ("inception_v3", "conv2d_44:average_pooling2d_4", 2_733_378),
+    ],
+)
 def test_study_trainable_parameter_counts_at_256(backbone, trainable, expected):
     plan = make_plan(get_backbone(backbone), None, trainable, 256)
     assert plan.trainable_params == expected
@@ -42,27 +51,39 @@ def test_trainable_ranges_follow_python_slices():
     assert ranges == (("conv2d_44", "activation_47"),)
     assert len(layers) == 151 - 133 and "average_pooling2d_4" not in layers
     assert parse_trainable("133:151", info, "conv2d_86")[1] == layers
-    _, tail = parse_trainable("280:", info, "conv2d_86")      # open end, clipped at the cut
+    _, tail = parse_trainable("280:", info, "conv2d_86")  # open end, clipped at the cut
     assert "conv2d_86" in tail and "mixed10" not in tail
     _, two = parse_trainable(":3, mixed7", info, "conv2d_86")
     assert two == {"input_layer", "conv2d", "batch_normalization", "mixed7"}
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("average_pooling2d_4:conv2d_44", "selects no layer"),
-    ("mixed10:", "after the cut layer conv2d_86"),
-    ("conv2d_44:nope", "has no layer 'nope'"),
-    ("1:2:3", "a range is START:END"),
-    ("999:", "out of range"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("average_pooling2d_4:conv2d_44", "selects no layer"),
+        ("mixed10:", "after the cut layer conv2d_86"),
+        ("conv2d_44:nope", "has no layer 'nope'"),
+        ("1:2:3", "a range is START:END"),
+        ("999:", "out of range"),
+    ],
+)
 def test_bad_trainable_specs_are_clear_errors(spec, message):
     with pytest.raises(TrainableSpecError, match=message):
         parse_trainable(spec, get_backbone("inception_v3"), "conv2d_86")
 
 
 def test_inception_names_on_resnet152_exit_2_with_nearest_layers():
-    result = CliRunner().invoke(main, ["train", "--backbone", "resnet152", "--trainable",
-                                       "conv2d_44:average_pooling2d_4", "--dry-run"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--backbone",
+            "resnet152",
+            "--trainable",
+            "conv2d_44:average_pooling2d_4",
+            "--dry-run",
+        ],
+    )
     assert result.exit_code == 2
     assert "resnet152 has no layer 'conv2d_44'" in result.output
     assert "Nearest resnet152 layers:" in result.output
@@ -70,8 +91,17 @@ def test_inception_names_on_resnet152_exit_2_with_nearest_layers():
 
 
 def test_dry_run_prints_the_plan_of_experiment_4():
-    result = CliRunner().invoke(main, ["train", "--backbone", "inception_v3", "--trainable",
-                                       "conv2d_44:average_pooling2d_4", "--dry-run"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--backbone",
+            "inception_v3",
+            "--trainable",
+            "conv2d_44:average_pooling2d_4",
+            "--dry-run",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "trainable layers: conv2d_44 .. activation_47" in result.output
     assert "trainable_params=2733378" in result.output and "frozen_params=" in result.output
@@ -80,11 +110,11 @@ def test_dry_run_prints_the_plan_of_experiment_4():
 def test_keras_seed_schedule_compounds_like_the_study():
     lr, keras_rates = 1e-3, []
     for epoch in range(6):  # LearningRateScheduler(lambda epoch, lr: lr * 0.85 ** epoch)
-        lr = lr * 0.85 ** epoch
+        lr = lr * 0.85**epoch
         keras_rates.append(lr)
     ours = [1e-3 * epoch_lr_factor("keras-seed", e) for e in range(6)]
     np.testing.assert_allclose(ours, keras_rates, rtol=1e-12)
-    assert epoch_lr_factor("exponential", 3) == pytest.approx(0.85 ** 3)
+    assert epoch_lr_factor("exponential", 3) == pytest.approx(0.85**3)
 
 
 def _tiny(trainable_spec, n=24, size=32, seed=0, lr=1e-2):
@@ -96,13 +126,20 @@ def _tiny(trainable_spec, n=24, size=32, seed=0, lr=1e-2):
     images = rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8)
     labels = (images.mean(axis=(1, 2, 3)) > 127).astype(np.int32)
     steps = Steps(model, make_optimizer(variables["params"], layers, lr), make_mesh())
-    return steps, variables, layers, (images, labels, np.ones(n, np.float32)), (images[:8], labels[:8])
+    return (
+        steps,
+        variables,
+        layers,
+        (images, labels, np.ones(n, np.float32)),
+        (images[:8], labels[:8]),
+    )
 
 
 def test_frozen_parameters_and_statistics_stay_while_trainable_ones_move(tmp_path):
     steps, variables, layers, train, val = _tiny(MID)
-    [best], _ = fit(steps, variables, train, val, FitOptions(epochs=1, batch_size=8, patience=0),
-                    tmp_path)
+    [best], _ = fit(
+        steps, variables, train, val, FitOptions(epochs=1, batch_size=8, patience=0), tmp_path
+    )
     before, after = variables, jax.tree.map(np.asarray, best)
     for layer, leaves in before["params"]["backbone"].items():
         for k, v in leaves.items():
@@ -111,28 +148,38 @@ def test_frozen_parameters_and_statistics_stay_while_trainable_ones_move(tmp_pat
     for layer, leaves in before["batch_stats"]["backbone"].items():
         moved = not np.array_equal(leaves["mean"], after["batch_stats"]["backbone"][layer]["mean"])
         assert moved == (layer in layers), layer
-    assert not np.array_equal(before["params"]["dense"]["kernel"], after["params"]["dense"]["kernel"])
+    assert not np.array_equal(
+        before["params"]["dense"]["kernel"], after["params"]["dense"]["kernel"]
+    )
 
 
 def test_the_scheduled_learning_rate_is_the_one_applied(tmp_path):
     steps, variables, _, train, val = _tiny("none", lr=1e-2)  # the optimizer's initial rate
     opts = FitOptions(epochs=2, batch_size=8, patience=0, learning_rate=0.0)
     [best], progress = fit(steps, variables, train, val, opts, tmp_path)
-    np.testing.assert_array_equal(best["params"]["dense"]["kernel"],
-                                  variables["params"]["dense"]["kernel"])
+    np.testing.assert_array_equal(
+        best["params"]["dense"]["kernel"], variables["params"]["dense"]["kernel"]
+    )
     assert progress.history[0]["val_loss"] == progress.history[1]["val_loss"]
 
 
 def test_one_compile_for_all_epochs(tmp_path):
     steps, variables, _, train, val = _tiny(MID)
-    fit(steps, variables, train, val, FitOptions(epochs=3, batch_size=8, patience=0, log_every=2),
-        tmp_path)
+    fit(
+        steps,
+        variables,
+        train,
+        val,
+        FitOptions(epochs=3, batch_size=8, patience=0, log_every=2),
+        tmp_path,
+    )
     assert steps.train._cache_size() == 1
     assert steps._jitted[steps.predict_members]._cache_size() == 1
 
 
 def test_bfloat16_compute_stays_close_to_float32():
     from pneumojax.backbones import backbone_model, preprocess
+
     info = get_backbone("densenet121")
     x = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
     f32 = backbone_model(info, outputs=[CUT])
@@ -141,7 +188,8 @@ def test_bfloat16_compute_stays_close_to_float32():
     v = {"params": variables["backbone"], "batch_stats": bs["backbone"]}
     a = f32.apply(v, preprocess(x, info.preprocess_mode))[CUT]
     b = backbone_model(info, outputs=[CUT], dtype=jax.numpy.bfloat16).apply(
-        v, preprocess(x, info.preprocess_mode))[CUT]
+        v, preprocess(x, info.preprocess_mode)
+    )[CUT]
     assert b.dtype == jax.numpy.bfloat16
     rel = float(np.max(np.abs(np.asarray(b, np.float32) - np.asarray(a))) / np.max(np.abs(a)))
     assert 0 < rel < 3e-2  # bfloat16 keeps 8 bits of mantissa: ~0.4% per op
@@ -179,8 +227,11 @@ _DEVICE_SCRIPT = textwrap.dedent("""
 
 def _run_on_devices(n, out):
     os.makedirs(out)
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
-           "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+        "JAX_PLATFORMS": "cpu",
+    }
     script = _DEVICE_SCRIPT.format(tests=str(REPO / "tests"), n=n, out=str(out))
     subprocess.run([sys.executable, "-c", script], env=env, check=True, cwd=REPO)
     return dict(np.load(out / "best.npz"))
@@ -196,19 +247,39 @@ def test_one_device_and_four_devices_train_the_same(tmp_path):
     for k in one:
         if "params" in k:
             diff = np.abs(four[k] - one[k])
-            assert diff.max() < 5e-4, k          # under half of one Adam step everywhere
+            assert diff.max() < 5e-4, k  # under half of one Adam step everywhere
             assert (diff > 1e-5).mean() < 1e-2, k  # and tiny almost everywhere
         else:  # losses and BatchNorm moving statistics
             np.testing.assert_allclose(four[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
-@pytest.mark.parametrize("trainable,precision", [("none", "float32"), (MID, "float32"),
-                                                 (MID, "bfloat16")])
-def test_cached_activations_train_the_same_as_the_full_model(tiny_data, tmp_path, trainable,
-                                                             precision):
-    args = ["train", "--data", str(tiny_data), "--weights", "none", "--cut", CUT, "--trainable",
-            trainable, "--image-size", "32", "--epochs", "2", "--batch-size", "8", "--seed", "4",
-            "--precision", precision]
+@pytest.mark.parametrize(
+    "trainable,precision", [("none", "float32"), (MID, "float32"), (MID, "bfloat16")]
+)
+def test_cached_activations_train_the_same_as_the_full_model(
+    tiny_data, tmp_path, trainable, precision
+):
+    args = [
+        "train",
+        "--data",
+        str(tiny_data),
+        "--weights",
+        "none",
+        "--cut",
+        CUT,
+        "--trainable",
+        trainable,
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--seed",
+        "4",
+        "--precision",
+        precision,
+    ]
     cached = CliRunner().invoke(main, args + ["--out", str(tmp_path / "cached")])
     assert cached.exit_code == 0, cached.output
     assert "feature cache: training on cached activations of" in cached.output
@@ -219,32 +290,57 @@ def test_cached_activations_train_the_same_as_the_full_model(tiny_data, tmp_path
     full = CliRunner().invoke(main, args + ["--out", str(tmp_path / "full"), "--no-feature-cache"])
     assert full.exit_code == 0, full.output
     assert "feature cache" not in full.output
-    hist = [[json.loads(l) for l in (tmp_path / r / "history.jsonl").read_text().splitlines()]
-            for r in ("cached", "full")]
+    hist = [
+        [json.loads(l) for l in (tmp_path / r / "history.jsonl").read_text().splitlines()]
+        for r in ("cached", "full")
+    ]
     for a, b in zip(*hist):
         for k in ("loss", "val_loss", "accuracy", "val_accuracy"):
             assert a[k] == pytest.approx(b[k], rel=rel, abs=1e-6), k
     from pneumojax.checkpoint import load_variables
+
     va, _ = load_variables(tmp_path / "cached" / "model")
     vb, _ = load_variables(tmp_path / "full" / "model")
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(va), jax.tree.leaves(vb)):
-        np.testing.assert_allclose(a, b, rtol=w_rel, atol=1e-6 if precision == "float32" else 1e-4,
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            a,
+            b,
+            rtol=w_rel,
+            atol=1e-6 if precision == "float32" else 1e-4,
+            err_msg=jax.tree_util.keystr(path),
+        )
     ma, mb = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("cached", "full"))
     assert ma["confusion_matrix"] == mb["confusion_matrix"]
     assert ma["auc"] == pytest.approx(mb["auc"], abs=1e-6)
 
 
 def test_bfloat16_feature_cache_halves_storage_and_keeps_metrics(tiny_data, tmp_path):
-    args = ["train", "--data", str(tiny_data), "--weights", "none", "--cut", CUT, "--trainable",
-            MID, "--image-size", "32", "--epochs", "2", "--batch-size", "8", "--precision",
-            "float32"]
+    args = [
+        "train",
+        "--data",
+        str(tiny_data),
+        "--weights",
+        "none",
+        "--cut",
+        CUT,
+        "--trainable",
+        MID,
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--precision",
+        "float32",
+    ]
     features = tmp_path / "cache" / "features"
     metrics, sizes = {}, {}
     for storage in ("float32", "bfloat16"):
         before = set(features.glob("*")) if features.exists() else set()
-        r = CliRunner().invoke(main, args + ["--feature-cache-dtype", storage,
-                                             "--out", str(tmp_path / storage)])
+        r = CliRunner().invoke(
+            main, args + ["--feature-cache-dtype", storage, "--out", str(tmp_path / storage)]
+        )
         assert r.exit_code == 0, r.output
         assert f"stored as {storage}" in r.output
         new = set(features.glob("*")) - before
@@ -257,8 +353,23 @@ def test_bfloat16_feature_cache_halves_storage_and_keeps_metrics(tiny_data, tmp_
 
 
 def test_bfloat16_training_matches_float32_within_intervals(tiny_data, tmp_path):
-    args = ["train", "--data", str(tiny_data), "--weights", "none", "--cut", CUT, "--trainable",
-            MID, "--image-size", "32", "--epochs", "2", "--batch-size", "8"]
+    args = [
+        "train",
+        "--data",
+        str(tiny_data),
+        "--weights",
+        "none",
+        "--cut",
+        CUT,
+        "--trainable",
+        MID,
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+    ]
     metrics = {}
     for p in ("float32", "bfloat16"):
         r = CliRunner().invoke(main, args + ["--precision", p, "--out", str(tmp_path / p)])
@@ -272,23 +383,60 @@ def test_bfloat16_training_matches_float32_within_intervals(tiny_data, tmp_path)
 @pytest.fixture
 def tiny_data(tmp_path, monkeypatch):
     from pneumojax.data import make_demo_dataset
+
     monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))
     return make_demo_dataset(tmp_path / "xray", n_per_class=40, image_size=48, seed=1)
 
 
 def test_train_evaluate_predict_cli_end_to_end(tiny_data, tmp_path):
     run = tmp_path / "run"
-    args = ["train", "--data", str(tiny_data), "--weights", "none", "--cut", CUT, "--trainable", MID,
-            "--image-size", "32", "--epochs", "2", "--batch-size", "8", "--out", str(run)]
+    args = [
+        "train",
+        "--data",
+        str(tiny_data),
+        "--weights",
+        "none",
+        "--cut",
+        CUT,
+        "--trainable",
+        MID,
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--out",
+        str(run),
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "split train:" in result.output and "patients" in result.output
-    for name in ("config.json", "history.jsonl", "metrics.json", "splits.json",
-                 "plots/history.png", "plots/confusion_matrix.png", "plots/roc.png"):
+    for name in (
+        "config.json",
+        "history.jsonl",
+        "metrics.json",
+        "splits.json",
+        "plots/history.png",
+        "plots/confusion_matrix.png",
+        "plots/roc.png",
+    ):
         assert (run / name).exists(), name
     metrics = json.loads((run / "metrics.json").read_text())
-    for key in ("n", "threshold", "accuracy", "recall", "precision", "specificity", "f1", "auc",
-                "confusion_matrix", "at_0_5", "ci95", "classification_report"):
+    for key in (
+        "n",
+        "threshold",
+        "accuracy",
+        "recall",
+        "precision",
+        "specificity",
+        "f1",
+        "auc",
+        "confusion_matrix",
+        "at_0_5",
+        "ci95",
+        "classification_report",
+    ):
         assert key in metrics, key
     assert metrics["threshold_source"] == "validation"
     config = json.loads((run / "config.json").read_text())
@@ -297,8 +445,20 @@ def test_train_evaluate_predict_cli_end_to_end(tiny_data, tmp_path):
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 2 and "already holds a run" in again.output
 
-    result = CliRunner().invoke(main, ["evaluate", "--run", str(run), "--data", str(tiny_data),
-                                       "--split", "all", "--out", str(tmp_path / "ext.json")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--run",
+            str(run),
+            "--data",
+            str(tiny_data),
+            "--split",
+            "all",
+            "--out",
+            str(tmp_path / "ext.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     external = json.loads((tmp_path / "ext.json").read_text())
     assert external["n"] == 80 and external["threshold"] == metrics["threshold"]
@@ -311,8 +471,20 @@ def test_train_evaluate_predict_cli_end_to_end(tiny_data, tmp_path):
 
 def test_train_refuses_missing_imagenet_checkpoint(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("PNEUMOJAX_CHECKPOINTS", str(tmp_path / "none-here"))
-    result = CliRunner().invoke(main, ["train", "--data", str(tiny_data), "--cut", CUT,
-                                       "--image-size", "32", "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--data",
+            str(tiny_data),
+            "--cut",
+            CUT,
+            "--image-size",
+            "32",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
     assert result.exit_code == 1
     assert "pneumojax port --backbone densenet121 --weights imagenet" in result.output
 

@@ -9,8 +9,15 @@ import jax
 import numpy as np
 import optax
 
-from pneumojax.train import (EarlyStopping, Progress, create_train_state, predict_members_step,
-                             predict_step, train_members_step, train_step)
+from pneumojax.train import (
+    EarlyStopping,
+    Progress,
+    create_train_state,
+    predict_members_step,
+    predict_step,
+    train_members_step,
+    train_step,
+)
 
 
 class Toy(nn.Module):
@@ -28,8 +35,11 @@ def _members(k):
     model, tx = Toy(), optax.adam(1e-2)
     x = np.random.default_rng(0).normal(size=(k, 6, 3)).astype(np.float32)
     variables = [model.init(jax.random.key(i), x[0]) for i in range(k)]
-    batch = {"image": x, "label": np.tile(np.array([0, 1, 0, 1, 1, 0], np.int32), (k, 1)),
-             "weight": np.ones((k, 6), np.float32)}
+    batch = {
+        "image": x,
+        "label": np.tile(np.array([0, 1, 0, 1, 1, 0], np.int32), (k, 1)),
+        "weight": np.ones((k, 6), np.float32),
+    }
     return model, tx, variables, batch
 
 
@@ -42,17 +52,19 @@ def test_members_step_is_each_members_own_train_step():
         model, tx, variables, batch = _members(k)
         state = create_train_state(tx, variables)
         keys = jax.random.split(jax.random.key(0), k)
-        new, metrics = jax.jit(functools.partial(train_members_step, model, tx))(state, batch,
-                                                                                 keys)
+        new, metrics = jax.jit(functools.partial(train_members_step, model, tx))(state, batch, keys)
         assert new.step.tolist() == [1] * k
         alone = jax.jit(functools.partial(train_step, model, tx))
         for i in range(k):
             one, one_metrics = alone(_member(state, i), _member(batch, i), keys[i])
-            for a, b in zip(jax.tree.leaves((one, one_metrics)),
-                            jax.tree.leaves(_member((new, metrics), i))):
+            for a, b in zip(
+                jax.tree.leaves((one, one_metrics)), jax.tree.leaves(_member((new, metrics), i))
+            ):
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-            for before, after in zip(jax.tree.leaves(_member((state.params, state.batch_stats), i)),
-                                     jax.tree.leaves((one.params, one.batch_stats))):
+            for before, after in zip(
+                jax.tree.leaves(_member((state.params, state.batch_stats), i)),
+                jax.tree.leaves((one.params, one.batch_stats)),
+            ):
                 assert not np.array_equal(before, after)  # weights and statistics both move
 
 
@@ -62,8 +74,9 @@ def test_predict_members_step_stacks_each_members_predictions():
     logits = predict_members_step(model, stacked, batch["image"][0])
     assert logits.shape == (6, 2, 2)
     for i, v in enumerate(variables):
-        np.testing.assert_allclose(logits[:, i], predict_step(model, v, batch["image"][0]),
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            logits[:, i], predict_step(model, v, batch["image"][0]), rtol=1e-6, atol=1e-6
+        )
 
 
 def test_early_stopping_is_per_member():
@@ -77,7 +90,18 @@ def test_early_stopping_is_per_member():
 def test_progress_record_keeps_the_flat_format_of_earlier_checkpoints():
     progress = Progress(stopping=EarlyStopping([0.5, 0.4], [1, 2], [1, 0]), steps_per_epoch=3)
     record = progress.to_json()
-    assert list(record) == ["epoch", "batch", "sums", "history", "best_val_loss", "best_epoch",
-                            "wait", "stopped_early", "finished", "steps_per_epoch", "best_save"]
+    assert list(record) == [
+        "epoch",
+        "batch",
+        "sums",
+        "history",
+        "best_val_loss",
+        "best_epoch",
+        "wait",
+        "stopped_early",
+        "finished",
+        "steps_per_epoch",
+        "best_save",
+    ]
     assert record["best_epoch"] == [1, 2] and record["wait"] == [1, 0]
     assert Progress.from_json(json.loads(json.dumps(record))) == progress

@@ -81,13 +81,26 @@ class GraphBuilder:
 
     # One method per Keras layer class, with Keras's defaults.
     def conv(self, x, filters, kernel, strides=1, padding="valid", use_bias=True, name=None):
-        return self._add("Conv2D", [x], name, dict(
-            filters=filters, kernel=_pair(kernel), strides=_pair(strides),
-            padding=padding, use_bias=use_bias))
+        return self._add(
+            "Conv2D",
+            [x],
+            name,
+            dict(
+                filters=filters,
+                kernel=_pair(kernel),
+                strides=_pair(strides),
+                padding=padding,
+                use_bias=use_bias,
+            ),
+        )
 
     def bn(self, x, epsilon=1e-3, scale=True, center=True, name=None):
-        return self._add("BatchNormalization", [x], name,
-                         dict(epsilon=epsilon, scale=scale, center=center, momentum=0.99))
+        return self._add(
+            "BatchNormalization",
+            [x],
+            name,
+            dict(epsilon=epsilon, scale=scale, center=center, momentum=0.99),
+        )
 
     def act(self, x, activation="relu", name=None):
         return self._add("Activation", [x], name, dict(activation=activation))
@@ -96,12 +109,28 @@ class GraphBuilder:
         return self._add("ZeroPadding2D", [x], name, dict(padding=(_pair(pad), _pair(pad))))
 
     def max_pool(self, x, pool, strides=None, padding="valid", name=None):
-        return self._add("MaxPooling2D", [x], name, dict(
-            pool=_pair(pool), strides=_pair(strides if strides is not None else pool), padding=padding))
+        return self._add(
+            "MaxPooling2D",
+            [x],
+            name,
+            dict(
+                pool=_pair(pool),
+                strides=_pair(strides if strides is not None else pool),
+                padding=padding,
+            ),
+        )
 
     def avg_pool(self, x, pool, strides=None, padding="valid", name=None):
-        return self._add("AveragePooling2D", [x], name, dict(
-            pool=_pair(pool), strides=_pair(strides if strides is not None else pool), padding=padding))
+        return self._add(
+            "AveragePooling2D",
+            [x],
+            name,
+            dict(
+                pool=_pair(pool),
+                strides=_pair(strides if strides is not None else pool),
+                padding=padding,
+            ),
+        )
 
     def add(self, xs, name=None):
         return self._add("Add", xs, name, {})
@@ -149,8 +178,9 @@ def keras_layer_order(specs: Iterable[LayerSpec], output: str) -> tuple[LayerSpe
     return tuple(by_name[n] for n in order)
 
 
-def ancestors(specs: Sequence[LayerSpec], outputs: Iterable[str],
-              given: Iterable[str] = ()) -> set[str]:
+def ancestors(
+    specs: Sequence[LayerSpec], outputs: Iterable[str], given: Iterable[str] = ()
+) -> set[str]:
     """Names of the layers needed to compute ``outputs`` (outputs included), not looking
     past the layers in ``given`` (whose values are supplied)."""
     by_name = {s.name: s for s in specs}
@@ -166,8 +196,9 @@ def ancestors(specs: Sequence[LayerSpec], outputs: Iterable[str],
     return need
 
 
-def gradient_flow(specs: Sequence[LayerSpec], outputs: Iterable[str],
-                  trainable: Iterable[str]) -> dict[str, bool]:
+def gradient_flow(
+    specs: Sequence[LayerSpec], outputs: Iterable[str], trainable: Iterable[str]
+) -> dict[str, bool]:
     """For each needed layer: does its output depend on a trainable layer?"""
     need, trainable = ancestors(specs, outputs), set(trainable)
     flows: dict[str, bool] = {}
@@ -177,8 +208,9 @@ def gradient_flow(specs: Sequence[LayerSpec], outputs: Iterable[str],
     return flows
 
 
-def frozen_frontier(specs: Sequence[LayerSpec], output: str,
-                    trainable: Iterable[str]) -> tuple[str, ...]:
+def frozen_frontier(
+    specs: Sequence[LayerSpec], output: str, trainable: Iterable[str]
+) -> tuple[str, ...]:
     """The frozen layers whose outputs feed the trainable part (or the head, at the cut).
 
     Their values do not change during training, so they can be computed once per image.

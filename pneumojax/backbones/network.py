@@ -52,7 +52,8 @@ class KerasGraph(nn.Module):
             else:
                 y = self._apply(spec, inputs, train and spec.name in self.trainable)
             grad_flows[spec.name] = spec.name in self.trainable or any(
-                grad_flows[i] for i in spec.inputs)
+                grad_flows[i] for i in spec.inputs
+            )
             if not grad_flows[spec.name]:
                 y = jax.lax.stop_gradient(y)
             if fan_out[spec.name] > 1:
@@ -67,15 +68,26 @@ class KerasGraph(nn.Module):
         c = spec.cfg
         kind = spec.kind
         if kind == "Conv2D":
-            return nn.Conv(c["filters"], c["kernel"], strides=c["strides"],
-                           padding=c["padding"].upper(), use_bias=c["use_bias"],
-                           kernel_init=_KERNEL_INIT, dtype=self.dtype,
-                           name=spec.name)(inputs[0])
+            return nn.Conv(
+                c["filters"],
+                c["kernel"],
+                strides=c["strides"],
+                padding=c["padding"].upper(),
+                use_bias=c["use_bias"],
+                kernel_init=_KERNEL_INIT,
+                dtype=self.dtype,
+                name=spec.name,
+            )(inputs[0])
         if kind == "BatchNormalization":
-            return nn.BatchNorm(use_running_average=not train, momentum=c["momentum"],
-                                epsilon=c["epsilon"], use_scale=c["scale"],
-                                use_bias=c["center"], dtype=self.dtype,
-                                name=spec.name)(inputs[0])
+            return nn.BatchNorm(
+                use_running_average=not train,
+                momentum=c["momentum"],
+                epsilon=c["epsilon"],
+                use_scale=c["scale"],
+                use_bias=c["center"],
+                dtype=self.dtype,
+                name=spec.name,
+            )(inputs[0])
         if kind == "Activation":
             return getattr(nn, c["activation"])(inputs[0])
         if kind == "ZeroPadding2D":
@@ -85,8 +97,9 @@ class KerasGraph(nn.Module):
             return nn.max_pool(inputs[0], c["pool"], c["strides"], c["padding"].upper())
         if kind == "AveragePooling2D":
             # Keras averages over the real cells only when padding is 'same'.
-            return nn.avg_pool(inputs[0], c["pool"], c["strides"], c["padding"].upper(),
-                               count_include_pad=False)
+            return nn.avg_pool(
+                inputs[0], c["pool"], c["strides"], c["padding"].upper(), count_include_pad=False
+            )
         if kind == "Add":
             return sum(inputs[1:], inputs[0])
         if kind == "Concatenate":

@@ -21,9 +21,9 @@ class BackboneInfo:
 
     name: str
     build: Callable[[], tuple[LayerSpec, ...]]
-    keras_constructor: str     # attribute of keras.applications
-    keras_module: str          # keras.applications.<module>.preprocess_input
-    preprocess_mode: str       # 'caffe' | 'torch' | 'tf', as in keras imagenet_utils
+    keras_constructor: str  # attribute of keras.applications
+    keras_module: str  # keras.applications.<module>.preprocess_input
+    preprocess_mode: str  # 'caffe' | 'torch' | 'tf', as in keras imagenet_utils
     default_cut: str
     min_input_size: int
 
@@ -41,18 +41,34 @@ class BackboneInfo:
         if name not in self.layer_index:
             close = difflib.get_close_matches(name, list(self.layer_index), n=3, cutoff=0.5)
             hint = f" Nearest: {', '.join(close)}." if close else ""
-            raise KeyError(f"{self.name} has no layer {name!r}.{hint} "
-                           f"List them with: pneumojax layers --backbone {self.name}")
+            raise KeyError(
+                f"{self.name} has no layer {name!r}.{hint} "
+                f"List them with: pneumojax layers --backbone {self.name}"
+            )
         return name
 
 
-REGISTRY: dict[str, BackboneInfo] = {b.name: b for b in (
-    BackboneInfo("resnet152", resnet152, "ResNet152", "resnet", "caffe", "conv5_block3_1_relu", 32),
-    BackboneInfo("resnet50v2", resnet50v2, "ResNet50V2", "resnet_v2", "tf", "post_relu", 32),
-    BackboneInfo("densenet121", densenet121, "DenseNet121", "densenet", "torch",
-                 "conv5_block15_1_relu", 32),
-    BackboneInfo("inception_v3", inception_v3, "InceptionV3", "inception_v3", "tf", "conv2d_86", 75),
-)}
+REGISTRY: dict[str, BackboneInfo] = {
+    b.name: b
+    for b in (
+        BackboneInfo(
+            "resnet152", resnet152, "ResNet152", "resnet", "caffe", "conv5_block3_1_relu", 32
+        ),
+        BackboneInfo("resnet50v2", resnet50v2, "ResNet50V2", "resnet_v2", "tf", "post_relu", 32),
+        BackboneInfo(
+            "densenet121",
+            densenet121,
+            "DenseNet121",
+            "densenet",
+            "torch",
+            "conv5_block15_1_relu",
+            32,
+        ),
+        BackboneInfo(
+            "inception_v3", inception_v3, "InceptionV3", "inception_v3", "tf", "conv2d_86", 75
+        ),
+    )
+}
 
 
 def get_backbone(name: str) -> BackboneInfo:

@@ -144,7 +144,6 @@ def _problems(paths: Sequence[str], workers: int, progress: bool) -> dict[str, s
         pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C stops at once
 
 
-
 def duplicates_across_splits(
     splits: Mapping[str, Sequence[Item]],
 ) -> list[list[tuple[str, str, int]]]:
@@ -201,4 +200,3 @@ def _duplicates_message(groups: list[list[tuple[str, str, int]]], root: str) -> 
         f"({'; '.join(shown)}{more}){labels}: figures on those splits are not independent of "
         "training\nremove the copies from the data folder (they are kept; this is a warning)"
     )
-

@@ -98,9 +98,7 @@ def _reason(error: BaseException, path: str | os.PathLike) -> str:
     return f"cannot decode ({type(error).__name__}: {text})"
 
 
-def decode_image(
-    path: str | os.PathLike, image_size: int, resize: str = "antialias"
-) -> np.ndarray:
+def decode_image(path: str | os.PathLike, image_size: int, resize: str = "antialias") -> np.ndarray:
     """One image as uint8 ``(S, S, 3)`` RGB, resized (aspect ratio not kept) by ``resize``:
     ``antialias`` (PIL bilinear, antialiased when downscaling) or ``keras`` (exactly
     ``tf.image.resize``'s bilinear without antialiasing, the study's pipeline; see
@@ -261,7 +259,6 @@ def load_images(
     return np.load(cache_file, mmap_mode="r")
 
 
-
 def image_set_key(paths: Sequence[str], image_size: int, resize: str = "antialias") -> str:
     """Identifies decoded images: file paths, sizes and mtimes, the output size and the resize
     method."""
@@ -313,7 +310,11 @@ def _write_cache(
 
 
 def _decode_into(
-    out: np.ndarray, paths: Sequence[str], image_size: int, progress: bool, workers: int,
+    out: np.ndarray,
+    paths: Sequence[str],
+    image_size: int,
+    progress: bool,
+    workers: int,
     resize: str = "antialias",
 ) -> None:
     def decode(path: str) -> np.ndarray:

@@ -110,8 +110,9 @@ def _pixels(ds: pydicom.Dataset) -> np.ndarray:
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError as error:
-        raise DicomError(f"pixel data in transfer syntax {name}, which pydicom cannot decode") \
-            from error
+        raise DicomError(
+            f"pixel data in transfer syntax {name}, which pydicom cannot decode"
+        ) from error
     if not decoder.is_available:
         packages = CODEC_PACKAGES.get(syntax)
         how = f"pip install {packages}" if packages else "; ".join(decoder.missing_dependencies)

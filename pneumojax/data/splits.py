@@ -132,7 +132,7 @@ def make_splits(
     carved = [name for name in splits if name not in given]
     patients = {name: {patient_id(path) for path, _ in items} for name, items in splits.items()}
     for i, a in enumerate(carved):  # disjoint by construction; this guards the construction
-        for b in carved[i + 1:]:
+        for b in carved[i + 1 :]:
             if patients[a] & patients[b]:
                 raise AssertionError(f"carved splits {a} and {b} share patients")
     shared = shared_patients(splits, given)
@@ -274,4 +274,3 @@ def _class_counts(items: Sequence[Item]) -> list[tuple[int, int]]:
         )
         for c in (0, 1)
     ]
-
