@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import sys
 
 import click
@@ -146,6 +148,14 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
 
 
 @main.command()
+@click.option(
+    "--config",
+    "config_file",
+    default=None,
+    metavar="FILE",
+    help="An experiment file (TOML, e.g. configs/densenet121.toml) that sets these options; "
+    "options given here override it. --out defaults to runs/NAME (the experiment's name).",
+)
 @click.option(
     "--data",
     default=DEFAULTS.data,
@@ -301,10 +311,23 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
 )
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and exit without loading data.")
+@click.pass_context
 def train(
-    resume, overwrite, dry_run, distributed, coordinator, num_processes, process_id, **options
+    ctx,
+    config_file,
+    resume,
+    overwrite,
+    dry_run,
+    distributed,
+    coordinator,
+    num_processes,
+    process_id,
+    **options,
 ):
     """Train and evaluate a classifier; everything lands in the run folder."""
+    experiment = None
+    if config_file is not None:
+        experiment, options = _options_from_file(ctx, config_file, resume, options)
     _check_train_options(options, distributed, coordinator, num_processes, process_id)
     from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
     from pneumojax.data import DataError  # noqa: PLC0415
@@ -336,6 +359,8 @@ def train(
             for line in plan.lines():
                 click.echo(line)
             return
+    # A run started here (not an existing one refused) gets the experiment's record.
+    starts = overwrite or not os.path.exists(os.path.join(cfg.out, "config.json"))
     try:
         train_run(cfg, resume=resume, overwrite=overwrite, log=_log_above_bars)
     except Interrupted as e:
@@ -345,6 +370,42 @@ def train(
         _fail(_text(e), 2)
     except (KeyError, ValueError, OSError, NonFiniteLoss, CheckpointError, DataError) as e:
         _fail(_describe_os_error(e) if isinstance(e, OSError) else _text(e))
+    finally:
+        if experiment is not None and starts:
+            from pneumojax.experiments import record_experiment  # noqa: PLC0415
+
+            record_experiment(cfg.out, experiment)
+
+
+def _options_from_file(ctx, path, resume, options) -> tuple:
+    """--config: the experiment file's options, overridden by those given on the command line
+    (defaults < file < command line); --out defaults to runs/NAME."""
+    from click.core import ParameterSource  # noqa: PLC0415
+
+    from pneumojax.experiments import (  # noqa: PLC0415
+        ExperimentError,
+        command_line,
+        load_experiment,
+        resolve_options,
+    )
+
+    if resume:  # a resumed run reads its own config.json; a file could only contradict it
+        raise click.BadOptionUsage(
+            "config",
+            "--resume continues the run in --out with its own config.json: drop --config "
+            "(pneumojax train --out RUN_DIR --resume)",
+        )
+    defaulted = (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+    given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) not in defaulted}
+    try:
+        experiment = load_experiment(path)
+        if "out" not in given and "out" not in experiment.options:
+            given["out"] = f"runs/{experiment.name}"
+        cfg = resolve_options(experiment, overrides=given)
+    except ExperimentError as e:
+        _fail(str(e), 2)
+    click.echo(f"experiment {experiment.name} ({path}): {command_line(cfg)}")
+    return experiment, dataclasses.asdict(cfg)
 
 
 def _check_train_options(options, distributed, coordinator, num_processes, process_id) -> None:
