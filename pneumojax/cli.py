@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -527,6 +528,62 @@ def compare(runs, out, metrics_file):
         _fail(_text(e))
     click.echo(comparison_table(rows))
     click.echo(f"chart: {plot_comparison(rows, out)}")
+
+
+@main.command()
+@click.argument("study_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--data", required=True, help="Data folder every experiment trains on.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Study folder.")
+@click.option("--weights", default=None, help="Overrides every experiment's --weights.")
+@click.option("--image-size", default=None, type=POSITIVE, help="Overrides every experiment's.")
+@click.option("--epochs", default=None, type=POSITIVE, help="Overrides every experiment's.")
+@click.option(
+    "--eval-data",
+    default=None,
+    help="Also evaluate every experiment on this folder (every image: --split all).",
+)
+@click.option("--only", default=None, help="Comma-separated experiment names to run.")
+@click.option("--report-only", is_flag=True, help="Remake the report from the run folders.")
+def study(study_file, data, out, weights, image_size, epochs, eval_data, only, report_only):
+    """Run every experiment of a study file (default: the seed study) and write its report."""
+    from pneumojax.experiments import ExperimentError, load_study  # noqa: PLC0415
+    from pneumojax.report import write_study_files  # noqa: PLC0415
+    from pneumojax.study import run_study, study_report  # noqa: PLC0415
+
+    try:
+        spec = load_study(Path(study_file)) if study_file else load_study()
+    except (ExperimentError, OSError) as e:
+        _fail(_text(e), 2)
+    overrides = {
+        k: v
+        for k, v in (
+            ("data", data),
+            ("weights", weights),
+            ("image_size", image_size),
+            ("epochs", epochs),
+        )
+        if v is not None
+    }
+    chosen = [n.strip() for n in only.split(",") if n.strip()] if only else None
+    out = Path(out)
+    outcomes = []
+    if not report_only:
+        from pneumojax.train import Interrupted  # noqa: PLC0415
+
+        try:
+            outcomes = run_study(spec, out, overrides, eval_data, chosen, log=click.echo)
+        except ValueError as e:
+            _fail(_text(e), 2)
+        except Interrupted as e:
+            click.echo(f"{e}\ncontinue with the same pneumojax study command", err=True)
+            sys.exit(130)
+    report = study_report(spec, out, outcomes, overrides)
+    for path in write_study_files(report, out):
+        click.echo(f"wrote {path}")
+    failed = [o.name for o in outcomes if o.status == "failed"]
+    if failed or report["missing"]:
+        click.echo(f"not finished: {', '.join(failed or report['missing'])}", err=True)
+        sys.exit(1)
 
 
 def _log_above_bars(line: str):

@@ -383,3 +383,23 @@ def predict_paths(
         }
         for f, q, lab in zip(files, balance.mean_probability(p.T), labels)
     ]
+
+
+def read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """What :func:`write_predictions` wrote: paths, labels (0/1) and P(pneumonia) per image and
+    member, (n, members)."""
+    import csv  # noqa: PLC0415
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return [], np.zeros(0, np.int32), np.zeros((0, 1), np.float32)
+    members = [k for k in rows[0] if k.startswith("p_member")] or ["p_pneumonia"]
+    p = np.array([[float(r[k]) for k in members] for r in rows], np.float32)
+    labels = np.array([CLASS_NAMES.index(r["label"]) for r in rows], np.int32)
+    return [r["path"] for r in rows], labels, p
+
+
+def predicted_labels(member_p: np.ndarray, thresholds: list[float]) -> np.ndarray:
+    """A run's labels: its one model at its threshold, or its members' majority vote."""
+    return balance.vote(np.asarray(member_p).T, thresholds)

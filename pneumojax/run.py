@@ -266,13 +266,15 @@ def finish_run(
     splits: data.Splits,
     log: Callable[[str], None],
 ) -> dict:
-    """Thresholds on validation, figures and plots on test, every test probability saved."""
+    """Thresholds on validation, figures and plots on test; every validation and test
+    probability saved (operating points and paired tests are recomputed from them)."""
     p_val = run_model.member_probabilities(inputs["val"])
     p_test = run_model.member_probabilities(inputs["test"], desc="predict test")
     thresholds = validation_thresholds(arrays["val"][1], p_val, cfg.target_recall)
     metrics = score_split(
         arrays["test"][1], p_test, thresholds, cfg.target_recall, run_dir / "plots", "test"
     )
+    write_predictions(run_dir / "predictions" / "val.csv", splits.val, p_val)
     write_predictions(run_dir / "predictions" / "test.csv", splits.test, p_test)
     return metrics
 

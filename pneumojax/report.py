@@ -1,0 +1,252 @@
+"""A study's report as files: ``study.json`` (every figure), ``study.md`` (tables) and
+``study.html`` (one self-contained page: tables, all ROC curves on one plot, reliability
+diagrams, each experiment's confusion matrix and loss/accuracy curves; images embedded)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_curve
+
+from pneumojax.io import write_text_atomic
+from pneumojax.plots import _new_figure, _save
+from pneumojax.study import FIGURES, REPORTED, public
+
+
+def write_study_files(report: dict, out: Path) -> list[Path]:
+    """Writes study.json, study.md, study.html (and the plots they show) into ``out``."""
+    out = Path(out)
+    plots = out / "study-plots"
+    roc = plot_roc_overlay(report["rows"], plots / "roc.png") if report["rows"] else None
+    rel = plot_reliability(report["rows"], plots / "reliability.png") if report["rows"] else None
+    paths = [out / "study.json", out / "study.md", out / "study.html"]
+    write_text_atomic(paths[0], json.dumps(public(report), indent=1, default=_json_default) + "\n")
+    write_text_atomic(paths[1], markdown(report))
+    write_text_atomic(paths[2], html_page(report, roc, rel))
+    return paths
+
+
+def _json_default(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def _ci(value, ci) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
+
+
+def _p(p) -> str:
+    return "–" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The report's tables as (title, header, rows), shared by the markdown and the page."""
+    rows = report["rows"]
+    main = []
+    for r in rows:
+        m, rep = r["test"], r["seed_reported"]
+        trainable = f"{r['trainable_params']:,}"
+        if "trainable_params" in rep:
+            flag = " (differs)" if r["trainable_params_differ"] else ""
+            trainable += f" (study {rep['trainable_params']:,}{flag})"
+        threshold = "vote" if len(m["member_thresholds"]) > 1 else f"{m['threshold']:.3f}"
+        main.append(
+            [r["name"], trainable, threshold]
+            + [_ci(m[f], m["ci95"].get(f)) for f in FIGURES]
+            + [
+                " / ".join(f"{rep[k]:.2f}" if k in rep else "–" for k in REPORTED),
+                "–" if r["wall_s"] is None else f"{r['wall_s']:.0f}",
+            ]
+        )
+    at_05 = [[r["name"]] + [_ci(r["test"]["at_0_5"].get(f), None) for f in FIGURES] for r in rows]
+    point_names = sorted({k for r in rows for k in r["operating_points"]})
+    points = [
+        [r["name"]] + [_operating_point(r["operating_points"].get(k)) for k in point_names]
+        for r in rows
+    ]
+    paired = []
+    for r in rows:
+        v = r["vs_reference"]
+        if v is None:
+            paired.append([r["name"], "(reference)", "–", "–", "–"])
+        elif "error" in v:
+            paired.append([r["name"], v["error"], "–", "–", "–"])
+        else:
+            paired.append(
+                [
+                    r["name"],
+                    _ci(v["auc_delta"], v["auc_delta_ci95"]),
+                    _p(v["delong_p"]),
+                    _p(v["mcnemar_p"]),
+                    "/".join(map(str, v["mcnemar_discordant"])),
+                ]
+            )
+    calibration = [
+        [r["name"], f"{r['calibration']['brier']:.4f}", f"{r['calibration']['ece']:.4f}"]
+        for r in rows
+    ]
+    external = [
+        [r["name"]] + [_ci(r["external"][f], r["external"]["ci95"].get(f)) for f in FIGURES]
+        for r in rows
+        if r["external"]
+    ]
+    out = [
+        (
+            "Test figures at the validation-chosen threshold (95% bootstrap intervals)",
+            [
+                "experiment",
+                "trainable params",
+                "threshold",
+                *FIGURES,
+                "study's accuracy / recall / precision",
+                "wall s",
+            ],
+            main,
+        ),
+        ("The same models at a fixed 0.5 threshold", ["experiment", *FIGURES], at_05),
+        (
+            "Operating points (threshold chosen on validation, read on test)",
+            ["experiment", *[k.replace("_", " ") for k in point_names]],
+            points,
+        ),
+        (
+            f"Against the reference ({report['reference']}) on the same test images",
+            [
+                "experiment",
+                "AUC difference [95% CI]",
+                "DeLong p",
+                "McNemar p",
+                "discordant (only this / only reference right)",
+            ],
+            paired,
+        ),
+        ("Calibration on test", ["experiment", "Brier score", "ECE (10 bins)"], calibration),
+    ]
+    if external:
+        out.append(
+            ("External images (--eval-data, every image)", ["experiment", *FIGURES], external)
+        )
+    return out
+
+
+def _operating_point(point) -> str:
+    """The figure read on test at the validation threshold (and the other one), e.g.
+    ``sensitivity 0.91 [0.88, 0.94]; specificity 0.80 [..] (t=0.512)``."""
+    if not point:
+        return "–"
+    test, ci = point["test"], point.get("ci95", {})
+    shown = [f"{k} {_ci(test[k], ci.get(k))}" for k in ("sensitivity", "specificity")]
+    return "; ".join(shown) + f" (t={point['threshold']:.3f})"
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Study report: {len(report['rows'])} experiments", ""]
+    if report["missing"]:
+        lines += [f"Not finished (no figures): {', '.join(report['missing'])}.", ""]
+    for title, header, rows in tables(report):
+        lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+    lines += [
+        "The study's trainable-parameter counts are at 256 px: the head's first Dense layer "
+        "grows with the input size, so other sizes differ by design (flagged).",
+        "",
+    ]
+    lines += ["## Commands that reproduce each experiment", ""]
+    lines += [f"- {r['name']}: `{r['command']}`" for r in report["rows"]] + [""]
+    return "\n".join(lines)
+
+
+def _img(path: Path | None, alt: str, width: int | None = None) -> str:
+    if path is None or not Path(path).exists():
+        return ""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    size = f' width="{width}"' if width else ""
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"{size}>'
+
+
+def html_page(report: dict, roc: Path | None, reliability: Path | None) -> str:
+    parts = [f"<h1>Study report: {len(report['rows'])} experiments</h1>"]
+    if report["missing"]:
+        parts.append(f"<p>Not finished: {html.escape(', '.join(report['missing']))}</p>")
+    for title, header, rows in tables(report):
+        parts.append(
+            f"<h2>{html.escape(title)}</h2><table><tr>"
+            + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+            + "</tr>"
+            + "".join(
+                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                for row in rows
+            )
+            + "</table>"
+        )
+    parts.append(
+        "<h2>ROC curves and calibration on test</h2><div class='row'>"
+        + _img(roc, "ROC curves", 520)
+        + _img(reliability, "reliability", 520)
+        + "</div>"
+    )
+    parts.append("<h2>Each experiment</h2>")
+    for r in report["rows"]:
+        plots = Path(r["_dir"]) / "plots"
+        parts.append(
+            f"<h3>{html.escape(r['name'])}</h3><p><code>{html.escape(r['command'])}"
+            f"</code></p><div class='row'>"
+            + _img(plots / "confusion_matrix.png", f"{r['name']} confusion matrix", 300)
+            + _img(plots / "history.png", f"{r['name']} loss and accuracy", 600)
+            + "</div>"
+        )
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:"
+        "collapse;font-size:13px;margin-bottom:1em}td,th{border:1px solid #ccc;padding:3px"
+        " 6px;text-align:left}th{background:#f0f0f0}.row{display:flex;flex-wrap:wrap;"
+        "gap:12px;align-items:flex-start}code{font-size:12px}"
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>pneumojax study</title>"
+        f"<style>{style}</style></head><body>" + "".join(parts) + "</body></html>\n"
+    )
+
+
+def plot_roc_overlay(rows: list[dict], path) -> Path:
+    """Every experiment's test ROC curve on one plot."""
+    fig, ax = _new_figure(6, 6)
+    for r in rows:
+        t = r["_test"]
+        fpr, tpr, _ = roc_curve(t["y"], t["p"])
+        ax.plot(fpr, tpr, lw=1.5, label=f"{r['name']} (AUC {r['test']['auc']:.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="gray")
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (recall)")
+    ax.set_title("ROC on test, PNEUMONIA positive")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7)
+    return _save(fig, path)
+
+
+def plot_reliability(rows: list[dict], path) -> Path:
+    """Reliability diagrams: observed PNEUMONIA frequency against mean predicted probability."""
+    fig, ax = _new_figure(6, 6)
+    for r in rows:
+        curve = r["calibration"]["reliability"]
+        keep = [i for i, c in enumerate(curve["count"]) if c > 0]
+        pred = [curve["mean_predicted"][i] for i in keep]
+        obs = [curve["observed_frequency"][i] for i in keep]
+        ax.plot(
+            pred, obs, "o-", ms=3, lw=1, label=f"{r['name']} (ECE {r['calibration']['ece']:.3f})"
+        )
+    ax.plot([0, 1], [0, 1], ":", color="gray", label="perfectly calibrated")
+    ax.set_xlabel("mean predicted P(pneumonia)")
+    ax.set_ylabel("observed fraction PNEUMONIA")
+    ax.set_title("Reliability on test (10 bins)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=7)
+    return _save(fig, path)

@@ -1,0 +1,195 @@
+"""``pneumojax study``: every experiment of a study file into one folder, then one report.
+
+Each experiment is an ordinary run folder ``OUT/<name>/``. A finished one (its ``metrics.json``
+and ``model/`` exist) is skipped on a rerun, an interrupted one resumes, a failing one is
+reported and the study goes on. Work is shared through the caches every run uses: images are
+decoded once per (files, size, resize), frozen activations once per (backbone weights, cut,
+frontier, images), so the InceptionV3 experiments that share a frozen prefix compute it once.
+
+The report (``study.json``, ``study.md``, ``study.html``) is made from the run folders alone:
+``metrics.json``, ``predictions/{val,test}.csv``, ``config.json``, ``history.jsonl`` and the
+plots, so it can be remade at any time (``pneumojax study --report-only``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+
+from pneumojax import stats
+from pneumojax.experiments import Study, command_line, record_experiment, resolve_options
+from pneumojax.inference import predicted_labels, read_predictions
+from pneumojax.train import Interrupted
+
+FIGURES = ("accuracy", "recall", "precision", "specificity", "f1", "auc")
+REPORTED = ("accuracy", "recall", "precision")
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What happened to one experiment in this invocation."""
+
+    name: str
+    status: str  # "done" (trained now), "skipped" (finished earlier), "resumed", "failed"
+    seconds: float
+    error: str | None = None
+
+
+def run_folder_state(run_dir: Path) -> str:
+    """``finished``, ``interrupted`` (a config.json but no finished model) or ``new``."""
+    if (run_dir / "metrics.json").exists() and (run_dir / "model" / "manifest.json").exists():
+        return "finished"
+    return "interrupted" if (run_dir / "config.json").exists() else "new"
+
+
+def run_study(
+    study: Study,
+    out: Path,
+    overrides: dict,
+    eval_data: str | None = None,
+    only: list[str] | None = None,
+    log: Callable[[str], None] = print,
+    train: Callable | None = None,
+    evaluate: Callable | None = None,
+) -> list[Outcome]:
+    """Runs the study's experiments (``only`` some of them) into ``out``; returns what happened
+    to each. ``overrides`` are command-line options applied to every experiment."""
+    if train is None or evaluate is None:
+        from pneumojax.inference import evaluate_run  # noqa: PLC0415
+        from pneumojax.run import train_run  # noqa: PLC0415
+
+        train, evaluate = train or train_run, evaluate or evaluate_run
+    names = [e.name for e in study.experiments]
+    unknown = sorted(set(only or ()) - set(names))
+    if unknown:
+        raise ValueError(
+            f"--only: no experiment {', '.join(unknown)}; the study has {', '.join(names)}"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    outcomes = []
+    chosen = [e for e in study.experiments if not only or e.name in only]
+    for i, experiment in enumerate(chosen, 1):
+        run_dir = out / experiment.name
+        cfg = resolve_options(experiment, study.shared, {**overrides, "out": str(run_dir)})
+        state = run_folder_state(run_dir)
+        t0 = time.perf_counter()
+        quiet = lambda message: None  # noqa: E731  (one line per experiment, not the run's log)
+        try:
+            if state != "finished":
+                check_plan(cfg)
+                train(cfg, resume=state == "interrupted", log=quiet)
+                record_experiment(run_dir, experiment)
+            if eval_data and not (run_dir / "eval-external" / "metrics.json").exists():
+                evaluate(
+                    run_dir, eval_data, "all", run_dir / "eval-external" / "metrics.json", log=quiet
+                )
+            status = {"finished": "skipped", "interrupted": "resumed", "new": "done"}[state]
+            outcomes.append(Outcome(experiment.name, status, time.perf_counter() - t0))
+        except (KeyboardInterrupt, Interrupted):
+            raise  # Ctrl-C / SIGTERM stop the study; the same command resumes it
+        except Exception as error:  # noqa: BLE001  (reported; the study goes on)
+            message = f"{type(error).__name__}: {error}".splitlines()[0]
+            outcomes.append(Outcome(experiment.name, "failed", time.perf_counter() - t0, message))
+        o = outcomes[-1]
+        detail = f" ({o.error})" if o.error else ""
+        log(f"[{i}/{len(chosen)}] {o.name}: {o.status} in {o.seconds:.1f} s{detail}")
+    return outcomes
+
+
+def check_plan(cfg) -> None:
+    """The checks ``pneumojax train`` makes before it reads data (layers, input size)."""
+    from pneumojax.backbones import get_backbone  # noqa: PLC0415
+    from pneumojax.model import make_plan  # noqa: PLC0415
+
+    make_plan(get_backbone(cfg.backbone), cfg.cut, cfg.trainable, cfg.image_size)
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+def study_report(
+    study: Study, out: Path, outcomes: list[Outcome] | None = None, overrides: dict | None = None
+) -> dict:
+    """The study's figures from its run folders: one row per finished experiment, with the
+    study's reported figures, operating points, calibration and paired tests against the
+    reference experiment on the same test images."""
+    seconds = {o.name: o.seconds for o in outcomes or ()}
+    rows, missing = [], []
+    for experiment in study.experiments:
+        run_dir = out / experiment.name
+        if run_folder_state(run_dir) != "finished":
+            missing.append(experiment.name)
+            continue
+        rows.append(_row(experiment, run_dir, seconds.get(experiment.name), overrides or {}, study))
+    reference = next((r for r in rows if r["name"] == study.reference), None)
+    for row in rows:
+        row["vs_reference"] = (
+            None if reference is None or row is reference else _paired(row, reference)
+        )
+    return {"reference": study.reference, "rows": rows, "missing": missing, "out": str(out)}
+
+
+def _row(experiment, run_dir: Path, wall: float | None, overrides: dict, study: Study) -> dict:
+    config = json.loads((run_dir / "config.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    cfg = resolve_options(experiment, study.shared, {**overrides, "out": str(run_dir)})
+    _, y_val, p_val = read_predictions(run_dir / "predictions" / "val.csv")
+    paths, y_test, p_test = read_predictions(run_dir / "predictions" / "test.csv")
+    mean_val, mean_test = p_val.mean(1), p_test.mean(1)
+    reported = dict(experiment.seed_reported)
+    trainable = config["plan"]["trainable_params"]
+    external = run_dir / "eval-external" / "metrics.json"
+    return {
+        "name": experiment.name,
+        "description": experiment.description,
+        "command": command_line(cfg),
+        "trainable_params": trainable,
+        "seed_reported": reported,
+        "trainable_params_differ": "trainable_params" in reported
+        and reported["trainable_params"] != trainable,
+        "test": metrics,
+        "external": json.loads(external.read_text()) if external.exists() else None,
+        "operating_points": stats.operating_points(y_val, mean_val, y_test, mean_test),
+        "calibration": {
+            "brier": stats.brier_score(y_test, mean_test),
+            "ece": stats.expected_calibration_error(y_test, mean_test),
+            "reliability": stats.reliability_curve(y_test, mean_test),
+        },
+        "wall_s": wall
+        if wall is not None
+        else metrics.get("training", {}).get("seconds", {}).get("total"),
+        "_test": {
+            "paths": paths,
+            "y": y_test,
+            "p": mean_test,
+            "labels": predicted_labels(p_test, metrics["member_thresholds"]),
+        },
+        "_dir": str(run_dir),
+    }
+
+
+def _paired(row: dict, reference: dict) -> dict | None:
+    a, b = row["_test"], reference["_test"]
+    if a["paths"] != b["paths"]:
+        return {"error": "not the same test images as the reference"}
+    delong = stats.delong_auc_test(a["y"], a["p"], b["p"])
+    mcnemar = stats.mcnemar_test(a["y"], a["labels"], b["labels"])
+    return {
+        "auc_delta": delong["auc_delta"],
+        "auc_delta_ci95": delong["auc_delta_ci95"],
+        "delong_p": delong["p"],
+        "mcnemar_p": mcnemar["p"],
+        "mcnemar_discordant": [mcnemar["b"], mcnemar["c"]],
+    }
+
+
+def public(report: dict) -> dict:
+    """The report without its in-memory arrays (what study.json holds)."""
+    return {
+        **report,
+        "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in report["rows"]],
+    }
