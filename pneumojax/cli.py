@@ -577,7 +577,7 @@ def study(study_file, data, out, weights, image_size, epochs, eval_data, only, r
         except Interrupted as e:
             click.echo(f"{e}\ncontinue with the same pneumojax study command", err=True)
             sys.exit(130)
-    report = study_report(spec, out, outcomes, overrides)
+    report = study_report(spec, out, outcomes)
     for path in write_study_files(report, out):
         click.echo(f"wrote {path}")
     failed = [o.name for o in outcomes if o.status == "failed"]

@@ -21,6 +21,7 @@ from typing import Callable
 
 
 from pneumojax import stats
+from pneumojax.config import TrainConfig
 from pneumojax.experiments import Study, command_line, record_experiment, resolve_options
 from pneumojax.inference import predicted_labels, read_predictions
 from pneumojax.train import Interrupted
@@ -111,32 +112,36 @@ def check_plan(cfg) -> None:
 # --- the report ---------------------------------------------------------------------------------
 
 
-def study_report(
-    study: Study, out: Path, outcomes: list[Outcome] | None = None, overrides: dict | None = None
-) -> dict:
+def study_report(study: Study, out: Path, outcomes: list[Outcome] | None = None) -> dict:
     """The study's figures from its run folders: one row per finished experiment, with the
     study's reported figures, operating points, calibration and paired tests against the
     reference experiment on the same test images."""
-    seconds = {o.name: o.seconds for o in outcomes or ()}
     rows, missing = [], []
     for experiment in study.experiments:
         run_dir = out / experiment.name
         if run_folder_state(run_dir) != "finished":
             missing.append(experiment.name)
             continue
-        rows.append(_row(experiment, run_dir, seconds.get(experiment.name), overrides or {}, study))
+        rows.append(_row(experiment, run_dir))
     reference = next((r for r in rows if r["name"] == study.reference), None)
     for row in rows:
         row["vs_reference"] = (
             None if reference is None or row is reference else _paired(row, reference)
         )
-    return {"reference": study.reference, "rows": rows, "missing": missing, "out": str(out)}
+    return {
+        "reference": study.reference,
+        "rows": rows,
+        "missing": missing,
+        "out": str(out),
+        "this_invocation": [dataclasses.asdict(o) for o in outcomes or ()],
+    }
 
 
-def _row(experiment, run_dir: Path, wall: float | None, overrides: dict, study: Study) -> dict:
+def _row(experiment, run_dir: Path) -> dict:
     config = json.loads((run_dir / "config.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    cfg = resolve_options(experiment, study.shared, {**overrides, "out": str(run_dir)})
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in config.items() if k in names})  # as it ran
     _, y_val, p_val = read_predictions(run_dir / "predictions" / "val.csv")
     paths, y_test, p_test = read_predictions(run_dir / "predictions" / "test.csv")
     mean_val, mean_test = p_val.mean(1), p_test.mean(1)
@@ -159,9 +164,7 @@ def _row(experiment, run_dir: Path, wall: float | None, overrides: dict, study: 
             "ece": stats.expected_calibration_error(y_test, mean_test),
             "reliability": stats.reliability_curve(y_test, mean_test),
         },
-        "wall_s": wall
-        if wall is not None
-        else metrics.get("training", {}).get("seconds", {}).get("total"),
+        "wall_s": metrics["training"]["seconds"]["total"],
         "_test": {
             "paths": paths,
             "y": y_test,
