@@ -21,6 +21,9 @@ Two parts, on one data folder (Kaggle layout):
 
 Usage: ``python benchmarks/pipeline_parity.py --data DIR [--seeds 0 1 2 3 4] [--keras-seeds 0 1 2]
 [--image-size 128] [--epochs 3] [--out FILE.json]``.
+
+One file on purpose, though longer than the library's modules: a benchmark is run as a script
+and read top to bottom (parent, workers, tables), and nothing else imports it.
 """
 
 from __future__ import annotations

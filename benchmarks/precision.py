@@ -23,6 +23,9 @@ invocation and nothing comes from an earlier one.
 
 Usage: ``python benchmarks/precision.py [--data DIR] [--image-size 128] [--epochs 10]
 [--out FILE.json]``.
+
+One file on purpose, though longer than the library's modules: a benchmark is run as a script
+and read top to bottom (parent, workers, tables), and nothing else imports it.
 """
 
 from __future__ import annotations

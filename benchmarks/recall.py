@@ -20,6 +20,9 @@ the two frameworks' recall and AUC intervals overlap.
 
 Usage: ``python benchmarks/recall.py --data DIR [--backbone densenet121] [--image-size 128]
 [--epochs N] [--quick] [--out FILE.json]``.
+
+One file on purpose, though longer than the library's modules: a benchmark is run as a script
+and read top to bottom (parent, workers, tables), and nothing else imports it.
 """
 
 from __future__ import annotations

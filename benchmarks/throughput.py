@@ -20,6 +20,9 @@ Measured per framework and configuration:
   memory on GPUs, and cores used (process CPU time / wall time over the timed calls).
 
 Usage: ``python benchmarks/throughput.py [--quick] [--out FILE.json] [--configs 1 2 ...]``.
+
+One file on purpose, though longer than the library's modules: a benchmark is run as a script
+and read top to bottom (parent, workers, tables), and nothing else imports it.
 """
 
 from __future__ import annotations

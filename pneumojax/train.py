@@ -10,7 +10,7 @@ step runs on 1 CPU, 8 GPUs or several hosts. Every random choice (init, shufflin
 is derived from ``seed`` and the epoch/step number, so a resumed run redoes exactly what an
 uninterrupted one would have done.
 
-Over issue 12's ~400 lines on purpose: the step and the loop that drives it are meant to be
+Longer than the other modules on purpose: the step and the loop that drives it are meant to be
 read together. ``RunCheckpoints`` (orbax ``last``/``best``) is the piece to move, beside the
 finished-model folders in ``checkpoint.py``, if this module has to shrink.
 """
