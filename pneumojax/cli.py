@@ -33,6 +33,19 @@ NON_NEGATIVE = click.IntRange(min=0)
 FRACTION = _FiniteRange(0.0, 1.0, max_open=True)  # of the images, carved off as a split
 
 
+# Options of the commands that use a finished run (evaluate, predict).
+RUN_OPTION = click.option(
+    "--run", "run_dir", required=True, help="A run folder made by `pneumojax train`."
+)
+SCORING_PRECISION = click.option(
+    "--precision",
+    default=None,
+    type=DTYPES,
+    help="Score in this precision instead of the run's own (the one it was trained "
+    "and thresholded in) [default: the run's].",
+)
+
+
 def _fail(message: str, code: int = 1):
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
@@ -445,7 +458,7 @@ def _describe_os_error(e: OSError) -> str:
 
 
 @main.command()
-@click.option("--run", "run_dir", required=True, help="A run folder made by `pneumojax train`.")
+@RUN_OPTION
 @click.option("--data", default=None, help="Another data folder [default: the run's own].")
 @click.option(
     "--split",
@@ -458,13 +471,7 @@ def _describe_os_error(e: OSError) -> str:
     "--out", default=None, help="metrics.json path [default: RUN/eval-SPLIT/metrics.json]."
 )
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
-@click.option(
-    "--precision",
-    default=None,
-    type=DTYPES,
-    help="Score in this precision instead of the run's own (the one it was trained "
-    "and thresholded in) [default: the run's].",
-)
+@SCORING_PRECISION
 def evaluate(run_dir, data, split, out, strict, precision):
     """Metrics (at the run's validation-chosen threshold) and plots on any data."""
     from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
@@ -478,15 +485,10 @@ def evaluate(run_dir, data, split, out, strict, precision):
 
 
 @main.command()
-@click.option("--run", "run_dir", required=True, help="A run folder made by `pneumojax train`.")
+@RUN_OPTION
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of CSV.")
 @click.argument("paths", nargs=-1, required=True)
-@click.option(
-    "--precision",
-    default=None,
-    type=DTYPES,
-    help="Score in this precision instead of the run's own [default: the run's].",
-)
+@SCORING_PRECISION
 def predict(run_dir, as_json, paths, precision):
     """Pneumonia probability and label for images or folders of images."""
     import csv  # noqa: PLC0415
