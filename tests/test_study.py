@@ -116,12 +116,16 @@ def test_a_failing_experiment_is_reported_and_the_study_goes_on(tmp_path, monkey
     monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))
     data = make_demo_dataset(tmp_path / "xray", n_per_class=30, image_size=48, seed=1)
     study, out = _study(tmp_path, broken=True), tmp_path / "study"
-    r = _invoke(study, data, out, "--only", "plain,broken")
+    external = make_demo_dataset(tmp_path / "other_hospital", n_per_class=12, image_size=40, seed=5)
+    r = _invoke(study, data, out, "--only", "plain,broken", "--eval-data", str(external))
     assert r.exit_code == 1
     assert re.search(r"\[2/2\] broken: failed in .*\(", r.output)
     assert "[1/2] plain: done" in r.output and "not finished: broken" in r.output
     report = json.loads((out / "study.json").read_text())
     assert [row["name"] for row in report["rows"]] == ["plain"]
+    assert report["rows"][0]["external"]["n"] == 24  # every image of the external folder
+    assert report["rows"][0]["external"]["threshold"] == report["rows"][0]["test"]["threshold"]
+    assert "External images" in (out / "study.md").read_text()
     assert set(report["missing"]) == {"weighted", "midrange", "broken"}
 
 
