@@ -12,6 +12,41 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 REPO = Path(__file__).resolve().parents[1]
 HAS_TF = all(importlib.util.find_spec(m) is not None for m in ("tensorflow", "keras"))
 
+TINY_CUT = "conv2_block3_concat"  # a short DenseNet121 prefix: quick to compile
+TINY_MID = "conv2_block2_0_bn:conv2_block3_0_bn"  # a trainable range inside it
+
+
+def tiny_train_args(
+    data,
+    out=None,
+    *extra,
+    cut=TINY_CUT,
+    trainable=None,
+    image_size=32,
+    epochs=2,
+    batch_size=8,
+    weights="none",
+) -> list[str]:
+    """The `train` argument list of a tiny, fast run (DenseNet121 cut at conv2_block3_concat,
+    random init), plus `extra` arguments. An option given as None is left out (its CLI
+    default applies); `out=None` leaves out --out."""
+    args = ["train", "--data", str(data)]
+    if weights is not None:
+        args += ["--weights", weights]
+    args += ["--cut", cut]
+    if trainable is not None:
+        args += ["--trainable", trainable]
+    for flag, value in (
+        ("--image-size", image_size),
+        ("--epochs", epochs),
+        ("--batch-size", batch_size),
+    ):
+        if value is not None:
+            args += [flag, str(value)]
+    if out is not None:
+        args += ["--out", str(out)]
+    return args + [str(a) for a in extra]
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_TF:

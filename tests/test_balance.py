@@ -10,6 +10,8 @@ from pneumojax import balance
 from pneumojax.cli import main
 from pneumojax.metrics import combined_metrics
 
+from conftest import tiny_train_args
+
 LABELS = np.array([0] * 10 + [1] * 31, np.int32)
 
 
@@ -71,24 +73,7 @@ def tiny_data(tmp_path, monkeypatch):
 
 
 def _train(tiny_data, out, *extra):
-    args = [
-        "train",
-        "--data",
-        str(tiny_data),
-        "--weights",
-        "none",
-        "--cut",
-        "conv2_block3_concat",
-        "--image-size",
-        "32",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "8",
-        "--out",
-        str(out),
-        *extra,
-    ]
+    args = tiny_train_args(tiny_data, out, *extra)
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     return result.output, json.loads((out / "metrics.json").read_text())

@@ -35,7 +35,7 @@ from pneumojax.checkpoint import CheckpointError
 from pneumojax.cli import main
 from pneumojax.train import FitOptions, Interrupted, fit
 
-from conftest import REPO
+from conftest import REPO, tiny_train_args
 from test_train import CUT, MID, _tiny
 
 EPOCHS = 2
@@ -256,29 +256,6 @@ _KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _cli_args(data, out, *extra):
-    return [
-        "train",
-        "--data",
-        str(data),
-        "--weights",
-        "none",
-        "--cut",
-        CUT,
-        "--image-size",
-        "32",
-        "--batch-size",
-        "8",
-        "--epochs",
-        "3",
-        "--patience",
-        "0",
-        "--out",
-        str(out),
-        *extra,
-    ]
-
-
 def _figures(run_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["training"].pop("seconds")
@@ -292,7 +269,9 @@ def test_a_process_killed_inside_a_save_resumes_to_the_same_metrics(tmp_path, mo
 
     monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))
     data = make_demo_dataset(tmp_path / "xray", n_per_class=24, image_size=40, seed=1)
-    done = CliRunner().invoke(main, _cli_args(data, tmp_path / "ref"))
+    done = CliRunner().invoke(
+        main, tiny_train_args(data, tmp_path / "ref", "--patience", "0", epochs=3)
+    )
     assert done.exit_code == 0, done.output
     # Stopped on the last batch of epoch 1: the resume saves that training step again.
     steps_per_epoch = (

@@ -12,8 +12,7 @@ from click.testing import CliRunner
 
 from pneumojax.cli import main
 
-from conftest import REPO
-from test_train import CUT
+from conftest import REPO, tiny_train_args
 
 
 class _Terminal(io.StringIO):
@@ -78,25 +77,14 @@ def test_train_log_redirected_to_files_has_no_bar_redraws(tiny_data, tmp_path):
                 sys.executable,
                 "-m",
                 "pneumojax.cli",
-                "train",
-                "--data",
-                str(tiny_data),
-                "--weights",
-                "none",
-                "--cut",
-                CUT,
-                "--image-size",
-                "32",
-                "--epochs",
-                "2",
-                "--batch-size",
-                "8",
-                "--val-fraction",
-                "0.25",
-                "--test-fraction",
-                "0.25",
-                "--out",
-                str(tmp_path / "run"),
+                *tiny_train_args(
+                    tiny_data,
+                    tmp_path / "run",
+                    "--val-fraction",
+                    "0.25",
+                    "--test-fraction",
+                    "0.25",
+                ),
             ],
             cwd=REPO,
             env=env,

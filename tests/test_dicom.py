@@ -30,10 +30,9 @@ from pydicom.uid import (
 from pneumojax import data
 from pneumojax.data import DataError
 
-from conftest import REPO
+from conftest import REPO, tiny_train_args
 
 MINI = Path(os.environ.get("PNEUMOJAX_MINI_DATA", REPO.parent / "shared/data/chest_xray_mini"))
-CUT = "conv2_block3_concat"  # a short DenseNet121 prefix, as in test_train.py
 
 
 def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=None, **elements):
@@ -389,26 +388,7 @@ def test_train_and_predict_on_a_folder_mixing_dicom_and_jpeg(tmp_path, monkeypat
     assert min(kinds.values()) >= 15
     run = tmp_path / "run"
     result = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--data",
-            str(folder),
-            "--backbone",
-            "densenet121",
-            "--weights",
-            "none",
-            "--cut",
-            CUT,
-            "--image-size",
-            "32",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "8",
-            "--out",
-            str(run),
-        ],
+        main, tiny_train_args(folder, run, "--backbone", "densenet121", epochs=1)
     )
     assert result.exit_code == 0, result.output
     assert "unreadable" not in result.output

@@ -19,8 +19,8 @@ from pneumojax.cli import main
 from pneumojax.model import TrainableSpecError, parse_trainable
 from pneumojax.train import FitOptions, NonFiniteLoss, fit
 
-from conftest import REPO
-from test_train import CUT, MID, _tiny
+from conftest import REPO, tiny_train_args
+from test_train import MID, _tiny
 
 INCEPTION = get_backbone("inception_v3")
 NAMES = [s.name for s in INCEPTION.layers]
@@ -78,36 +78,25 @@ def tiny_data(tmp_path, monkeypatch):
     return make_demo_dataset(tmp_path / "xray", n_per_class=40, image_size=48, seed=1)
 
 
-def _train_args(data, out, *extra):
-    return [
-        "train",
-        "--data",
-        str(data),
-        "--weights",
-        "none",
-        "--cut",
-        CUT,
-        "--image-size",
-        "32",
-        "--batch-size",
-        "8",
-        "--out",
-        str(out),
-        *extra,
-    ]
-
-
 def test_checkpoint_errors_name_the_problem(tiny_data, tmp_path):
     half = tmp_path / "half"
     (half / "variables").mkdir(parents=True)
-    result = _invoke(*_train_args(tiny_data, tmp_path / "r1", "--weights", str(half)))
+    result = _invoke(
+        *tiny_train_args(tiny_data, tmp_path / "r1", "--weights", str(half), epochs=None)
+    )
     assert result.exit_code == 1 and "incomplete" in result.output
-    result = _invoke(*_train_args(tiny_data, tmp_path / "r2", "--weights", str(tmp_path / "no")))
+    result = _invoke(
+        *tiny_train_args(tiny_data, tmp_path / "r2", "--weights", str(tmp_path / "no"), epochs=None)
+    )
     assert result.exit_code == 1 and "does not exist" in result.output
     from pneumojax.checkpoint import save_variables
 
     save_variables(tmp_path / "other", {"params": {}}, {"backbone": "resnet152"})
-    result = _invoke(*_train_args(tiny_data, tmp_path / "r3", "--weights", str(tmp_path / "other")))
+    result = _invoke(
+        *tiny_train_args(
+            tiny_data, tmp_path / "r3", "--weights", str(tmp_path / "other"), epochs=None
+        )
+    )
     assert result.exit_code == 1 and "holds resnet152 weights, not densenet121" in result.output
 
 
@@ -136,7 +125,7 @@ def test_disk_full_while_saving_is_reported(tiny_data, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run"))
 
     monkeypatch.setattr(train_module.RunCheckpoints, "save_last", full)
-    result = _invoke(*_train_args(tiny_data, tmp_path / "run", "--epochs", "1"))
+    result = _invoke(*tiny_train_args(tiny_data, tmp_path / "run", epochs=1))
     assert result.exit_code == 1 and "disk full while writing" in result.output
     assert "--resume" in result.output
 
@@ -159,7 +148,7 @@ def _env(tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_and_resume_finishes(tiny_data, tmp_path):
     out = tmp_path / "run"
-    args = _train_args(tiny_data, out, "--epochs", "30", "--patience", "0")
+    args = tiny_train_args(tiny_data, out, "--patience", "0", epochs=30)
     proc = _spawn(args, _env(tmp_path))
     lines = []
     for line in proc.stdout:
@@ -187,7 +176,7 @@ def test_sigterm_saves_and_resume_finishes(tiny_data, tmp_path):
 def test_kill_9_at_random_points_then_resume_completes(tiny_data, tmp_path):
     out = tmp_path / "run"
     epochs = 12
-    args = _train_args(tiny_data, out, "--epochs", str(epochs), "--patience", "0")
+    args = tiny_train_args(tiny_data, out, "--patience", "0", epochs=epochs)
     rng = random.Random(7)
     checkpointed = []  # whether a complete checkpoint was on disk at each kill
     outputs = []

@@ -23,7 +23,7 @@ from pneumojax.experiments import (
 )
 from pneumojax.model import make_plan
 
-from conftest import REPO
+from conftest import REPO, tiny_train_args
 from test_train import CUT
 
 MID = "conv2d_44:average_pooling2d_4"  # experiment 4's trainable range
@@ -311,23 +311,9 @@ def test_train_config_with_command_line_overrides_trains(tmp_path, monkeypatch):
     r = CliRunner().invoke(
         main,
         [
-            "train",
+            *tiny_train_args(data, out, epochs=1),
             "--config",
             str(CONFIGS_DIR / "densenet121.toml"),
-            "--data",
-            str(data),
-            "--cut",
-            CUT,
-            "--image-size",
-            "32",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "8",
-            "--weights",
-            "none",
-            "--out",
-            str(out),
         ],
     )
     assert r.exit_code == 0, r.output

@@ -15,14 +15,13 @@ from pneumojax.cli import main
 from pneumojax.balance import apply_balance
 from pneumojax.run import TrainConfig
 
-from conftest import REPO
+from conftest import REPO, tiny_train_args
 
 MINI = Path(
     __import__("os").environ.get(
         "PNEUMOJAX_MINI_DATA", REPO.parent / "shared" / "data" / "chest_xray_mini"
     )
 )
-CUT = "conv2_block3_concat"  # a short DenseNet121 prefix: quick compiles
 
 
 def _jpeg(path: Path, seed: int, bright: bool):
@@ -84,26 +83,7 @@ def test_train_runs_on_the_kaggle_layout_and_records_the_overlap(tmp_path, monke
     monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))
     root = kaggle_with_reused_patient_numbers(tmp_path / "chest_xray")
     run = tmp_path / "run"
-    r = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--data",
-            str(root),
-            "--weights",
-            "none",
-            "--cut",
-            CUT,
-            "--image-size",
-            "32",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "8",
-            "--out",
-            str(run),
-        ],
-    )
+    r = CliRunner().invoke(main, tiny_train_args(root, run, epochs=1))
     assert r.exit_code == 0, r.output
     assert "warning:" in r.output and "used as given" in r.output
     splits = json.loads((run / "splits.json").read_text())
@@ -188,25 +168,7 @@ def test_real_mini_set_with_equal_classes_trains_on_both(method, tmp_path, monke
     monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))
     r = CliRunner().invoke(
         main,
-        [
-            "train",
-            "--data",
-            str(MINI),
-            "--weights",
-            "none",
-            "--cut",
-            CUT,
-            "--image-size",
-            "32",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "32",
-            "--balance",
-            method,
-            "--out",
-            str(tmp_path / "run"),
-        ],
+        tiny_train_args(MINI, tmp_path / "run", "--balance", method, epochs=1, batch_size=32),
     )
     assert r.exit_code == 0, r.output
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())["balance"]

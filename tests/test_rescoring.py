@@ -14,8 +14,7 @@ from click.testing import CliRunner
 from pneumojax.cli import main
 from pneumojax.data import make_demo_dataset
 
-CUT = "conv2_block3_concat"
-MID = "conv2_block2_0_bn:conv2_block3_0_bn"
+from conftest import TINY_MID, tiny_train_args
 
 
 @pytest.fixture(scope="module")
@@ -53,30 +52,16 @@ def test_a_saved_run_rescores_exactly(
     monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
     # --weights none: with an ensemble every member must share the one random backbone.
-    args = [
-        "train",
-        "--data",
-        str(unequal_data),
-        "--weights",
-        "none",
-        "--cut",
-        CUT,
-        "--trainable",
-        "none" if method != "undersample" else MID,
-        "--image-size",
-        "32",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "8",
+    args = tiny_train_args(
+        unequal_data,
+        run,
         "--balance",
         method,
         "--precision",
         precision,
         "--feature-cache" if cache else "--no-feature-cache",
-        "--out",
-        str(run),
-    ]
+        trainable="none" if method != "undersample" else TINY_MID,
+    )
     if method == "ensemble":
         args += ["--ensemble-size", "3"]
     r = CliRunner().invoke(main, args)
@@ -143,26 +128,7 @@ def test_the_precision_a_run_used_is_kept_on_another_machine(unequal_data, tmp_p
 
     monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
-    r = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--data",
-            str(unequal_data),
-            "--weights",
-            "none",
-            "--cut",
-            CUT,
-            "--image-size",
-            "32",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "8",
-            "--out",
-            str(run),
-        ],
-    )  # --precision auto
+    r = CliRunner().invoke(main, tiny_train_args(unequal_data, run, epochs=1))  # --precision auto
     assert r.exit_code == 0, r.output
     config = json.loads((run / "config.json").read_text())
     assert config["precision"] == "float32" and config["requested"]["precision"] == "auto"

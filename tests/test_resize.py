@@ -17,6 +17,8 @@ from pneumojax.cli import main
 from pneumojax.data import make_demo_dataset
 from pneumojax.data.resize import resize_image, tf_bilinear
 
+from conftest import tiny_train_args
+
 REPO = Path(__file__).resolve().parents[1]
 MINI = Path(os.environ.get("PNEUMOJAX_MINI_DATA", REPO.parent / "shared/data/chest_xray_mini"))
 # (in H, in W, channels or None, out H, out W): downscales by odd factors, upscales, 1-pixel
@@ -117,28 +119,7 @@ def test_a_keras_resize_run_stores_it_and_rescores_exactly(tmp_path, monkeypatch
     monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))
     demo = make_demo_dataset(tmp_path / "demo", n_per_class=24, image_size=48, seed=1)
     run = tmp_path / "run"
-    r = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--data",
-            str(demo),
-            "--weights",
-            "none",
-            "--cut",
-            "conv2_block3_concat",
-            "--image-size",
-            "32",
-            "--resize",
-            "keras",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "8",
-            "--out",
-            str(run),
-        ],
-    )
+    r = CliRunner().invoke(main, tiny_train_args(demo, run, "--resize", "keras", epochs=1))
     assert r.exit_code == 0, r.output
     assert json.loads((run / "config.json").read_text())["resize"] == "keras"
     images = tmp_path / "cache" / "images"

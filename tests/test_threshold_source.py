@@ -21,7 +21,8 @@ from pneumojax.metrics import choose_threshold
 from pneumojax.inference import load_run
 from pneumojax.workspace import load_split_arrays
 
-CUT = "conv2_block3_concat"  # a short DenseNet121 prefix: quick to compile
+from conftest import tiny_train_args
+
 SIZE = 32
 
 
@@ -46,26 +47,7 @@ def kaggle_pair(tmp_path, monkeypatch):
 
 def _train(data, out):
     result = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--data",
-            str(data),
-            "--weights",
-            "none",
-            "--cut",
-            CUT,
-            "--image-size",
-            str(SIZE),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "8",
-            "--seed",
-            "3",
-            "--out",
-            str(out),
-        ],
+        main, tiny_train_args(data, out, "--seed", "3", image_size=SIZE, epochs=1)
     )
     assert result.exit_code == 0, result.output
     return json.loads((out / "metrics.json").read_text())

@@ -23,11 +23,10 @@ from pneumojax.model import (
 )
 from pneumojax.train import FitOptions, Interrupted, Steps, epoch_lr_factor, fit, make_mesh
 
-from conftest import REPO
+from conftest import REPO, TINY_CUT, TINY_MID, tiny_train_args
 
 # A short DenseNet121 prefix keeps compiles quick; its block 2 has BatchNorm to train.
-CUT = "conv2_block3_concat"
-MID = "conv2_block2_0_bn:conv2_block3_0_bn"
+CUT, MID = TINY_CUT, TINY_MID
 
 
 @pytest.mark.parametrize(
@@ -259,27 +258,9 @@ def test_one_device_and_four_devices_train_the_same(tmp_path):
 def test_cached_activations_train_the_same_as_the_full_model(
     tiny_data, tmp_path, trainable, precision
 ):
-    args = [
-        "train",
-        "--data",
-        str(tiny_data),
-        "--weights",
-        "none",
-        "--cut",
-        CUT,
-        "--trainable",
-        trainable,
-        "--image-size",
-        "32",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "8",
-        "--seed",
-        "4",
-        "--precision",
-        precision,
-    ]
+    args = tiny_train_args(
+        tiny_data, None, "--seed", "4", "--precision", precision, trainable=trainable
+    )
     cached = CliRunner().invoke(main, args + ["--out", str(tmp_path / "cached")])
     assert cached.exit_code == 0, cached.output
     assert "feature cache: training on cached activations of" in cached.output
@@ -315,25 +296,7 @@ def test_cached_activations_train_the_same_as_the_full_model(
 
 
 def test_bfloat16_feature_cache_halves_storage_and_keeps_metrics(tiny_data, tmp_path):
-    args = [
-        "train",
-        "--data",
-        str(tiny_data),
-        "--weights",
-        "none",
-        "--cut",
-        CUT,
-        "--trainable",
-        MID,
-        "--image-size",
-        "32",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "8",
-        "--precision",
-        "float32",
-    ]
+    args = tiny_train_args(tiny_data, None, "--precision", "float32", trainable=MID)
     features = tmp_path / "cache" / "features"
     metrics, sizes = {}, {}
     for storage in ("float32", "bfloat16"):
@@ -353,23 +316,7 @@ def test_bfloat16_feature_cache_halves_storage_and_keeps_metrics(tiny_data, tmp_
 
 
 def test_bfloat16_training_matches_float32_within_intervals(tiny_data, tmp_path):
-    args = [
-        "train",
-        "--data",
-        str(tiny_data),
-        "--weights",
-        "none",
-        "--cut",
-        CUT,
-        "--trainable",
-        MID,
-        "--image-size",
-        "32",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "8",
-    ]
+    args = tiny_train_args(tiny_data, trainable=MID)
     metrics = {}
     for p in ("float32", "bfloat16"):
         r = CliRunner().invoke(main, args + ["--precision", p, "--out", str(tmp_path / p)])
@@ -390,25 +337,7 @@ def tiny_data(tmp_path, monkeypatch):
 
 def test_train_evaluate_predict_cli_end_to_end(tiny_data, tmp_path):
     run = tmp_path / "run"
-    args = [
-        "train",
-        "--data",
-        str(tiny_data),
-        "--weights",
-        "none",
-        "--cut",
-        CUT,
-        "--trainable",
-        MID,
-        "--image-size",
-        "32",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "8",
-        "--out",
-        str(run),
-    ]
+    args = tiny_train_args(tiny_data, run, trainable=MID)
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "split train:" in result.output and "patients" in result.output
@@ -472,18 +401,7 @@ def test_train_evaluate_predict_cli_end_to_end(tiny_data, tmp_path):
 def test_train_refuses_missing_imagenet_checkpoint(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("PNEUMOJAX_CHECKPOINTS", str(tmp_path / "none-here"))
     result = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--data",
-            str(tiny_data),
-            "--cut",
-            CUT,
-            "--image-size",
-            "32",
-            "--out",
-            str(tmp_path / "r"),
-        ],
+        main, tiny_train_args(tiny_data, tmp_path / "r", weights=None, epochs=None, batch_size=None)
     )
     assert result.exit_code == 1
     assert "pneumojax port --backbone densenet121 --weights imagenet" in result.output
