@@ -8,12 +8,14 @@ framework it measures.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -298,3 +300,15 @@ def write_outputs(out: Path, payload: dict, markdown: str) -> Path:
     md = out.with_suffix(".md")
     md.write_text(markdown + "\n")
     return md
+
+
+@contextlib.contextmanager
+def workdir_of(keep: Path | None, prefix: str = "pneumojax-benchmark-"):
+    """``keep`` (created) if given (``--keep-workdir``), else a temporary folder removed
+    afterwards."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield keep.resolve()
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)

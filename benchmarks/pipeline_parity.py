@@ -33,7 +33,6 @@ import datetime
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -639,12 +638,8 @@ def main(argv=None) -> int:
         payload["inputs"]["seconds"] = round(time.perf_counter() - t, 1)
         print(json.dumps(payload["inputs"]["by_mode"], indent=1), flush=True)
     if not args.skip_runs:
-        if args.keep_workdir:
-            args.keep_workdir.mkdir(parents=True, exist_ok=True)
-            seeds = run_seeds(args, args.keep_workdir.resolve())
-        else:
-            with tempfile.TemporaryDirectory(prefix="pneumojax-parity-") as tmp:
-                seeds = run_seeds(args, Path(tmp))
+        with common.workdir_of(args.keep_workdir, "pneumojax-parity-") as workdir:
+            seeds = run_seeds(args, workdir)
         payload["runs"] = {"seeds": seeds, "summary": summarize_runs(seeds)}
     payload["load_average_after"] = list(os.getloadavg())
     payload["wall_s"] = round(time.perf_counter() - t0, 1)

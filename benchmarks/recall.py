@@ -33,7 +33,6 @@ import datetime
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -456,12 +455,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
-    if args.keep_workdir:
-        args.keep_workdir.mkdir(parents=True, exist_ok=True)
-        payload = run_suite(args, args.keep_workdir.resolve())
-    else:
-        with tempfile.TemporaryDirectory(prefix="pneumojax-recall-") as tmp:
-            payload = run_suite(args, Path(tmp))
+    with common.workdir_of(args.keep_workdir, "pneumojax-recall-") as workdir:
+        payload = run_suite(args, workdir)
     markdown = render_markdown(payload)
     md = common.write_outputs(args.out, payload, markdown)
     print(markdown)

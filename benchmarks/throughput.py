@@ -28,12 +28,10 @@ and read top to bottom (parent, workers, tables), and nothing else imports it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -219,17 +217,6 @@ def framework_env(framework: str) -> dict[str, str]:
     }
 
 
-@contextlib.contextmanager
-def workdir_of(keep: Path | None):
-    """``keep`` (created) if given, else a temporary folder removed afterwards."""
-    if keep is not None:
-        keep.mkdir(parents=True, exist_ok=True)
-        yield keep.resolve()
-        return
-    with tempfile.TemporaryDirectory(prefix="pneumojax-throughput-") as tmp:
-        yield Path(tmp)
-
-
 def run_suite(args) -> dict:
     """Prepares the shared weights, runs every (configuration, framework) worker, collects."""
     t0 = time.perf_counter()
@@ -238,7 +225,7 @@ def run_suite(args) -> dict:
     numbers = timed_configs(selected)
     plans = {n: plan_record(CONFIGS[n], args.image_size) for n in numbers}
     results: dict[int, dict[str, dict]] = {n: {} for n in numbers}
-    with workdir_of(args.keep_workdir) as workdir:
+    with common.workdir_of(args.keep_workdir, "pneumojax-throughput-") as workdir:
         weights = {n: workdir / f"weights-config{n}.npz" for n in numbers}
         print(f"preparing shared weights for configurations {numbers} ...", flush=True)
         prep = common.run_worker(
