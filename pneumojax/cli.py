@@ -37,6 +37,7 @@ FRACTION = _FiniteRange(0.0, 1.0, max_open=True)  # of the images, carved off as
 RUN_OPTION = click.option(
     "--run", "run_dir", required=True, help="A run folder made by `pneumojax train`."
 )
+EXPLAIN_METHODS = click.Choice(["gradcam", "gradcam++", "saliency"])
 SCORING_PRECISION = click.option(
     "--precision",
     default=None,
@@ -471,15 +472,45 @@ def _describe_os_error(e: OSError) -> str:
     "--out", default=None, help="metrics.json path [default: RUN/eval-SPLIT/metrics.json]."
 )
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
+@click.option(
+    "--explain",
+    "explain_count",
+    default=0,
+    type=NON_NEGATIVE,
+    help="Also write heat maps of the N most confident false positives and false negatives "
+    "(explain/ and plots/errors.png).",
+)
+@click.option("--explain-method", default="gradcam", type=EXPLAIN_METHODS, show_default=True)
+@click.option("--explain-layer", default=None, help="[default: the last block before the cut]")
 @SCORING_PRECISION
-def evaluate(run_dir, data, split, out, strict, precision):
+def evaluate(
+    run_dir, data, split, out, strict, explain_count, explain_method, explain_layer, precision
+):
     """Metrics (at the run's validation-chosen threshold) and plots on any data."""
     from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
     from pneumojax.data import DataError  # noqa: PLC0415
     from pneumojax.inference import evaluate_run  # noqa: PLC0415
 
+    if explain_count:  # a bad --explain-layer is a usage error before any scoring
+        from pneumojax.explain import LayerChoiceError, check_run_layer  # noqa: PLC0415
+
+        try:
+            check_run_layer(run_dir, explain_layer, explain_method)
+        except LayerChoiceError as e:
+            raise click.BadParameter(str(e), param_hint="'--explain-layer'") from None
+        except (ValueError, OSError) as e:
+            _fail(_text(e))
     try:
-        evaluate_run(run_dir, data, split, out, log=click.echo, strict=strict, precision=precision)
+        evaluate_run(
+            run_dir,
+            data,
+            split,
+            out,
+            log=click.echo,
+            strict=strict,
+            precision=precision,
+            explain=(explain_count, explain_method, explain_layer),
+        )
     except (ValueError, OSError, CheckpointError, DataError) as e:
         _fail(_text(e))
 
@@ -508,6 +539,35 @@ def predict(run_dir, as_json, paths, precision):
         w = csv.DictWriter(sys.stdout, fieldnames=["path", "p_pneumonia", "label", "threshold"])
         w.writeheader()
         w.writerows(rows)
+
+
+@main.command()
+@RUN_OPTION
+@click.argument("paths", nargs=-1, required=True)
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Folder for the overlays."
+)
+@click.option(
+    "--layer",
+    default=None,
+    help="Keras layer name up to the cut [default: the last block output before it].",
+)
+@click.option(
+    "--method", default="gradcam", show_default=True, type=EXPLAIN_METHODS, help="Heat map."
+)
+@SCORING_PRECISION
+def explain(run_dir, paths, out, layer, method, precision):
+    """Heat maps of where the model looks: an overlay PNG per image and explain.csv."""
+    from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
+    from pneumojax.data import DataError  # noqa: PLC0415
+    from pneumojax.explain import LayerChoiceError, explain_paths  # noqa: PLC0415
+
+    try:
+        explain_paths(run_dir, list(paths), out, layer, method, precision, log=click.echo)
+    except LayerChoiceError as e:
+        raise click.BadParameter(str(e), param_hint="'--layer'") from None
+    except (ValueError, OSError, CheckpointError, DataError) as e:
+        _fail(_text(e))
 
 
 @main.command()

@@ -220,6 +220,7 @@ class LoadedRun:
     model: RunModel  # members stacked on a leading axis, as trained
     thresholds: list[float]  # one per member, chosen on validation
     precision: str  # what it scores in (the run's own unless overridden)
+    full_variables: dict  # every member's whole classifier, stacked (for explain)
 
 
 def run_precision(config: dict) -> str:
@@ -296,7 +297,7 @@ def load_run(run_dir: str | Path, precision: str | None = None, log=print) -> Lo
             "0.1.1); train it again"
         )
     model.variables = stack_members([model.own_variables(v) for v in members])
-    return LoadedRun(run_dir, config, model, list(manifest["thresholds"]), used)
+    return LoadedRun(run_dir, config, model, list(manifest["thresholds"]), used, variables)
 
 
 def evaluate_run(
@@ -307,11 +308,14 @@ def evaluate_run(
     log=print,
     strict: bool = False,
     precision: str | None = None,
+    explain: tuple[int, str, str | None] = (0, "gradcam", None),
 ) -> dict:
     """Evaluates a run's best model on a split of its own data or of another folder.
 
     The thresholds are the ones the run chose on its validation split. On the run's own test
     split this reproduces its metrics.json exactly (same precision, same scoring path).
+    ``explain`` = (N, method, layer): heat maps of the N most confident false positives and
+    false negatives (:func:`pneumojax.explain.explain_errors`).
     """
     run = load_run(run_dir, precision, log)
     size, resize = run.config["image_size"], run_resize(run.config)
@@ -347,6 +351,10 @@ def evaluate_run(
     write_predictions(out.parent / "predictions.csv", items, p)
     log(format_metrics(metrics))
     log(f"wrote {out}")
+    if explain[0]:
+        from pneumojax.explain import explain_errors  # noqa: PLC0415 (explain imports this)
+
+        explain_errors(run, out.parent, *explain, log=log)
     return metrics
 
 
@@ -356,6 +364,16 @@ def predict_paths(
     """Pneumonia probability and label for each image (folders are searched for images)."""
     log = log or (lambda m: print(m, file=sys.stderr))
     run = load_run(run_dir, precision, log)
+    files = gather_image_files(paths, log)
+    images = load_images(
+        files, run.config["image_size"], progress=len(files) > 50, resize=run_resize(run.config)
+    )
+    return prediction_rows(run, files, run.model.probabilities_of_images(images))
+
+
+def gather_image_files(paths: list[str], log) -> list[str]:
+    """The readable images among ``paths`` (folders are searched; unreadable files are
+    skipped with a warning)."""
     files: list[str] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -369,11 +387,13 @@ def predict_paths(
     files = check_images(files, warn=lambda m: log(f"warning: {m}"))
     if not files:
         raise FileNotFoundError("no readable images among " + ", ".join(paths))
-    images = load_images(
-        files, run.config["image_size"], progress=len(files) > 50, resize=run_resize(run.config)
-    )
-    p = run.model.probabilities_of_images(images)
-    labels = balance.vote(p.T, run.thresholds)  # one member: its own threshold
+    return files
+
+
+def prediction_rows(run: LoadedRun, files: list[str], member_p: np.ndarray) -> list[dict]:
+    """``predict``'s rows: path, P(pneumonia) (the members' mean), label at the run's
+    threshold (ensembles: the members' vote)."""
+    labels = balance.vote(member_p.T, run.thresholds)  # one member: its own threshold
     return [
         {
             "path": f,
@@ -381,7 +401,7 @@ def predict_paths(
             "label": "PNEUMONIA" if lab else "NORMAL",
             "threshold": run.thresholds[0] if len(run.thresholds) == 1 else "vote",
         }
-        for f, q, lab in zip(files, balance.mean_probability(p.T), labels)
+        for f, q, lab in zip(files, balance.mean_probability(member_p.T), labels)
     ]
 
 

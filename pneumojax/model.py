@@ -50,14 +50,16 @@ class Classifier(nn.Module):
     dropout: float = 0.1
 
     @nn.compact
-    def __call__(self, images, train: bool = False):
+    def __call__(self, images, train: bool = False, deltas=None):
         # With ``backbone.given``, ``images`` is the dict of cached frozen activations.
+        # ``deltas`` (layer name -> array) are added to those backbone layers' outputs, with
+        # gradients flowing from them (see KerasGraph).
         x = (
             images
             if self.backbone.given
             else preprocess(images, self.preprocess_mode, self.backbone.dtype)
         )
-        outputs = self.backbone(x, train=train)
+        outputs = self.backbone(x, train=train, deltas=deltas)
         x = outputs[self.backbone.outputs[0]]
         x = x.reshape(x.shape[0], -1)
         init = nn.initializers.glorot_uniform()
@@ -202,7 +204,7 @@ def build_classifier(
     """The classifier; with ``given`` layer names it starts from their cached activations;
     with ``intermediates`` (Keras layer names up to the cut) it also returns their
     activations."""
-    outputs = [cut] + [name for name in intermediates if name != cut]
+    outputs = [cut, *intermediates]  # the cut may be among them: it is then returned twice
     return Classifier(
         backbone_model(info, outputs=outputs, trainable=trainable, dtype=dtype, given=given),
         info.preprocess_mode,

@@ -26,6 +26,10 @@ class KerasGraph(nn.Module):
 
     With ``given`` set, the call takes ``{layer_name: value}`` for those layers instead of
     images and computes only what lies after them (training on cached activations).
+
+    ``deltas`` (``{layer_name: array}``) are added to those layers' outputs, and gradients flow
+    from them even through frozen layers: the gradient of any output with respect to a zero
+    delta is its gradient with respect to that layer's activation (Grad-CAM).
     """
 
     layers: tuple[LayerSpec, ...]
@@ -35,7 +39,8 @@ class KerasGraph(nn.Module):
     given: tuple[str, ...] = ()
 
     @nn.compact
-    def __call__(self, x, train: bool = False) -> dict[str, jax.Array]:
+    def __call__(self, x, train: bool = False, deltas=None) -> dict[str, jax.Array]:
+        deltas = deltas or {}
         need = ancestors(self.layers, self.outputs, self.given)
         values: dict[str, jax.Array] = {}
         grad_flows: dict[str, bool] = {}
@@ -56,6 +61,8 @@ class KerasGraph(nn.Module):
             )
             if not grad_flows[spec.name]:
                 y = jax.lax.stop_gradient(y)
+            if spec.name in deltas:
+                y, grad_flows[spec.name] = y + deltas[spec.name].astype(y.dtype), True
             if fan_out[spec.name] > 1:
                 # Materialize tensors read by several layers. Otherwise XLA:CPU fuses a
                 # residual block's elementwise output into each consumer and recomputes

@@ -39,7 +39,7 @@ from pneumojax.data.decode import (
     open_image,
     to_8bit_rgb_or_gray,
 )
-from pneumojax.data.demo import make_demo_dataset
+from pneumojax.data.demo import demo_opacity_masks, make_demo_dataset
 from pneumojax.data.layouts import (
     CLASS_NAMES,
     IMAGE_EXTENSIONS,
@@ -69,6 +69,7 @@ __all__ = [
     "image_problem",
     "image_set_key",
     "load_images",
+    "demo_opacity_masks",
     "make_demo_dataset",
     "make_splits",
     "open_image",

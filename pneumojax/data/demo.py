@@ -73,15 +73,37 @@ def _demo_params(folder: Path) -> dict | None:
 
 
 def _write_demo_images(folder: Path, n_per_class: int, image_size: int, seed: int) -> None:
+    for relative, pixels, _ in _demo_images(n_per_class, image_size, seed):
+        (folder / relative).parent.mkdir(exist_ok=True)
+        Image.fromarray(pixels, "L").save(folder / relative, quality=92)
+
+
+def _demo_images(n_per_class: int, image_size: int, seed: int):
+    """(``CLASS/file name``, uint8 pixels, opacity mask) for every demo image, in order."""
     for label, class_name in enumerate(CLASS_NAMES):
-        (folder / class_name).mkdir()
         for index, (name, patient, shot) in enumerate(_demo_file_names(label, n_per_class)):
             anatomy = np.random.default_rng([seed, label, patient])  # shared by a patient's images
             noise = np.random.default_rng([seed, label, patient, shot, 1])
-            pixels = _demo_radiograph(image_size, anatomy, noise, pneumonia=label == 1)
+            pixels, mask = _demo_radiograph(image_size, anatomy, noise, pneumonia=label == 1)
             if index % 10 == 9:
                 name = name.rsplit(".", 1)[0] + ".png"
-            Image.fromarray(pixels, "L").save(folder / class_name / name, quality=92)
+            yield f"{class_name}/{name}", pixels, mask
+
+
+def demo_opacity_masks(folder: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Where the generator put the opacities of a demo folder's images: ``CLASS/file name`` ->
+    boolean ``(size, size)`` mask of the points within two standard deviations of an opacity's
+    centre (all False for NORMAL images). Recomputed from the folder's parameters, so it is the
+    ground truth for localisation checks (the pointing game of ``pneumojax explain``)."""
+    params = _demo_params(Path(folder))
+    if params is None or params.get("version") != _DEMO_VERSION:
+        raise DataError(f"{folder} is not a pneumojax demo folder of version {_DEMO_VERSION}")
+    return {
+        relative: mask
+        for relative, _, mask in _demo_images(
+            params["n_per_class"], params["image_size"], params["seed"]
+        )
+    }
 
 
 def _demo_file_names(label: int, count: int) -> list[tuple[str, int, int]]:
@@ -103,8 +125,9 @@ def _demo_file_names(label: int, count: int) -> list[tuple[str, int, int]]:
 
 def _demo_radiograph(
     size: int, anatomy: np.random.Generator, noise: np.random.Generator, pneumonia: bool
-) -> np.ndarray:
-    """A grayscale uint8 ``(size, size)`` chest-like drawing."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """A grayscale uint8 ``(size, size)`` chest-like drawing and its opacity mask (the points
+    within two standard deviations of an opacity's centre)."""
     y, x = np.mgrid[0:size, 0:size] / size
     dx, dy = anatomy.normal(0, 0.02, 2)
     lung_w, lung_h = anatomy.uniform(0.12, 0.16), anatomy.uniform(0.26, 0.32)
@@ -119,6 +142,7 @@ def _demo_radiograph(
         image += lung * (55.0 + 18.0 * ribs)
         lungs.append((cx, cy, lung))
     image += 95.0 * np.exp(-(((x - 0.5 - dx) / 0.06) ** 2)) * (y > 0.2 + dy)  # mediastinum
+    mask = np.zeros((size, size), bool)
     if pneumonia:
         for _ in range(anatomy.integers(1, 4)):
             cx, cy, lung = lungs[anatomy.integers(0, 2)]
@@ -127,5 +151,6 @@ def _demo_radiograph(
             sigma = anatomy.uniform(0.05, 0.10)
             blob = np.exp(-((x - ox) ** 2 + (y - oy) ** 2) / (2 * sigma**2))
             image += anatomy.uniform(70, 110) * blob * (0.4 + 0.6 * lung)
+            mask |= (x - ox) ** 2 + (y - oy) ** 2 <= (2 * sigma) ** 2
     image = image * gain + noise.normal(0, 7.0, image.shape)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask
