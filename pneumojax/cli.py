@@ -28,6 +28,22 @@ class _FiniteRange(click.FloatRange):
         return rv
 
 
+class _AugmentSpecType(click.ParamType):
+    """--device-augment: checked here (a usage error, exit 2), kept as given; the run records
+    it resolved (pneumojax.augment.parse_augment)."""
+
+    name = "SPEC"
+
+    def convert(self, value, param, ctx):
+        from pneumojax.augment import AugmentSpecError, parse_augment  # noqa: PLC0415
+
+        try:
+            parse_augment(value)
+        except AugmentSpecError as e:
+            self.fail(f"{value!r}: {e}", param, ctx)
+        return str(value).strip()
+
+
 POSITIVE = click.IntRange(min=1)
 NON_NEGATIVE = click.IntRange(min=0)
 FRACTION = _FiniteRange(0.0, 1.0, max_open=True)  # of the images, carved off as a split
@@ -272,6 +288,17 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
     default=DEFAULTS.augment,
     show_default=True,
     help="Oversampling augmentation: preset 'cxr' or an albumentations file (A.save).",
+)
+@click.option(
+    "--device-augment",
+    default=DEFAULTS.device_augment,
+    show_default=True,
+    type=_AugmentSpecType(),
+    help="Random augmentation of every training batch on the device, inside the jitted step "
+    "(each sample its own draw from --seed and the step): none, light, strong, or items such "
+    "as 'rotate=10,translate=0.08,scale=0.9:1.1,crop=0.8,gamma=0.2,contrast=0.2,"
+    "brightness=0.2,noise=4' (hflip=P and fill=edge only when asked). Turns the feature "
+    "cache off: the frozen part must see each augmented batch.",
 )
 @click.option(
     "--ensemble-size",

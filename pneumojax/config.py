@@ -47,6 +47,7 @@ class TrainConfig(FitOptions):
     strict: bool = False
     precision: str = "auto"
     augment: str = "cxr"
+    device_augment: str = "none"  # pneumojax.augment: random transforms inside the step
     ensemble_size: int | None = None
 
     def fit_options(self) -> FitOptions:

@@ -17,6 +17,7 @@ from typing import Callable
 import jax
 
 from pneumojax import balance, data
+from pneumojax.augment import parse_augment
 from pneumojax.backbones import get_backbone
 from pneumojax.checkpoint import save_variables
 from pneumojax.config import TrainConfig
@@ -114,6 +115,9 @@ def train_run(
         make_optimizer,
         cfg.learning_rate,
     )
+    augment_spec = parse_augment(cfg.device_augment)
+    if not augment_spec.identity:  # the same step, augmenting each batch first
+        run_model.steps = dataclasses.replace(run_model.steps, augment=augment_spec)
     inputs = training_inputs(cfg, splits, balanced, arrays, run_model, frontier, log)
     best, progress = fit(
         run_model.steps,
@@ -154,7 +158,12 @@ def train_run(
 def resolved_config(cfg: TrainConfig, run_dir: Path, resume: bool) -> tuple[TrainConfig, dict]:
     """The configuration to run (a resumed run's own) with precision and cache dtype resolved
     once, here: the run is thresholded and re-scored in what it was trained in. Also returns
-    what was requested before resolving."""
+    what was requested before resolving.
+
+    ``device_augment`` is stored in its explicit form (a preset spelled out), and turns the
+    feature cache off: the frozen prefix must run on every augmented batch, so training cannot
+    read cached activations, and validation and test are then scored, un-augmented, by the
+    same full model (one scoring path, which ``evaluate`` repeats exactly from config.json)."""
     if resume:
         stored = read_json(run_dir / "config.json")
         names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -162,6 +171,11 @@ def resolved_config(cfg: TrainConfig, run_dir: Path, resume: bool) -> tuple[Trai
         cfg.out = str(run_dir)
     cfg = dataclasses.replace(cfg)  # the caller's object stays as it was
     requested = {"precision": cfg.precision, "feature_cache_dtype": cfg.feature_cache_dtype}
+    spec = parse_augment(cfg.device_augment)
+    if not spec.identity:
+        requested.update(device_augment=cfg.device_augment, feature_cache=cfg.feature_cache)
+        cfg.feature_cache = False
+    cfg.device_augment = str(spec)
     cfg.precision = resolve_precision(cfg.precision)
     cfg.feature_cache_dtype = storage_dtype(
         cfg.feature_cache_dtype, compute_dtype(cfg.precision)
@@ -253,6 +267,13 @@ def training_inputs(
             f"feature cache: training on cached activations of {', '.join(frontier)}, stored "
             f"as {cfg.feature_cache_dtype} (the frozen part runs once; --no-feature-cache turns "
             "this off)"
+        )
+    if cfg.device_augment != "none":
+        log(
+            f"device augmentation: {cfg.device_augment} on every training batch inside the "
+            "step (per sample, from --seed and the step number); the feature cache is off, "
+            "the frozen part runs on each augmented batch; validation and test score "
+            "un-augmented images"
         )
     return inputs
 

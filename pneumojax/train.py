@@ -6,9 +6,9 @@ member, ``train_members_step`` for K side by side, ``predict_step``, ``create_tr
 (the batch loop, validation, ``EarlyStopping``, best weights, ``RunCheckpoints``) are separate.
 
 The batch is sharded over the mesh's ``data`` axis and the state is replicated, so the same
-step runs on 1 CPU, 8 GPUs or several hosts. Every random choice (init, shuffling, dropout)
-is derived from ``seed`` and the epoch/step number, so a resumed run redoes exactly what an
-uninterrupted one would have done.
+step runs on 1 CPU, 8 GPUs or several hosts. Every random choice (init, shuffling, dropout,
+augmentation) is derived from ``seed`` and the epoch/step number, so a resumed run redoes
+exactly what an uninterrupted one would have done.
 
 Longer than the other modules on purpose: the step and the loop that drives it are meant to be
 read together. ``RunCheckpoints`` (orbax ``last``/``best``) is the piece to move, beside the
@@ -33,6 +33,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from pneumojax.augment import AugmentSpec, augment
 from pneumojax.checkpoint import CheckpointError
 from pneumojax.config import LR_SCHEDULES, FitOptions
 from pneumojax.io import fsync_path, fsync_tree, write_text_atomic
@@ -90,24 +91,41 @@ def loss_and_accuracy(logits, labels, weights):
 # The step: pure functions of the model, the optimizer and arrays, testable without a mesh.
 
 
+# Augmentation's keys: the member's key folded with this stream, then the step number (dropout
+# folds the step alone), so the default step draws exactly what it drew before augmentation.
+AUGMENT_STREAM = 0x617567
+
+
 def train_step(
     model: Classifier,
     tx: optax.GradientTransformation,
     state: TrainState,
     batch: dict,
     key: jax.Array,
+    augment_spec: AugmentSpec | None = None,
 ) -> tuple[TrainState, dict]:
     """One optimizer step of one member on ``batch`` (``image``: images or cached activations,
     ``label``, ``weight``); returns the new state and the batch's ``loss`` and ``accuracy``.
 
     Dropout draws from ``key`` folded with the state's step number, so a resumed run draws
-    what an uninterrupted one would have drawn."""
+    what an uninterrupted one would have drawn. ``augment_spec`` (not the identity) transforms
+    the images first (:func:`pneumojax.augment.augment`), drawing from ``key`` and the step
+    number too; with none, the step is exactly the plain one."""
+    images = batch["image"]
+    if augment_spec is not None and not augment_spec.identity:
+        if isinstance(images, dict):
+            raise ValueError(
+                "device augmentation needs the images, not cached activations: the frozen "
+                "prefix must see each augmented batch (train without the feature cache)"
+            )
+        aug_key = jax.random.fold_in(jax.random.fold_in(key, AUGMENT_STREAM), state.step)
+        images = augment(aug_key, images, augment_spec)
     key = jax.random.fold_in(key, state.step)
 
     def loss_fn(params):
         logits, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
+            images,
             train=True,
             rngs={"dropout": key},
             mutable=["batch_stats"],
@@ -128,13 +146,15 @@ def train_members_step(
     state: TrainState,
     batch: dict,
     keys: jax.Array,
+    augment_spec: AugmentSpec | None = None,
 ) -> tuple[TrainState, dict]:
     """:func:`train_step` for K members side by side: the state, the batch and the metrics
-    carry a leading member axis, ``keys`` holds one key per member.
+    carry a leading member axis, ``keys`` holds one key per member (each member its own
+    augmentation draw).
 
     K = 1 for a plain run, K > 1 for an ensemble whose members differ only in what they
     train on."""
-    step = functools.partial(train_step, model, tx)
+    step = functools.partial(train_step, model, tx, augment_spec=augment_spec)
     if keys.shape[0] == 1:
         # One member: drop the member axis rather than vmap, whose batching of
         # convolutions over stacked kernels (grouped convolutions) costs ~15% on CPU.
@@ -173,7 +193,8 @@ class Steps:
     """The steps above, jitted once for one model, optimizer and mesh, with the shardings
     that place their inputs: the state replicated, batches split over the ``data`` axis.
 
-    ``train`` is the jitted :func:`train_members_step` (it donates the state); ``map`` runs
+    ``train`` is the jitted :func:`train_members_step` (it donates the state), augmenting each
+    batch as ``augment`` says (None: not at all); ``map`` runs
     any ``fn(variables, batch)``, such as ``predict`` or ``predict_members``, over inputs in
     fixed-size batches, jitting each ``fn`` once (``_jitted``).
     """
@@ -181,13 +202,14 @@ class Steps:
     model: Classifier
     tx: optax.GradientTransformation
     mesh: jax.sharding.Mesh
+    augment: AugmentSpec | None = None
 
     def __post_init__(self):
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
         self.member_batch_sharding = NamedSharding(self.mesh, P(None, "data"))
         self.train = jax.jit(
-            functools.partial(train_members_step, self.model, self.tx),
+            functools.partial(train_members_step, self.model, self.tx, augment_spec=self.augment),
             donate_argnums=0,
             in_shardings=(self.replicated, self.member_batch_sharding, self.replicated),
             out_shardings=(self.replicated, self.replicated),
