@@ -305,7 +305,8 @@ def heat_to_image(heat: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def write_overlay(path, heat: np.ndarray, caption: str, out: Path, alpha: float = 0.4):
     """The image in gray at its own size with the map over it (inferno, ``alpha``) and a
-    caption bar below; returns the map's peak (x, y) in the image's pixels."""
+    caption bar below; returns the map's peak (x, y) in the image's pixels (empty strings for
+    an all-zero map)."""
     from matplotlib import colormaps  # noqa: PLC0415
     from PIL import Image  # noqa: PLC0415
 
@@ -315,6 +316,8 @@ def write_overlay(path, heat: np.ndarray, caption: str, out: Path, alpha: float 
     s = heat.shape[0]
     row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
     peak = (round((col + 0.5) * w / heat.shape[1], 1), round((row + 0.5) * h / s, 1))
+    if not heat.max() > 0:
+        peak = ("", "")  # an all-zero map (nothing speaks for PNEUMONIA) has no peak
     colour = colormaps["inferno"](heat_to_image(heat, w, h))[..., :3] * 255.0
     blend = (1 - alpha) * gray[..., None] + alpha * colour
     picture = Image.fromarray(np.clip(np.rint(blend), 0, 255).astype(np.uint8), "RGB")

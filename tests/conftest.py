@@ -10,6 +10,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 REPO = Path(__file__).resolve().parents[1]
+MINI_DATA = Path(
+    os.environ.get("PNEUMOJAX_MINI_DATA", REPO.parent / "shared" / "data" / "chest_xray_mini")
+)
 HAS_TF = all(importlib.util.find_spec(m) is not None for m in ("tensorflow", "keras"))
 
 TINY_CUT = "conv2_block3_concat"  # a short DenseNet121 prefix: quick to compile
