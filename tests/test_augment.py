@@ -323,6 +323,7 @@ def _figures(run):
     return metrics, (run / "history.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_an_augmented_run_skips_the_cache_rescores_exactly_and_resumes_to_the_same_end(
     demo, tmp_path, monkeypatch
 ):

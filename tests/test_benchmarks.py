@@ -277,3 +277,33 @@ def test_profile_step_runs_a_trainable_range(tmp_path):
     assert payload["op_ms_per_step"] == pytest.approx(sum(kinds.values()), abs=1.0)
     assert payload["top"] and all(r["kind"] in profile_step.KINDS for r in payload["top"])
     assert "kind of operation" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_augment_cost_times_the_augmented_step_beside_the_plain_and_cached_ones(tmp_path):
+    out = tmp_path / "augment.json"
+    _run(
+        "augment_cost.py",
+        "--backbone",
+        "densenet121",
+        "--cut",
+        "conv2_block3_concat",
+        "--trainable",
+        "conv2_block2_0_bn:conv2_block3_0_bn",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--rounds",
+        "2",
+        "--steps",
+        "1",
+        "--out",
+        str(out),
+        timeout=300,
+    )
+    payload = json.loads(out.read_text())
+    assert set(payload["median_s"]) == {"plain", "augmented", "augment alone", "cached"}
+    assert len(payload["augmentation_share_of_augmented_step"]["per_round"]) == 2
+    assert 0 < payload["augment_alone_over_plain_step"] and payload["cached_over_plain_step"] > 0
+    assert "augmentation's share of the augmented step" in out.with_suffix(".md").read_text()
