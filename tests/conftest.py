@@ -13,6 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 MINI_DATA = Path(
     os.environ.get("PNEUMOJAX_MINI_DATA", REPO.parent / "shared" / "data" / "chest_xray_mini")
 )
+TRAIN224_DATA = Path(
+    os.environ.get(
+        "PNEUMOJAX_TRAIN224_DATA", REPO.parent / "shared" / "data" / "chest_xray_train224"
+    )
+)
 HAS_TF = all(importlib.util.find_spec(m) is not None for m in ("tensorflow", "keras"))
 
 TINY_CUT = "conv2_block3_concat"  # a short DenseNet121 prefix: quick to compile

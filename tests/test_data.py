@@ -13,11 +13,9 @@ from PIL import Image
 from pneumojax import data
 from pneumojax.data import DataError
 
+from conftest import MINI_DATA, TRAIN224_DATA
+
 REPO = Path(__file__).resolve().parents[1]
-MINI_DATA = Path(os.environ.get("PNEUMOJAX_MINI_DATA", REPO.parent / "shared/data/chest_xray_mini"))
-TRAIN224_DATA = Path(
-    os.environ.get("PNEUMOJAX_TRAIN224_DATA", REPO.parent / "shared/data/chest_xray_train224")
-)
 
 
 def _write_image(path: Path, mode: str = "L", size: tuple = (12, 10), value: int = 100) -> Path:

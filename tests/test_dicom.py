@@ -6,7 +6,6 @@ there (or at ``PNEUMOJAX_MINI_DATA``).
 """
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -30,9 +29,7 @@ from pydicom.uid import (
 from pneumojax import data
 from pneumojax.data import DataError
 
-from conftest import REPO, tiny_train_args
-
-MINI = Path(os.environ.get("PNEUMOJAX_MINI_DATA", REPO.parent / "shared/data/chest_xray_mini"))
+from conftest import MINI_DATA as MINI, REPO, tiny_train_args
 
 
 def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=None, **elements):

@@ -333,3 +333,21 @@ def test_real_images_get_overlays_at_their_own_size(demo, tmp_path):
             assert overlay.width == source.width and overlay.height > source.height
             assert 0 <= float(row["peak_x"]) < source.width
             assert 0 <= float(row["peak_y"]) < source.height
+
+
+def test_a_dicom_is_explained_at_its_own_size(demo, tmp_path):
+    from test_dicom import gradient, write_dicom  # noqa: PLC0415
+
+    _, run = demo
+    write_dicom(tmp_path / "scan.dcm", gradient(rows=70, columns=50, bits=12))
+    r = CliRunner().invoke(
+        main, ["explain", "--run", str(run), str(tmp_path / "scan.dcm"), "--out", str(tmp_path)]
+    )
+    assert r.exit_code == 0, r.output
+    (row,) = _read_csv(tmp_path / "explain.csv")
+    with Image.open(tmp_path / row["overlay"]) as overlay:
+        assert overlay.width == 50 and overlay.height > 70
+    assert (
+        float(row["p_pneumonia"])
+        == predict_paths(run, [str(tmp_path / "scan.dcm")])[0]["p_pneumonia"]
+    )

@@ -15,13 +15,7 @@ from pneumojax.cli import main
 from pneumojax.balance import apply_balance
 from pneumojax.run import TrainConfig
 
-from conftest import REPO, tiny_train_args
-
-MINI = Path(
-    __import__("os").environ.get(
-        "PNEUMOJAX_MINI_DATA", REPO.parent / "shared" / "data" / "chest_xray_mini"
-    )
-)
+from conftest import MINI_DATA as MINI, tiny_train_args
 
 
 def _jpeg(path: Path, seed: int, bright: bool):
