@@ -35,7 +35,7 @@ def save_variables(
     staging = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    with ocp.StandardCheckpointer() as ckptr:
+    with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckptr:
         ckptr.save(staging / "variables", jax.tree.map(np.asarray, variables))
     write_text_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     replace_folder(staging, directory)
@@ -60,6 +60,13 @@ def load_variables(directory: str | Path) -> tuple[dict, dict]:
     """Restores ``(variables, manifest)`` saved by :func:`save_variables` as numpy arrays."""
     directory = existing_folder(Path(directory).absolute())
     manifest = read_manifest(directory)
-    with ocp.StandardCheckpointer() as ckptr:
+    with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckptr:
         variables = ckptr.restore(directory / "variables")
     return jax.tree.map(np.asarray, variables), manifest
+
+
+def _this_process_only() -> ocp.options.MultiprocessingOptions:
+    """These folders hold host (numpy) arrays that one process saves or restores by itself;
+    by default orbax would wait for every process of a ``--distributed`` run at its barriers."""
+    i = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=i, active_processes={i})

@@ -413,10 +413,18 @@ def train(
     except (KeyError, ValueError, OSError, NonFiniteLoss, CheckpointError, DataError) as e:
         _fail(_describe_os_error(e) if isinstance(e, OSError) else _text(e))
     finally:
-        if experiment is not None and starts:
+        if experiment is not None and starts and _process_zero():
             from pneumojax.experiments import record_experiment  # noqa: PLC0415
 
             record_experiment(cfg.out, experiment)
+
+
+def _process_zero() -> bool:
+    """Whether this process writes the run folder: always, except in a --distributed run,
+    where process 0 alone does."""
+    import jax  # noqa: PLC0415
+
+    return jax.process_index() == 0
 
 
 def _options_from_file(ctx, path, resume, options) -> tuple:

@@ -156,8 +156,13 @@ def cached_activations(
     for a in arrays.values():
         a.flush()
     (tmp / "done").write_text("")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # the folder exists: another process (same cache) finished it first,
+        if not (folder / "done").exists():  # or an unfinished copy of an older version
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+        shutil.rmtree(tmp, ignore_errors=True)
     return {n: _open(folder / f"{n}.npy", storage) for n in prefix.backbone.outputs}
 
 

@@ -64,10 +64,17 @@ def train_run(
 
     ``resume`` continues the interrupted run in ``cfg.out`` with its own config.json;
     ``stop_after_steps`` simulates an interrupt (tests).
+
+    On several processes (``--distributed``) every process computes the same steps and
+    process 0 alone writes the run folder; the others' ``cfg.out`` stays untouched.
     """
     t0 = time.perf_counter()
     run_dir = Path(cfg.out).absolute()
-    check_run_dir(run_dir, resume, overwrite)
+    writes = jax.process_index() == 0
+    if resume and jax.process_count() > 1:
+        raise ValueError("--resume is not supported on several processes yet")
+    if writes:
+        check_run_dir(run_dir, resume, overwrite)
     cfg, requested = resolved_config(cfg, run_dir, resume)
     info = get_backbone(cfg.backbone)
     plan = make_plan(info, cfg.cut, cfg.trainable, cfg.image_size)
@@ -76,7 +83,7 @@ def train_run(
     source = resolve_data(cfg.data, log, strict=cfg.strict)
     splits = run_splits(cfg, source, run_dir, resume, log)
     backbone_vars, weights_record = resolve_weights(cfg.weights, info.name)
-    if not resume:
+    if writes and not resume:
         start_run_folder(run_dir, cfg, plan, source, splits, weights_record, requested)
     arrays = {
         name: load_split_arrays(items, cfg.image_size, log, cfg.resize)
@@ -86,7 +93,7 @@ def train_run(
     balanced = balance.apply_balance(
         cfg, *arrays["train"], train_key, log, augment_cache=cache_dir() / "augmented"
     )
-    if not resume:
+    if writes and not resume:
         config = read_json(run_dir / "config.json")
         write_json(run_dir / "config.json", {**config, "balance_applied": balanced.record})
     t_data = time.perf_counter() - t0
@@ -134,6 +141,8 @@ def train_run(
     t_fit = time.perf_counter() - t0 - t_data
     run_model.variables = stack_members(best)
     metrics = finish_run(run_dir, cfg, run_model, inputs, arrays, splits, log)
+    if not writes:  # the scoring above ran on every process (its steps span them all)
+        return metrics
     save_model(
         run_dir / "model", member_vars, best, plan, cfg.image_size, metrics["member_thresholds"]
     )
@@ -291,6 +300,8 @@ def finish_run(
     probability saved (operating points and paired tests are recomputed from them)."""
     p_val = run_model.member_probabilities(inputs["val"])
     p_test = run_model.member_probabilities(inputs["test"], desc="predict test")
+    if jax.process_index() != 0:  # process 0 alone writes the run folder
+        return {}
     thresholds = validation_thresholds(arrays["val"][1], p_val, cfg.target_recall)
     metrics = score_split(
         arrays["test"][1], p_test, thresholds, cfg.target_recall, run_dir / "plots", "test"

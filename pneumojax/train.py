@@ -242,12 +242,13 @@ class Steps:
     def map(self, fn, variables, inputs, batch_size: int, sink, desc: str | None = None):
         """Runs ``fn(variables, batch)`` over ``inputs`` (an array or a dict of arrays) in
         fixed-size sharded batches, the last one padded, so it compiles once; hands each
-        result to ``sink(start, stop, outputs)`` as numpy."""
+        result to ``sink(start, stop, outputs)`` as numpy. On several hosts the outputs are
+        gathered to every host inside the step (a host can read only a replicated array)."""
         if fn not in self._jitted:
             self._jitted[fn] = jax.jit(
                 fn,
                 in_shardings=(self.replicated, self.batch_sharding),
-                out_shardings=self.batch_sharding,
+                out_shardings=self.batch_sharding if jax.process_count() == 1 else self.replicated,
             )
         jitted = self._jitted[fn]
         variables = jax.device_put(variables, self.replicated)
@@ -434,13 +435,30 @@ class RunCheckpoints:
     and a ``best`` is deleted only once a newer ``last`` refers to another. So at every point of
     a save, under kill -9 or power loss, a consistent ``last`` and ``best`` pair is on disk;
     leftovers of an unfinished save are cleaned up on the next start.
+
+    On several processes, process 0 alone saves (host copies of the replicated state, so no
+    other process takes part or needs to see the folder); the others' saves do nothing.
     """
 
     def __init__(self, directory: Path):
         directory = Path(directory).absolute()  # orbax requires absolute paths
+        self.multiprocess = jax.process_count() > 1
+        self.active = jax.process_index() == 0
+        if not self.active:
+            return
         opts = ocp.CheckpointManagerOptions(
             max_to_keep=None, enable_async_checkpointing=False, cleanup_tmp_directories=True
         )
+        if self.multiprocess:  # orbax's barriers then wait for process 0 only
+            for d in ("last", "best"):  # orbax creates none with active_processes set
+                (directory / d).mkdir(parents=True, exist_ok=True)
+            opts = dataclasses.replace(
+                opts,
+                create=False,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    primary_host=0, active_processes={0}
+                ),
+            )
         self.last = ocp.CheckpointManager(directory / "last", options=opts)
         self.best = ocp.CheckpointManager(directory / "best", options=opts)
         for d in (directory, directory.parent):  # the folders themselves survive power loss
@@ -460,11 +478,17 @@ class RunCheckpoints:
             if step not in keep:
                 manager.delete(step)
 
+    def _host(self, tree):
+        return jax.device_get(tree) if self.multiprocess else tree
+
     def save_last(self, state: TrainState, progress: Progress):
+        if not self.active:
+            return
         step = self._save(
             self.last,
             ocp.args.Composite(
-                state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress.to_json())
+                state=ocp.args.StandardSave(self._host(state)),
+                progress=ocp.args.JsonSave(progress.to_json()),
             ),
         )
         # Only now, with the new copy on disk, older ones and bests it does not refer to go.
@@ -500,12 +524,15 @@ class RunCheckpoints:
             ) from errors[0]
         return None
 
-    def save_best(self, weights: dict, progress: Progress) -> int:
-        """Saves the best weights; returns the save's number, for ``progress.best_save``."""
+    def save_best(self, weights: dict, progress: Progress) -> int | None:
+        """Saves the best weights; returns the save's number, for ``progress.best_save``
+        (None on a process that does not save)."""
+        if not self.active:
+            return None
         return self._save(
             self.best,
             ocp.args.Composite(
-                variables=ocp.args.StandardSave(weights),
+                variables=ocp.args.StandardSave(self._host(weights)),
                 info=ocp.args.JsonSave(
                     {
                         "epoch": max(progress.best_epoch),
@@ -555,8 +582,9 @@ class RunCheckpoints:
         return restored["variables"]
 
     def close(self):
-        self.last.close()
-        self.best.close()
+        if self.active:
+            self.last.close()
+            self.best.close()
 
 
 def fit(
@@ -869,4 +897,6 @@ def _set_learning_rate(state: TrainState, lr: float) -> TrainState:
 
 
 def _write_history(run_dir: Path, history: list[dict]):
+    if jax.process_index() != 0:  # process 0 alone writes the run folder
+        return
     write_text_atomic(run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
