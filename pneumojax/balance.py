@@ -238,3 +238,19 @@ def apply_balance(
             who = f"member {i + 1}: " if len(members) > 1 else ""
             log(f"balance {cfg.balance}: {who}train {c[0]} NORMAL, {c[1]} PNEUMONIA")
     return BalancedTrain(images, labels, weights, members, image_key, record)
+
+
+def seed_ensemble(balanced: BalancedTrain, k: int) -> BalancedTrain:
+    """``--seed-ensemble K``: K members that all train on what the balance method gave the one
+    member, differing only in their seed (head init, dropout, shuffling order, device
+    augmentation: each drawn per member in pneumojax.run and pneumojax.train)."""
+    if k <= 1:
+        return balanced
+    if len(balanced.members) != 1:
+        raise ValueError(
+            "--seed-ensemble cannot be combined with --balance ensemble (its members already "
+            "differ in their data); use one or the other"
+        )
+    record = {**balanced.record, "seed_ensemble": k}
+    record["member_counts"] = record["member_counts"] * k
+    return dataclasses.replace(balanced, members=balanced.members * k, record=record)

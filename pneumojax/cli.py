@@ -54,6 +54,33 @@ RUN_OPTION = click.option(
     "--run", "run_dir", required=True, help="A run folder made by `pneumojax train`."
 )
 EXPLAIN_METHODS = click.Choice(["gradcam", "gradcam++", "saliency"])
+SCORING_TTA = (
+    click.option(
+        "--tta",
+        "tta",
+        default=None,
+        type=click.IntRange(min=0),
+        metavar="N",
+        help="Test-time augmentation: average P(pneumonia) over N random views of each image; "
+        "0 = none [default: the run's own]. Other than the run's own, the thresholds are "
+        "re-derived on the run's validation split with the same TTA.",
+    ),
+    click.option(
+        "--tta-augment",
+        default=None,
+        type=_AugmentSpecType(),
+        help="The views' transforms, as --device-augment [default: the run's TTA spec, else "
+        "its --device-augment, else light].",
+    ),
+)
+
+
+def _scoring_tta(fn):
+    for option in reversed(SCORING_TTA):
+        fn = option(fn)
+    return fn
+
+
 SCORING_PRECISION = click.option(
     "--precision",
     default=None,
@@ -307,6 +334,33 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
     help="Ensemble members K [default: round(majority / minority)].",
 )
 @click.option(
+    "--seed-ensemble",
+    default=DEFAULTS.seed_ensemble,
+    show_default=True,
+    type=POSITIVE,
+    metavar="K",
+    help="Train K members side by side on the same train set, differing only in their seed "
+    "(head init, dropout, shuffling order); P(pneumonia) is their mean, thresholded once on "
+    "validation. Not with --balance ensemble.",
+)
+@click.option(
+    "--tta",
+    default=DEFAULTS.tta,
+    show_default=True,
+    type=NON_NEGATIVE,
+    metavar="N",
+    help="Test-time augmentation: validation and test (and evaluate/predict later) average "
+    "P(pneumonia) over N random views of each image; thresholds are chosen on the TTA "
+    "validation probabilities. 0 = none.",
+)
+@click.option(
+    "--tta-augment",
+    default=DEFAULTS.tta_augment,
+    type=_AugmentSpecType(),
+    help="With --tta: the views' transforms, as --device-augment [default: --device-augment "
+    "if given, else light].",
+)
+@click.option(
     "--precision",
     default=DEFAULTS.precision,
     show_default=True,
@@ -389,6 +443,14 @@ def train(
             _fail(_text(e), 2)
         if cfg.ensemble_size is not None and cfg.balance != "ensemble":
             _fail("--ensemble-size needs --balance ensemble", 2)
+        if cfg.seed_ensemble > 1 and cfg.balance == "ensemble":
+            _fail(
+                "--seed-ensemble cannot be combined with --balance ensemble (its members "
+                "already differ in their data); use one or the other",
+                2,
+            )
+        if cfg.tta_augment is not None and not cfg.tta:
+            _fail("--tta-augment needs --tta N (the number of views, N >= 1)", 2)
         import jax  # noqa: PLC0415
 
         if cfg.batch_size % jax.device_count():
@@ -518,13 +580,25 @@ def _describe_os_error(e: OSError) -> str:
 @click.option("--explain-method", default="gradcam", type=EXPLAIN_METHODS, show_default=True)
 @click.option("--explain-layer", default=None, help="[default: the last block before the cut]")
 @SCORING_PRECISION
+@_scoring_tta
 def evaluate(
-    run_dir, data, split, out, strict, explain_count, explain_method, explain_layer, precision
+    run_dir,
+    data,
+    split,
+    out,
+    strict,
+    explain_count,
+    explain_method,
+    explain_layer,
+    precision,
+    tta,
+    tta_augment,
 ):
     """Metrics (at the run's validation-chosen threshold) and plots on any data."""
     from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
     from pneumojax.data import DataError  # noqa: PLC0415
     from pneumojax.inference import evaluate_run  # noqa: PLC0415
+    from pneumojax.tta import TTAUsageError  # noqa: PLC0415
 
     if explain_count:  # a bad --explain-layer is a usage error before any scoring
         from pneumojax.explain import LayerChoiceError, check_run_layer  # noqa: PLC0415
@@ -545,7 +619,11 @@ def evaluate(
             strict=strict,
             precision=precision,
             explain=(explain_count, explain_method, explain_layer),
+            tta=tta,
+            tta_augment=tta_augment,
         )
+    except TTAUsageError as e:
+        _fail(_text(e), 2)
     except (ValueError, OSError, CheckpointError, DataError) as e:
         _fail(_text(e))
 
@@ -555,7 +633,8 @@ def evaluate(
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of CSV.")
 @click.argument("paths", nargs=-1, required=True)
 @SCORING_PRECISION
-def predict(run_dir, as_json, paths, precision):
+@_scoring_tta
+def predict(run_dir, as_json, paths, precision, tta, tta_augment):
     """Pneumonia probability and label for images or folders of images."""
     import csv  # noqa: PLC0415
     import json  # noqa: PLC0415
@@ -563,9 +642,14 @@ def predict(run_dir, as_json, paths, precision):
     from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
     from pneumojax.data import DataError  # noqa: PLC0415
     from pneumojax.inference import predict_paths  # noqa: PLC0415
+    from pneumojax.tta import TTAUsageError  # noqa: PLC0415
 
     try:
-        rows = predict_paths(run_dir, list(paths), precision=precision)
+        rows = predict_paths(
+            run_dir, list(paths), precision=precision, tta=tta, tta_augment=tta_augment
+        )
+    except TTAUsageError as e:
+        _fail(_text(e), 2)
     except (ValueError, OSError, CheckpointError, DataError) as e:
         _fail(_text(e))
     if as_json:

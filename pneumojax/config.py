@@ -49,6 +49,9 @@ class TrainConfig(FitOptions):
     augment: str = "cxr"
     device_augment: str = "none"  # pneumojax.augment: random transforms inside the step
     ensemble_size: int | None = None
+    seed_ensemble: int = 1  # K members on the same train set, differing only in their seed
+    tta: int = 0  # test-time augmentation: views per image (0: none); pneumojax.tta
+    tta_augment: str | None = None  # the views' spec [default: device_augment, else light]
 
     def fit_options(self) -> FitOptions:
         return FitOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FitOptions)})

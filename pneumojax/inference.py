@@ -46,6 +46,7 @@ from pneumojax.model import (
 )
 from pneumojax.plots import plot_confusion_matrix, plot_roc
 from pneumojax.train import Steps, make_mesh, member_logits
+from pneumojax.tta import TTA, image_ids, mean_over_views, resolve_tta, run_tta, view_images
 from pneumojax.workspace import cache_dir, load_split_arrays, resolve_data, write_json
 
 
@@ -139,20 +140,67 @@ class RunModel:
             )
         )
 
-    def probabilities_of_images(self, images, chunk: int = 512) -> np.ndarray:
-        """:meth:`member_probabilities` of raw images, a chunk at a time (bounded memory)."""
+    def probabilities_of_images(
+        self, images, chunk: int = 512, tta: TTA | None = None, desc: str | None = None
+    ) -> np.ndarray:
+        """:meth:`member_probabilities` of raw images, a chunk at a time (bounded memory).
+        With ``tta``: each member's probability averaged over the views
+        (:mod:`pneumojax.tta`), every view through the frozen prefix (no activation cache)."""
         chunk = max(self.batch_size, chunk // self.batch_size * self.batch_size)
-        parts = [
-            self.member_probabilities(self.inputs(images[i : i + chunk]))
-            for i in range(0, len(images), chunk)
-        ]
+        parts = []
+        for i in range(0, len(images), chunk):
+            part = np.asarray(images[i : i + chunk])
+            if tta is None:
+                parts.append(self.member_probabilities(self.inputs(part)))
+                continue
+            ids = image_ids(part)
+            views = [
+                self.member_probabilities(
+                    self.inputs(view_images(self.steps, part, ids, tta, v, self.batch_size)),
+                    desc=desc and f"{desc}, view {v + 1}/{tta.views}",
+                )
+                for v in range(tta.views)
+            ]
+            parts.append(mean_over_views(views))
         return np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
 
 
-def validation_thresholds(y_val, p_val: np.ndarray, target_recall: float) -> list[float]:
-    """One threshold per member, each the most specific reaching ``target_recall`` on
-    validation (never on test)."""
+def split_probabilities(
+    model: RunModel, images, image_key: str | None, tta: TTA | None, desc: str
+) -> np.ndarray:
+    """P(pneumonia) per image and member of one split: through the activation cache
+    (``image_key``) without TTA, each view through the whole model with it."""
+    if tta is None:
+        return model.member_probabilities(
+            model.inputs(images, image_key, desc=f"frozen activations ({desc})"),
+            desc=f"predict {desc}",
+        )
+    return model.probabilities_of_images(images, tta=tta, desc=f"predict {desc} (TTA)")
+
+
+def validation_thresholds(
+    y_val, p_val: np.ndarray, target_recall: float, combine: str = "vote"
+) -> list[float]:
+    """The most specific threshold reaching ``target_recall`` on validation (never on test):
+    ``vote``, one per member (the balance ensemble's majority vote); ``mean``, one on the
+    members' mean probability (a seed ensemble, or one model)."""
+    if combine == "mean":
+        return [choose_threshold(y_val, combined_probability(p_val), target_recall)]
     return [choose_threshold(y_val, p_val[:, i], target_recall) for i in range(p_val.shape[1])]
+
+
+def combine_rule(config) -> str:
+    """How a run combines its members: ``vote`` for ``--balance ensemble`` (members trained on
+    different data), ``mean`` otherwise (one model, or a ``--seed-ensemble``). ``config``: a
+    TrainConfig or a config.json dict."""
+    balance_method = config["balance"] if isinstance(config, dict) else config.balance
+    return "vote" if balance_method == "ensemble" else "mean"
+
+
+def combined_probability(member_p: np.ndarray) -> np.ndarray:
+    """P(pneumonia) of the members together: their mean (one model: its own)."""
+    member_p = np.asarray(member_p)
+    return member_p[:, 0] if member_p.shape[1] == 1 else balance.mean_probability(member_p.T)
 
 
 def score_split(
@@ -173,7 +221,10 @@ def score_split(
         metrics["confusion_matrix"],
         plots_dir / "confusion_matrix.png",
         title=f"{split_name}, threshold {metrics['threshold']:.3f}"
-        + (f" ({len(thresholds)}-member vote)" if len(thresholds) > 1 else ""),
+        + (f" ({len(thresholds)}-member vote)" if len(thresholds) > 1 else "")
+        + (
+            f" (mean of {member_p.shape[1]} members)" if len(thresholds) < member_p.shape[1] else ""
+        ),
     )
     plot_roc(
         y,
@@ -221,6 +272,7 @@ class LoadedRun:
     thresholds: list[float]  # one per member, chosen on validation
     precision: str  # what it scores in (the run's own unless overridden)
     full_variables: dict  # every member's whole classifier, stacked (for explain)
+    tta: TTA | None = None  # what the run was thresholded with (config.json's tta)
 
 
 def run_precision(config: dict) -> str:
@@ -297,7 +349,46 @@ def load_run(run_dir: str | Path, precision: str | None = None, log=print) -> Lo
             "0.1.1); train it again"
         )
     model.variables = stack_members([model.own_variables(v) for v in members])
-    return LoadedRun(run_dir, config, model, list(manifest["thresholds"]), used, variables)
+    return LoadedRun(
+        run_dir, config, model, list(manifest["thresholds"]), used, variables, run_tta(config)
+    )
+
+
+def scoring_tta(
+    run: LoadedRun, views: int | None = None, augment: str | None = None, log=print
+) -> tuple[TTA | None, list[float], dict]:
+    """The TTA and thresholds to score ``run`` with: by default the run's own (those it chose
+    its thresholds with). ``views`` (``--tta N``, 0 = none) and ``augment`` (``--tta-augment``)
+    override it; a setting other than the run's own re-derives the thresholds on the run's
+    validation split with that same TTA (a threshold chosen on other probabilities would not
+    be the one the run's rule gives), and says so. Returns (TTA, thresholds, the record for
+    metrics.json)."""
+    own = run.tta
+    if views is None:
+        views = own.views if own else 0
+    if augment is None and own and views:
+        augment = own.augment
+    tta = resolve_tta(views, augment, run.config.get("device_augment", "none"))
+    record = {"tta": tta.record() if tta else None, "thresholds_rederived": tta != own}
+    if tta == own:
+        return tta, run.thresholds, record
+    what = tta.describe() if tta else "no TTA"
+    splits = Splits.from_json((run.run_dir / "splits.json").read_text())
+    log(
+        f"note: scoring with {what}, not as the run was thresholded "
+        f"({own.describe() if own else 'no TTA'}): thresholds re-derived on the run's "
+        f"validation split ({len(splits.val)} images) with the same TTA; figures differ from "
+        "its metrics.json"
+    )
+    size, resize = run.config["image_size"], run_resize(run.config)
+    x, y = load_split_arrays(splits.val, size, log, resize)
+    key = image_set_key([p for p, _ in splits.val], size, resize)
+    p_val = split_probabilities(run.model, x, key, tta, "val")
+    thresholds = validation_thresholds(
+        y, p_val, run.config["target_recall"], combine_rule(run.config)
+    )
+    record["run_thresholds"] = list(run.thresholds)
+    return tta, thresholds, record
 
 
 def evaluate_run(
@@ -309,15 +400,20 @@ def evaluate_run(
     strict: bool = False,
     precision: str | None = None,
     explain: tuple[int, str, str | None] = (0, "gradcam", None),
+    tta: int | None = None,
+    tta_augment: str | None = None,
 ) -> dict:
     """Evaluates a run's best model on a split of its own data or of another folder.
 
     The thresholds are the ones the run chose on its validation split. On the run's own test
-    split this reproduces its metrics.json exactly (same precision, same scoring path).
+    split this reproduces its metrics.json exactly (same precision, same scoring path, the
+    run's own test-time augmentation). ``tta``/``tta_augment`` (``--tta N``,
+    ``--tta-augment``) score with another TTA: see :func:`scoring_tta`.
     ``explain`` = (N, method, layer): heat maps of the N most confident false positives and
     false negatives (:func:`pneumojax.explain.explain_errors`).
     """
     run = load_run(run_dir, precision, log)
+    setting, thresholds, tta_record = scoring_tta(run, tta, tta_augment, log)
     size, resize = run.config["image_size"], run_resize(run.config)
     if data is None:
         splits = Splits.from_json((run.run_dir / "splits.json").read_text())
@@ -338,14 +434,14 @@ def evaluate_run(
     x, y = load_split_arrays(items, size, log, resize)
     out = Path(out) if out else run.run_dir / f"eval-{split}" / "metrics.json"
     key = image_set_key([p for p, _ in items], size, resize)
-    p = run.model.member_probabilities(
-        run.model.inputs(x, key, desc=f"frozen activations ({split})"), desc=f"predict {split}"
-    )
+    p = split_probabilities(run.model, x, key, setting, split)
     metrics = score_split(
-        y, p, run.thresholds, run.config["target_recall"], out.parent / "plots", split
+        y, p, thresholds, run.config["target_recall"], out.parent / "plots", split
     )
     metrics["data"] = str(data or run.config["data"])
     metrics["compute_precision"] = run.precision
+    if setting is not None or tta_record["thresholds_rederived"]:
+        metrics.update(tta_record)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, metrics)
     write_predictions(out.parent / "predictions.csv", items, p)
@@ -359,16 +455,25 @@ def evaluate_run(
 
 
 def predict_paths(
-    run_dir: str | Path, paths: list[str], precision: str | None = None, log=None
+    run_dir: str | Path,
+    paths: list[str],
+    precision: str | None = None,
+    log=None,
+    tta: int | None = None,
+    tta_augment: str | None = None,
 ) -> list[dict]:
-    """Pneumonia probability and label for each image (folders are searched for images)."""
+    """Pneumonia probability and label for each image (folders are searched for images),
+    with the run's own test-time augmentation unless ``tta``/``tta_augment`` say otherwise
+    (:func:`scoring_tta`)."""
     log = log or (lambda m: print(m, file=sys.stderr))
     run = load_run(run_dir, precision, log)
+    setting, thresholds, _ = scoring_tta(run, tta, tta_augment, log)
     files = gather_image_files(paths, log)
     images = load_images(
         files, run.config["image_size"], progress=len(files) > 50, resize=run_resize(run.config)
     )
-    return prediction_rows(run, files, run.model.probabilities_of_images(images))
+    p = run.model.probabilities_of_images(images, tta=setting)
+    return prediction_rows(run, files, p, thresholds)
 
 
 def gather_image_files(paths: list[str], log) -> list[str]:
@@ -390,16 +495,20 @@ def gather_image_files(paths: list[str], log) -> list[str]:
     return files
 
 
-def prediction_rows(run: LoadedRun, files: list[str], member_p: np.ndarray) -> list[dict]:
+def prediction_rows(
+    run: LoadedRun, files: list[str], member_p: np.ndarray, thresholds: list[float] | None = None
+) -> list[dict]:
     """``predict``'s rows: path, P(pneumonia) (the members' mean), label at the run's
-    threshold (ensembles: the members' vote)."""
-    labels = balance.vote(member_p.T, run.thresholds)  # one member: its own threshold
+    threshold (``thresholds``: others, e.g. re-derived for another TTA) by the run's rule
+    (:func:`predicted_labels`)."""
+    thresholds = run.thresholds if thresholds is None else thresholds
+    labels = predicted_labels(member_p, thresholds)
     return [
         {
             "path": f,
             "p_pneumonia": float(q),
             "label": "PNEUMONIA" if lab else "NORMAL",
-            "threshold": run.thresholds[0] if len(run.thresholds) == 1 else "vote",
+            "threshold": thresholds[0] if len(thresholds) == 1 else "vote",
         }
         for f, q, lab in zip(files, balance.mean_probability(member_p.T), labels)
     ]
@@ -421,5 +530,9 @@ def read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 
 def predicted_labels(member_p: np.ndarray, thresholds: list[float]) -> np.ndarray:
-    """A run's labels: its one model at its threshold, or its members' majority vote."""
-    return balance.vote(np.asarray(member_p).T, thresholds)
+    """A run's labels: one threshold applies to the members' mean probability (one model, a
+    seed ensemble); one threshold per member means their majority vote (a balance ensemble)."""
+    member_p = np.asarray(member_p)
+    if len(thresholds) == 1:
+        return (combined_probability(member_p) >= thresholds[0]).astype(np.int32)
+    return balance.vote(member_p.T, thresholds)

@@ -247,11 +247,21 @@ def format_metrics(m: dict[str, Any]) -> str:
 
 
 def combined_metrics(y: np.ndarray, member_p: np.ndarray, thresholds: list[float]) -> dict:
-    """One model: figures at its threshold. An ensemble: labels by majority vote of the members
-    (each at its own validation threshold; ties count as PNEUMONIA), AUC from the mean
-    probability."""
+    """One model: figures at its threshold. A seed ensemble (several members, one threshold):
+    figures of the members' mean probability at that threshold. A balance ensemble (one
+    threshold per member): labels by majority vote of the members (each at its own validation
+    threshold; ties count as PNEUMONIA), AUC from the mean probability."""
+    k = member_p.shape[1]
     if len(thresholds) == 1:
-        metrics = evaluate_predictions(y, member_p[:, 0], thresholds[0])
+        p = member_p[:, 0] if k == 1 else member_p.T.mean(0)  # as balance.mean_probability
+        metrics = evaluate_predictions(y, p, thresholds[0])
+        if k > 1:
+            metrics["ensemble"] = {
+                "members": k,
+                "label": "mean probability at one validation threshold",
+                "auc": "mean probability",
+                "threshold": "chosen on the members' mean validation probability",
+            }
     else:
         # The vote fraction at 0.5 gives exactly balance.vote's labels (ties -> PNEUMONIA).
         votes = (member_p >= np.asarray(thresholds)).mean(1)

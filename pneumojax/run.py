@@ -24,7 +24,9 @@ from pneumojax.config import TrainConfig
 from pneumojax.features import cacheable_frontier, merge_variables, storage_dtype
 from pneumojax.inference import (
     RunModel,
+    combine_rule,
     score_split,
+    split_probabilities,
     stack_members,
     validation_thresholds,
     write_predictions,
@@ -41,6 +43,7 @@ from pneumojax.model import (
 )
 from pneumojax.plots import plot_history
 from pneumojax.train import fit, make_mesh
+from pneumojax.tta import resolve_tta, run_tta
 from pneumojax.workspace import (
     cache_dir,
     environment,
@@ -93,6 +96,13 @@ def train_run(
     balanced = balance.apply_balance(
         cfg, *arrays["train"], train_key, log, augment_cache=cache_dir() / "augmented"
     )
+    balanced = balance.seed_ensemble(balanced, cfg.seed_ensemble)
+    if cfg.seed_ensemble > 1:
+        log(
+            f"seed ensemble: {cfg.seed_ensemble} members on the same train set, each with its "
+            "own head init, dropout and shuffling order; P(pneumonia) is their mean, "
+            "thresholded once on validation"
+        )
     if writes and not resume:
         config = read_json(run_dir / "config.json")
         write_json(run_dir / "config.json", {**config, "balance_applied": balanced.record})
@@ -185,6 +195,15 @@ def resolved_config(cfg: TrainConfig, run_dir: Path, resume: bool) -> tuple[Trai
         requested.update(device_augment=cfg.device_augment, feature_cache=cfg.feature_cache)
         cfg.feature_cache = False
     cfg.device_augment = str(spec)
+    if cfg.seed_ensemble > 1 and cfg.balance == "ensemble":
+        raise ValueError(
+            "--seed-ensemble cannot be combined with --balance ensemble (its members already "
+            "differ in their data); use one or the other"
+        )
+    tta = resolve_tta(cfg.tta, cfg.tta_augment, cfg.device_augment)
+    if cfg.tta_augment is not None:
+        requested["tta_augment"] = cfg.tta_augment
+    cfg.tta_augment = tta.augment if tta else None
     cfg.precision = resolve_precision(cfg.precision)
     cfg.feature_cache_dtype = storage_dtype(
         cfg.feature_cache_dtype, compute_dtype(cfg.precision)
@@ -297,15 +316,29 @@ def finish_run(
     log: Callable[[str], None],
 ) -> dict:
     """Thresholds on validation, figures and plots on test; every validation and test
-    probability saved (operating points and paired tests are recomputed from them)."""
-    p_val = run_model.member_probabilities(inputs["val"])
-    p_test = run_model.member_probabilities(inputs["test"], desc="predict test")
+    probability saved (operating points and paired tests are recomputed from them).
+
+    With ``--tta N`` both validation and test are scored with the same test-time
+    augmentation, so the thresholds are chosen on the probabilities they are applied to. The
+    members combine by the run's rule (:func:`pneumojax.inference.combine_rule`)."""
+    tta = run_tta(dataclasses.asdict(cfg))
+    if tta is None:
+        p_val = run_model.member_probabilities(inputs["val"])
+        p_test = run_model.member_probabilities(inputs["test"], desc="predict test")
+    else:
+        log(f"test-time augmentation: validation and test scored with {tta.describe()}")
+        p_val = split_probabilities(run_model, arrays["val"][0], None, tta, "val")
+        p_test = split_probabilities(run_model, arrays["test"][0], None, tta, "test")
     if jax.process_index() != 0:  # process 0 alone writes the run folder
         return {}
-    thresholds = validation_thresholds(arrays["val"][1], p_val, cfg.target_recall)
+    thresholds = validation_thresholds(
+        arrays["val"][1], p_val, cfg.target_recall, combine_rule(cfg)
+    )
     metrics = score_split(
         arrays["test"][1], p_test, thresholds, cfg.target_recall, run_dir / "plots", "test"
     )
+    if tta is not None:
+        metrics["tta"] = tta.record()
     write_predictions(run_dir / "predictions" / "val.csv", splits.val, p_val)
     write_predictions(run_dir / "predictions" / "test.csv", splits.test, p_test)
     return metrics
