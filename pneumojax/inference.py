@@ -450,7 +450,10 @@ def evaluate_run(
     if explain[0]:
         from pneumojax.explain import explain_errors  # noqa: PLC0415 (explain imports this)
 
-        explain_errors(run, out.parent, *explain, log=log)
+        # its labels at the thresholds this evaluation used (re-derived for another TTA)
+        explain_errors(
+            dataclasses.replace(run, thresholds=thresholds), out.parent, *explain, log=log
+        )
     return metrics
 
 

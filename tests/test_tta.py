@@ -233,3 +233,20 @@ def test_tta_is_an_experiment_file_option(workdir, tmp_path):
     exp.write_text("tta = -2\n")
     with pytest.raises(ValueError, match="tta"):
         load_experiment(exp)
+
+
+def test_evaluate_explain_labels_at_the_rederived_thresholds(plain_run):
+    out = plain_run / "eval-explain-tta" / "metrics.json"
+    args = ["evaluate", "--run", str(plain_run), "--split", "val", "--out", str(out)]
+    r = CliRunner().invoke(main, args + ["--tta", "2", "--explain", "2"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(out.read_text())
+    assert m["thresholds_rederived"] and m["threshold"] != m["run_thresholds"][0]
+    rows = list(csv.DictReader(open(out.parent / "explain" / "explain.csv")))
+    _, labels, p = read_predictions(out.parent / "predictions.csv")
+    by_path = dict(
+        zip([row["path"] for row in csv.DictReader(open(out.parent / "predictions.csv"))], p[:, 0])
+    )
+    assert rows
+    for row in rows:  # the errors it picked are errors at the re-derived threshold
+        assert row["label"] == ("PNEUMONIA" if by_path[row["path"]] >= m["threshold"] else "NORMAL")
