@@ -44,6 +44,7 @@ from pneumojax.inference import (
     prediction_rows,
     read_predictions,
     run_resize,
+    scoring_tta,
 )
 from pneumojax.io import write_text_atomic
 from pneumojax.model import build_classifier
@@ -122,7 +123,7 @@ class Explainer:
         self._steps = Steps(self.model, optax.identity(), make_mesh())
         shared, differ, self._structure = _shared_and_member_variables(self.run.full_variables)
         self._variables = (shared, differ)
-        self.members = len(self.run.thresholds)
+        self.members = member_count(self.run)
 
     def maps(self, images: np.ndarray, desc: str | None = None) -> np.ndarray:
         """(n, S, S) float32 maps (>= 0; ensembles: the members' mean), for uint8 (n, S, S, 3)."""
@@ -213,9 +214,19 @@ def describe(run: LoadedRun, method: str, layer: str, chosen: bool) -> str:
         else f"at {layer}"
         + ("" if chosen else f" (default: the last block output up to the cut {run.config['cut']})")
     )
-    members = len(run.thresholds)
+    members = member_count(run)
     mean = f"; the mean of the {members} ensemble members' maps" if members > 1 else ""
-    return f"{_TITLE[method]} {where}, of the PNEUMONIA logit in inference mode{mean}"
+    tta = (
+        f"; maps of each image as given, probabilities with the run's {run.tta.describe()}"
+        if getattr(run, "tta", None)
+        else ""
+    )
+    return f"{_TITLE[method]} {where}, of the PNEUMONIA logit in inference mode{mean}{tta}"
+
+
+def member_count(run: LoadedRun) -> int:
+    """How many models a run holds (balance and seed ensembles alike)."""
+    return int(jax.tree.leaves(run.full_variables)[0].shape[0])
 
 
 def explain_paths(
@@ -234,7 +245,10 @@ def explain_paths(
     images = load_images(
         files, run.config["image_size"], progress=len(files) > 50, resize=run_resize(run.config)
     )
-    member_p = run.model.probabilities_of_images(images)
+    # probabilities and labels exactly as ``predict`` gives them (the run's own TTA included)
+    tta, thresholds, _ = scoring_tta(run, log=log)
+    member_p = run.model.probabilities_of_images(images, tta=tta)
+    run = dataclasses.replace(run, thresholds=thresholds)
     return explain_images(run, files, images, member_p, Path(out), chosen, method, layer, log)
 
 

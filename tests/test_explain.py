@@ -351,3 +351,19 @@ def test_a_dicom_is_explained_at_its_own_size(demo, tmp_path):
         float(row["p_pneumonia"])
         == predict_paths(run, [str(tmp_path / "scan.dcm")])[0]["p_pneumonia"]
     )
+
+
+def test_a_seed_ensemble_with_tta_is_explained_as_predict_scores_it(tiny_data, tmp_path):
+    """A seed ensemble (one threshold on the members' mean) trained with TTA: the maps average
+    both members, and explain.csv's probabilities and labels are predict's (TTA included)."""
+    run = tmp_path / "run"
+    _train(tiny_train_args(tiny_data, run, "--seed-ensemble", "2", "--tta", "2", epochs=1))
+    files = sorted(map(str, (tiny_data / "PNEUMONIA").iterdir()))[:4]
+    r = CliRunner().invoke(main, ["explain", "--run", str(run), *files, "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "the mean of the 2 ensemble members' maps" in r.output
+    assert "probabilities with the run's" in r.output
+    rows = _read_csv(tmp_path / "explain.csv")
+    predicted = predict_paths(run, files, log=lambda m: None)
+    assert [float(r["p_pneumonia"]) for r in rows] == [p["p_pneumonia"] for p in predicted]
+    assert [r["label"] for r in rows] == [p["label"] for p in predicted]
