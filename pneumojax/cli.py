@@ -11,7 +11,15 @@ from pathlib import Path
 import click
 
 from pneumojax.backbones import REGISTRY, get_backbone, layer_table
-from pneumojax.config import BALANCE_METHODS, LR_SCHEDULES, PRECISIONS, RESIZE_METHODS, TrainConfig
+from pneumojax.config import (
+    BALANCE_METHODS,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    PRECISIONS,
+    RESIZE_METHODS,
+    TrainConfig,
+    resolve_optimisation,
+)
 
 BACKBONES = click.Choice(sorted(REGISTRY))
 DTYPES = click.Choice(PRECISIONS)  # --precision, --feature-cache-dtype
@@ -269,7 +277,49 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
     default=DEFAULTS.lr_schedule,
     show_default=True,
     type=click.Choice(LR_SCHEDULES),
-    help="keras-seed: the study's compounding x0.85**epoch per epoch.",
+    help="keras-seed: the study's compounding x0.85**epoch per epoch; warmup-cosine: per "
+    "step, linear warmup from 0 to --lr, then cosine decay to 0 at the end of --epochs.",
+)
+@click.option(
+    "--warmup-epochs",
+    default=DEFAULTS.warmup_epochs,
+    type=_FiniteRange(min=0.0),
+    help="warmup-cosine's warmup, in epochs (a fraction is fine) [default: 1].",
+)
+@click.option(
+    "--optimizer",
+    default=DEFAULTS.optimizer,
+    show_default=True,
+    type=click.Choice(OPTIMIZERS),
+    help="adam: Keras's Adam (the study's); adamw: the same with decoupled weight decay on "
+    "kernels (not biases or BatchNorm).",
+)
+@click.option(
+    "--weight-decay",
+    default=DEFAULTS.weight_decay,
+    type=_FiniteRange(min=0.0),
+    help="adamw's decoupled weight decay (each step p -= lr * W * p) [default: 0.01].",
+)
+@click.option(
+    "--label-smoothing",
+    default=DEFAULTS.label_smoothing,
+    show_default=True,
+    type=_FiniteRange(0.0, 1.0, max_open=True),
+    help="Training targets y(1-S)+S/2 for each sigmoid unit; validation loss stays unsmoothed.",
+)
+@click.option(
+    "--clip-grad-norm",
+    default=DEFAULTS.clip_grad_norm,
+    type=_FiniteRange(min=0.0, min_open=True),
+    help="Scale the trainable parameters' gradients to at most this global norm [default: off].",
+)
+@click.option(
+    "--ema",
+    default=DEFAULTS.ema,
+    type=_FiniteRange(0.0, 1.0, min_open=True, max_open=True),
+    metavar="DECAY",
+    help="Keep an exponential moving average of the weights (e.g. 0.999); validation, early "
+    "stopping, the best and the saved model use it [default: off].",
 )
 @click.option(
     "--patience",
@@ -529,6 +579,10 @@ def _check_train_options(options, distributed, coordinator, num_processes, proce
             f"below 1 (got {options['val_fraction']} + "
             f"{options['test_fraction']}): nothing would be left to train",
         )
+    try:  # --weight-decay without adamw, --warmup-epochs without warmup-cosine, ...
+        resolve_optimisation(TrainConfig(**options))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     if not distributed:
         for name, value in (
             ("--coordinator", coordinator),

@@ -8,6 +8,7 @@ A run folder holds everything the run did: ``config.json`` (all resolved), ``spl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import time
@@ -20,7 +21,7 @@ from pneumojax import balance, data
 from pneumojax.augment import parse_augment
 from pneumojax.backbones import get_backbone
 from pneumojax.checkpoint import save_variables
-from pneumojax.config import TrainConfig
+from pneumojax.config import TrainConfig, optimisation_summary, resolve_optimisation
 from pneumojax.features import cacheable_frontier, merge_variables, storage_dtype
 from pneumojax.inference import (
     RunModel,
@@ -129,12 +130,24 @@ def train_run(
         member_vars[0],
         cfg.batch_size,
         mesh,
-        make_optimizer,
+        functools.partial(
+            make_optimizer,
+            optimizer=cfg.optimizer,
+            weight_decay=cfg.weight_decay,
+            clip_grad_norm=cfg.clip_grad_norm,
+        ),
         cfg.learning_rate,
     )
     augment_spec = parse_augment(cfg.device_augment)
     if not augment_spec.identity:  # the same step, augmenting each batch first
         run_model.steps = dataclasses.replace(run_model.steps, augment=augment_spec)
+    if cfg.label_smoothing or cfg.ema is not None:  # the same step, plus smoothing or the EMA
+        run_model.steps = dataclasses.replace(
+            run_model.steps, label_smoothing=cfg.label_smoothing, ema=cfg.ema
+        )
+    summary = optimisation_summary(cfg)
+    if summary:
+        log(summary)
     inputs = training_inputs(cfg, splits, balanced, arrays, run_model, frontier, log)
     best, progress = fit(
         run_model.steps,
@@ -195,6 +208,11 @@ def resolved_config(cfg: TrainConfig, run_dir: Path, resume: bool) -> tuple[Trai
         requested.update(device_augment=cfg.device_augment, feature_cache=cfg.feature_cache)
         cfg.feature_cache = False
     cfg.device_augment = str(spec)
+    optim = resolve_optimisation(cfg)  # weight decay and warmup: defaults that depend on others
+    for name in ("weight_decay", "warmup_epochs"):
+        if getattr(optim, name) != getattr(cfg, name):
+            requested[name] = getattr(cfg, name)
+    cfg = optim
     if cfg.seed_ensemble > 1 and cfg.balance == "ensemble":
         raise ValueError(
             "--seed-ensemble cannot be combined with --balance ensemble (its members already "

@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pneumojax.augment import AugmentSpec, augment
 from pneumojax.checkpoint import CheckpointError
-from pneumojax.config import LR_SCHEDULES, FitOptions
+from pneumojax.config import LR_SCHEDULES, FitOptions, resolve_optimisation
 from pneumojax.io import fsync_path, fsync_tree, write_text_atomic
 from pneumojax.model import Classifier, pneumonia_probability
 from pneumojax.progress import progress_bar
@@ -57,6 +57,16 @@ class TrainState:
     opt_state: Any
 
 
+@flax.struct.dataclass
+class EmaTrainState(TrainState):
+    """A :class:`TrainState` that also keeps ``ema``, the exponential moving average of the
+    weights (``params`` and ``batch_stats``), updated by every step (``--ema``). A subclass
+    rather than an optional field, so a run without EMA saves and restores exactly the state
+    it did before (and older checkpoints still resume)."""
+
+    ema: Any
+
+
 def epoch_lr_factor(kind: str, epoch) -> Any:
     """Learning-rate factor for a 0-based epoch.
 
@@ -69,7 +79,37 @@ def epoch_lr_factor(kind: str, epoch) -> Any:
         return 0.85**epoch
     if kind == "constant":
         return 1.0 + 0 * epoch
+    if kind in STEP_SCHEDULES:
+        raise ValueError(f"--lr-schedule {kind} sets the rate per step: see step_learning_rates")
     raise ValueError(f"unknown --lr-schedule {kind!r}; choose one of {', '.join(LR_SCHEDULES)}")
+
+
+STEP_SCHEDULES = ("warmup-cosine",)  # the rest of LR_SCHEDULES set the rate once per epoch
+
+
+def step_learning_rates(opts: FitOptions, epoch: int, steps_per_epoch: int) -> np.ndarray:
+    """The rate of every step of a 0-based ``epoch`` under a per-step schedule.
+
+    ``warmup-cosine`` is ``optax.warmup_cosine_decay_schedule`` over the planned run, at the
+    0-based global step s (the number of steps before this one), T = epochs x steps per epoch,
+    W = round(warmup_epochs x steps per epoch): ``lr * s / W`` while s < W, then
+    ``lr * (1 + cos(pi (s - W) / (T - W))) / 2``. It is planned over ``--epochs``: early
+    stopping ends a run where it is on that curve, and a resumed run (the rate is a function
+    of s alone) takes the rates an uninterrupted one would have taken.
+    """
+    opts = resolve_optimisation(opts)
+    if opts.lr_schedule != "warmup-cosine":
+        raise ValueError(f"--lr-schedule {opts.lr_schedule} sets the rate once per epoch")
+    total = opts.epochs * steps_per_epoch
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=opts.learning_rate,
+        warmup_steps=round(opts.warmup_epochs * steps_per_epoch),
+        decay_steps=total,
+        end_value=0.0,
+    )
+    steps = np.arange(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
+    return np.asarray(jax.device_get(jax.vmap(schedule)(steps)), np.float64)
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -77,9 +117,16 @@ def make_mesh() -> jax.sharding.Mesh:
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def loss_and_accuracy(logits, labels, weights):
-    """The study's binary cross-entropy on one-hot labels (two sigmoid units), weighted."""
+def loss_and_accuracy(logits, labels, weights, label_smoothing: float = 0.0):
+    """The study's binary cross-entropy on one-hot labels (two sigmoid units), weighted.
+
+    ``label_smoothing`` s moves each unit's binary target toward 1/2, ``y (1 - s) + s / 2``
+    (Keras's ``BinaryCrossentropy(label_smoothing=s)``; for two classes the same as
+    ``optax.smooth_labels``): the PNEUMONIA unit's target becomes 1 - s/2 or s/2. Only the
+    training loss is smoothed; validation (early stopping) scores the plain loss."""
     onehot = jax.nn.one_hot(labels, 2)
+    if label_smoothing:
+        onehot = optax.smooth_labels(onehot, label_smoothing)
     per_example = optax.sigmoid_binary_cross_entropy(logits, onehot).mean(-1)
     correct = ((pneumonia_probability(logits) >= 0.5) == (labels == 1)).astype(jnp.float32)
     # Keras's reduction: the weighted sum over the batch size (not over the weights' sum), so
@@ -103,14 +150,18 @@ def train_step(
     batch: dict,
     key: jax.Array,
     augment_spec: AugmentSpec | None = None,
+    label_smoothing: float = 0.0,
+    ema_decay: float | None = None,
 ) -> tuple[TrainState, dict]:
     """One optimizer step of one member on ``batch`` (``image``: images or cached activations,
-    ``label``, ``weight``); returns the new state and the batch's ``loss`` and ``accuracy``.
+    ``label``, ``weight``); returns the new state and the batch's ``loss`` and ``accuracy``
+    (the loss with ``label_smoothing``, see :func:`loss_and_accuracy`).
 
     Dropout draws from ``key`` folded with the state's step number, so a resumed run draws
     what an uninterrupted one would have drawn. ``augment_spec`` (not the identity) transforms
     the images first (:func:`pneumojax.augment.augment`), drawing from ``key`` and the step
-    number too; with none, the step is exactly the plain one."""
+    number too; with none, the step is exactly the plain one. With ``ema_decay`` (the state an
+    :class:`EmaTrainState`) the step also moves the average: :func:`ema_update`."""
     images = batch["image"]
     if augment_spec is not None and not augment_spec.identity:
         if isinstance(images, dict):
@@ -130,14 +181,31 @@ def train_step(
             rngs={"dropout": key},
             mutable=["batch_stats"],
         )
-        loss, acc = loss_and_accuracy(logits, batch["label"], batch["weight"])
+        loss, acc = loss_and_accuracy(logits, batch["label"], batch["weight"], label_smoothing)
         return loss, (acc, updates.get("batch_stats", state.batch_stats))
 
     (loss, (acc, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new = TrainState(state.step + 1, params, batch_stats, opt_state)
+    new = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    if ema_decay is not None:
+        trained = {"params": new.params, "batch_stats": new.batch_stats}
+        new = new.replace(ema=ema_update(new.ema, trained, new.step, ema_decay))
     return new, {"loss": loss, "accuracy": acc}
+
+
+def ema_update(ema, weights, step, decay: float):
+    """The moving average after optimizer step ``step`` (1-based): ``ema + (1 - d) (w - ema)``
+    with ``d = min(decay, (1 + step) / (10 + step))``, TensorFlow's
+    ``ExponentialMovingAverage(decay, num_updates)``: the early average follows the weights
+    rather than staying at the initial ones. It starts at the initial weights (not at zero,
+    as ``optax.ema``, whose debiasing would move every leaf by a rounding error), so a leaf
+    the step leaves unchanged (frozen layers) keeps its value exactly."""
+    t = jnp.asarray(step, jnp.float32)
+    d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+    return jax.tree.map(lambda e, w: e + ((1.0 - d) * (w - e)).astype(e.dtype), ema, weights)
 
 
 def train_members_step(
@@ -147,6 +215,8 @@ def train_members_step(
     batch: dict,
     keys: jax.Array,
     augment_spec: AugmentSpec | None = None,
+    label_smoothing: float = 0.0,
+    ema_decay: float | None = None,
 ) -> tuple[TrainState, dict]:
     """:func:`train_step` for K members side by side: the state, the batch and the metrics
     carry a leading member axis, ``keys`` holds one key per member (each member its own
@@ -154,7 +224,14 @@ def train_members_step(
 
     K = 1 for a plain run, K > 1 for an ensemble whose members differ only in what they
     train on."""
-    step = functools.partial(train_step, model, tx, augment_spec=augment_spec)
+    step = functools.partial(
+        train_step,
+        model,
+        tx,
+        augment_spec=augment_spec,
+        label_smoothing=label_smoothing,
+        ema_decay=ema_decay,
+    )
     if keys.shape[0] == 1:
         # One member: drop the member axis rather than vmap, whose batching of
         # convolutions over stacked kernels (grouped convolutions) costs ~15% on CPU.
@@ -179,13 +256,18 @@ def predict_members_step(model: Classifier, member_variables: dict, images) -> j
 
 
 def create_train_state(
-    tx: optax.GradientTransformation, member_variables: list[dict]
+    tx: optax.GradientTransformation, member_variables: list[dict], ema: bool = False
 ) -> TrainState:
-    """The members' variables stacked on a leading axis, with their optimizer states."""
+    """The members' variables stacked on a leading axis, with their optimizer states; with
+    ``ema``, an :class:`EmaTrainState` whose average starts at these variables."""
     stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *member_variables)
     params, batch_stats = stacked["params"], stacked.get("batch_stats", {})
     k = len(member_variables)
-    return TrainState(jnp.zeros((k,), jnp.int32), params, batch_stats, jax.vmap(tx.init)(params))
+    state = TrainState(jnp.zeros((k,), jnp.int32), params, batch_stats, jax.vmap(tx.init)(params))
+    if not ema:
+        return state
+    copy = jax.tree.map(np.copy, {"params": params, "batch_stats": batch_stats})
+    return EmaTrainState(state.step, params, batch_stats, state.opt_state, copy)
 
 
 @dataclasses.dataclass
@@ -194,7 +276,9 @@ class Steps:
     that place their inputs: the state replicated, batches split over the ``data`` axis.
 
     ``train`` is the jitted :func:`train_members_step` (it donates the state), augmenting each
-    batch as ``augment`` says (None: not at all); ``map`` runs
+    batch as ``augment`` says (None: not at all), smoothing the training targets by
+    ``label_smoothing`` and keeping a moving average of the weights with decay ``ema`` (None:
+    none; validation and the best weights then use the average); ``map`` runs
     any ``fn(variables, batch)``, such as ``predict`` or ``predict_members``, over inputs in
     fixed-size batches, jitting each ``fn`` once (``_jitted``).
     """
@@ -203,13 +287,22 @@ class Steps:
     tx: optax.GradientTransformation
     mesh: jax.sharding.Mesh
     augment: AugmentSpec | None = None
+    label_smoothing: float = 0.0
+    ema: float | None = None
 
     def __post_init__(self):
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
         self.member_batch_sharding = NamedSharding(self.mesh, P(None, "data"))
         self.train = jax.jit(
-            functools.partial(train_members_step, self.model, self.tx, augment_spec=self.augment),
+            functools.partial(
+                train_members_step,
+                self.model,
+                self.tx,
+                augment_spec=self.augment,
+                label_smoothing=self.label_smoothing,
+                ema_decay=self.ema,
+            ),
             donate_argnums=0,
             in_shardings=(self.replicated, self.member_batch_sharding, self.replicated),
             out_shardings=(self.replicated, self.replicated),
@@ -220,7 +313,8 @@ class Steps:
 
     def init_state(self, member_variables: list[dict]) -> TrainState:
         """:func:`create_train_state`, replicated over the mesh."""
-        return jax.device_put(create_train_state(self.tx, member_variables), self.replicated)
+        state = create_train_state(self.tx, member_variables, ema=self.ema is not None)
+        return jax.device_put(state, self.replicated)
 
     def shard(self, batch, members: bool = False):
         """Places a global batch on the mesh. On several hosts each host passes the same
@@ -606,8 +700,11 @@ def fit(
     the train indices it learns from (default: one member, all of them); ``variables`` is one
     dict (shared start) or one per member. Members train side by side in one vmapped step and
     stop early each on its own validation loss; training ends when all have stopped.
-    ``stop_after_steps`` simulates an interrupt (tests).
+    ``stop_after_steps`` simulates an interrupt (tests). A per-step schedule
+    (:func:`step_learning_rates`) sets the rate before every step, the others once per epoch;
+    the history's ``lr`` is the rate of the epoch's first step.
     """
+    opts = resolve_optimisation(opts)
     members = members if members is not None else [np.arange(len(train[1]))]
     k = len(members)
     variables = variables if isinstance(variables, list) else [variables] * k
@@ -640,11 +737,16 @@ def fit(
         for epoch in epochs:
             if progress.finished:
                 break
-            lr = opts.learning_rate * epoch_lr_factor(opts.lr_schedule, epoch)
-            state = _set_learning_rate(state, lr)
+            rates = None
+            if opts.lr_schedule in STEP_SCHEDULES:
+                rates = step_learning_rates(opts, epoch, steps_per_epoch)
+                lr = float(rates[0])
+            else:
+                lr = opts.learning_rate * epoch_lr_factor(opts.lr_schedule, epoch)
+                state = _set_learning_rate(state, lr)
             batches = _epoch_batches(steps, train, members, opts, epoch, progress)
             state, interrupted = _train_epoch(
-                steps, state, keys, batches, progress, epoch, opts.log_every, interrupt
+                steps, state, keys, batches, progress, epoch, opts.log_every, interrupt, rates
             )
             if interrupted:
                 _save_and_raise(ckpt, state, progress, stop.signal, epoch, run_dir)
@@ -730,9 +832,11 @@ def _train_epoch(
     epoch: int,
     log_every: int,
     interrupt: Callable[[int], bool],
+    rates: np.ndarray | None = None,
 ) -> tuple[TrainState, bool]:
     """Steps through ``batches``, adding their metrics to ``progress`` every ``log_every``
-    steps; returns the state and whether ``interrupt(global_step)`` cut the epoch short."""
+    steps; returns the state and whether ``interrupt(global_step)`` cut the epoch short.
+    ``rates`` (one per batch of the epoch) are set before each step."""
     n = progress.steps_per_epoch
     bar = progress_bar(
         range(progress.batch, n),
@@ -744,6 +848,8 @@ def _train_epoch(
     )
     pending = []  # metrics still on the device: a host sync every step would stall it
     for b, batch in zip(bar, batches):
+        if rates is not None:
+            state = _set_learning_rate(state, rates[b])
         state, metrics = steps.train(state, batch, keys)
         pending.append(metrics)
         stop = interrupt(progress.global_step(b))
@@ -872,6 +978,10 @@ def _keep_improved(best: dict, weights: dict, improved: np.ndarray) -> dict:
 
 
 def _weights(state: TrainState) -> dict:
+    """The weights that are validated, kept as the best and saved: the moving average under
+    ``--ema``, else the trained ones."""
+    if isinstance(state, EmaTrainState):
+        return state.ema
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
