@@ -209,11 +209,19 @@ def framework_env(framework: str) -> dict[str, str]:
     """Keras's backend, and GPU memory left to the framework being measured: Keras-TF also
     imports JAX (which would otherwise claim most of a GPU) and TensorFlow must not grab a
     GPU in a JAX worker."""
+    # Keras runs as its users run it: without the XLA options pneumojax sets for itself
+    # (pneumojax/xla_flags.py), which importing pneumojax's porting code would otherwise set.
+    keras = {}
+    if framework.startswith("keras"):
+        flags = os.environ.get("XLA_FLAGS", "")
+        ours = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+        keras = {"PNEUMOJAX_XLA_DEFAULTS": "0", "XLA_FLAGS": flags.replace(ours, "").strip()}
     if framework == "keras-tf":
-        return {"KERAS_BACKEND": "tensorflow", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+        return {"KERAS_BACKEND": "tensorflow", "XLA_PYTHON_CLIENT_PREALLOCATE": "false", **keras}
     return {
         "KERAS_BACKEND": KERAS_BACKENDS.get(framework, "jax"),
         "TF_FORCE_GPU_ALLOW_GROWTH": "true",
+        **keras,
     }
 
 

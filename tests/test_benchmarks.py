@@ -307,3 +307,45 @@ def test_augment_cost_times_the_augmented_step_beside_the_plain_and_cached_ones(
     assert len(payload["augmentation_share_of_augmented_step"]["per_round"]) == 2
     assert 0 < payload["augment_alone_over_plain_step"] and payload["cached_over_plain_step"] > 0
     assert "augmentation's share of the augmented step" in out.with_suffix(".md").read_text()
+
+
+def test_scaling_sweeps_batch_and_size_and_tabulates_ratios(tmp_path, monkeypatch):
+    """scaling.py's points, table and plot from throughput.py's results (the suite itself is
+    stubbed: its workers are tested above); a failed point shows as a dash, not a ratio."""
+    import scaling  # noqa: PLC0415
+
+    assert scaling.points(scaling.FULL) == [
+        (8, 256),
+        (16, 256),
+        (32, 256),
+        (64, 256),
+        (32, 128),
+        (32, 384),
+    ]
+    calls = []
+
+    def fake_suite(args):
+        calls.append((args.batch_size, args.image_size, args.steps))
+        ok = {"images_per_s": 10.0 * args.batch_size, "first_call_s": 2.0}
+        results = {
+            "pneumojax": {"train": ok, "inference": ok, "peak_rss_mb": 900.0},
+            "keras-tf": (
+                {"error": "boom"}
+                if args.image_size == 75
+                else {
+                    "train": {**ok, "images_per_s": 5.0 * args.batch_size},
+                    "inference": ok,
+                    "peak_rss_mb": 1200.0,
+                }
+            ),
+        }
+        return {"configs": [{"number": 2, "label": "DenseNet121, head only", "results": results}]}
+
+    monkeypatch.setattr(scaling.throughput, "run_suite", fake_suite)
+    out = tmp_path / "s.json"
+    assert scaling.main(["--quick", "--configs", "2", "--out", str(out)]) == 1  # one failed point
+    assert calls == [(2, 96, 1), (4, 96, 1), (4, 75, 1)]
+    table = out.with_suffix(".md").read_text()
+    assert "| DenseNet121, head only | 2 | 96 | 20.00 / 10.00 | 2.00× |" in table
+    assert "| DenseNet121, head only | 4 | 75 | 40.00 / – | – |" in table
+    assert out.with_suffix(".png").stat().st_size > 5000
