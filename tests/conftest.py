@@ -20,6 +20,18 @@ TRAIN224_DATA = Path(
 )
 HAS_TF = all(importlib.util.find_spec(m) is not None for m in ("tensorflow", "keras"))
 
+# What a saved run's re-scoring must reproduce exactly from its metrics.json.
+RESCORED_METRICS = (
+    "threshold",
+    "member_thresholds",
+    "confusion_matrix",
+    "auc",
+    "accuracy",
+    "recall",
+    "specificity",
+    "at_0_5",
+    "ci95",
+)
 TINY_CUT = "conv2_block3_concat"  # a short DenseNet121 prefix: quick to compile
 TINY_MID = "conv2_block2_0_bn:conv2_block3_0_bn"  # a trainable range inside it
 

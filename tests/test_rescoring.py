@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from pneumojax.cli import main
 from pneumojax.data import make_demo_dataset
 
-from conftest import TINY_MID, tiny_train_args
+from conftest import RESCORED_METRICS, TINY_MID, tiny_train_args
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +76,7 @@ def test_a_saved_run_rescores_exactly(
     r = CliRunner().invoke(main, ["evaluate", "--run", str(run), "--split", "test"])
     assert r.exit_code == 0, r.output
     again = json.loads((run / "eval-test" / "metrics.json").read_text())
-    for key in (
-        "threshold",
-        "member_thresholds",
-        "confusion_matrix",
-        "auc",
-        "accuracy",
-        "recall",
-        "specificity",
-        "at_0_5",
-        "ci95",
-    ):
+    for key in RESCORED_METRICS:
         assert again[key] == trained[key], key
 
     stored = list(csv.DictReader(io.StringIO((run / "predictions" / "test.csv").read_text())))

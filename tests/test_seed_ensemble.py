@@ -22,20 +22,9 @@ from pneumojax.inference import predicted_labels, read_predictions
 from pneumojax.metrics import choose_threshold
 from pneumojax.train import _epoch_batches, Progress
 
-from conftest import tiny_train_args
+from conftest import RESCORED_METRICS, tiny_train_args
 
-COMPARED = (
-    "threshold",
-    "member_thresholds",
-    "confusion_matrix",
-    "auc",
-    "accuracy",
-    "recall",
-    "specificity",
-    "at_0_5",
-    "ci95",
-    "ensemble",
-)
+COMPARED = (*RESCORED_METRICS, "ensemble")
 
 
 @pytest.fixture(scope="module")

@@ -19,19 +19,9 @@ from pneumojax.metrics import choose_threshold
 from pneumojax.tta import TTA, image_ids, resolve_tta, view_images
 from pneumojax.workspace import load_split_arrays
 
-from conftest import tiny_train_args
+from conftest import RESCORED_METRICS, tiny_train_args
 
-COMPARED = (
-    "threshold",
-    "member_thresholds",
-    "confusion_matrix",
-    "auc",
-    "accuracy",
-    "recall",
-    "specificity",
-    "at_0_5",
-    "ci95",
-)
+COMPARED = RESCORED_METRICS
 
 
 @pytest.fixture(scope="module")
