@@ -421,11 +421,14 @@ def plot_error_sheet(false_pos: list[dict], false_neg: list[dict], folder: Path,
     """Two rows of overlays: the most confident false positives, then false negatives."""
     from PIL import Image  # noqa: PLC0415
 
-    from pneumojax.plots import _new_figure, _save  # noqa: PLC0415
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    from pneumojax.plots import _save  # noqa: PLC0415
 
     columns = max(1, min(count, max(len(false_pos), len(false_neg), 1)))
-    fig, axes = _new_figure(2.4 * columns, 5.6)
-    fig.clear()
+    fig = Figure(figsize=(2.4 * columns, 5.6), layout="constrained")
+    FigureCanvasAgg(fig)
     grid = fig.subplots(2, columns, squeeze=False)
     for r, (rows, title) in enumerate(
         (
