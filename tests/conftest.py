@@ -85,3 +85,13 @@ def pytest_report_header(config):
         if HAS_TF
         else "TensorFlow/Keras: NOT installed, tests marked 'tensorflow' will be SKIPPED"
     )
+
+
+def run_figures(run):
+    """A finished run's metrics.json (less its wall time) and history: what an equal run must
+    reproduce exactly (resumed, or with options at their defaults)."""
+    import json  # noqa: PLC0415
+
+    metrics = json.loads((Path(run) / "metrics.json").read_text())
+    metrics["training"].pop("seconds")
+    return metrics, (Path(run) / "history.jsonl").read_text()

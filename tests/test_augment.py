@@ -26,7 +26,7 @@ from pneumojax.augment import (
 )
 from pneumojax.cli import main
 
-from conftest import REPO, TINY_CUT, TINY_MID, tiny_train_args
+from conftest import REPO, TINY_CUT, TINY_MID, run_figures, tiny_train_args
 
 STRONG = PRESETS["strong"]
 
@@ -317,12 +317,6 @@ def demo(tmp_path_factory):
     return make_demo_dataset(root / "xray", n_per_class=30, image_size=40, seed=1)
 
 
-def _figures(run):
-    metrics = json.loads((run / "metrics.json").read_text())
-    metrics["training"].pop("seconds")
-    return metrics, (run / "history.jsonl").read_text()
-
-
 @pytest.mark.slow
 def test_an_augmented_run_skips_the_cache_rescores_exactly_and_resumes_to_the_same_end(
     demo, tmp_path, monkeypatch
@@ -372,7 +366,7 @@ def test_an_augmented_run_skips_the_cache_rescores_exactly_and_resumes_to_the_sa
     assert resumed.exit_code == 0, resumed.output
     assert "resuming at epoch 1, batch 2" in resumed.output
     assert f"device augmentation: {STRONG}" in resumed.output
-    assert _figures(run) == _figures(ref)
+    assert run_figures(run) == run_figures(ref)
 
 
 def test_device_augment_none_leaves_a_run_exactly_as_it_was(demo, tmp_path, monkeypatch):
@@ -388,7 +382,7 @@ def test_device_augment_none_leaves_a_run_exactly_as_it_was(demo, tmp_path, monk
         assert "feature cache: training on cached activations" in r.output
         assert "device augmentation" not in r.output
         runs[name] = tmp_path / name
-    assert _figures(runs["plain"]) == _figures(runs["none"])
+    assert run_figures(runs["plain"]) == run_figures(runs["none"])
     a, _ = load_variables(runs["plain"] / "model")
     b, _ = load_variables(runs["none"] / "model")
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

@@ -10,7 +10,6 @@ import json
 import math
 import shlex
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +34,8 @@ from pneumojax.train import (
     train_step,
 )
 
-from conftest import TINY_CUT, TINY_MID, tiny_train_args
+from conftest import TINY_CUT, TINY_MID, run_figures, tiny_train_args
+from test_train_step import Toy
 from test_train import MID, _tiny
 
 
@@ -300,17 +300,6 @@ def test_label_smoothing_moves_each_units_target_toward_one_half():
     assert evaluate_loss(np.asarray(logits), np.asarray(labels))[0] == pytest.approx(float(plain))
 
 
-class Toy(nn.Module):
-    """A small model with BatchNorm statistics and dropout, as the step must carry them."""
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = nn.Dense(8)(x)
-        x = nn.BatchNorm(use_running_average=not train)(x)
-        x = nn.Dropout(0.5, deterministic=not train)(x)
-        return nn.Dense(2)(x)
-
-
 def _toy():
     model, tx = Toy(), optax.adam(1e-1)
     x = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
@@ -419,12 +408,6 @@ def demo(tmp_path_factory):
     return make_demo_dataset(root / "xray", n_per_class=30, image_size=40, seed=1)
 
 
-def _figures(run):
-    metrics = json.loads((run / "metrics.json").read_text())
-    metrics["training"].pop("seconds")
-    return metrics, (run / "history.jsonl").read_text()
-
-
 EVERY_OPTION = [
     "--optimizer", "adamw",
     "--weight-decay", "0.05",
@@ -512,7 +495,7 @@ def test_a_run_with_every_option_resumes_to_the_same_end(demo, tmp_path, monkeyp
     resumed = CliRunner().invoke(main, ["train", "--out", str(run), "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert "resuming at epoch 1, batch 3" in resumed.output
-    assert _figures(run) == _figures(ref)
+    assert run_figures(run) == run_figures(ref)
     a, _ = load_variables(ref / "model")
     b, _ = load_variables(run / "model")
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -535,7 +518,7 @@ def test_the_options_at_their_defaults_leave_a_run_exactly_as_it_was(demo, tmp_p
         assert r.exit_code == 0, r.output
         assert "optimisation:" not in r.output
         runs[name] = tmp_path / name
-    assert _figures(runs["plain"]) == _figures(runs["defaults"])
+    assert run_figures(runs["plain"]) == run_figures(runs["defaults"])
     a, _ = load_variables(runs["plain"] / "model")
     b, _ = load_variables(runs["defaults"] / "model")
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
