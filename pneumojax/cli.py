@@ -815,6 +815,11 @@ def study(study_file, data, out, weights, image_size, epochs, eval_data, only, r
     report = study_report(spec, out, outcomes)
     for path in write_study_files(report, out):
         click.echo(f"wrote {path}")
+    if report["target"] is not None:
+        from pneumojax.report import target_table  # noqa: PLC0415
+
+        title, _, rows = target_table(report)
+        click.echo(title + "".join(f"\n  {k}: {v} (target {t}): {w}" for k, t, v, w in rows))
     failed = [o.name for o in outcomes if o.status == "failed"]
     if failed or report["missing"]:
         click.echo(f"not finished: {', '.join(failed or report['missing'])}", err=True)

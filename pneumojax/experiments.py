@@ -9,8 +9,12 @@ choices), plus three optional keys: ``name`` (default: the file stem), ``descrip
 
 A **study file** lists experiments, by path relative to itself (``experiments = ["a.toml"]``)
 and/or inline (``[[experiment]]`` tables, which need a ``name``), files first, each in order;
-``reference`` names the experiment the others are compared with (default: the first); and
-``[shared]`` holds options for every experiment.
+``reference`` names the experiment the others are compared with (default: the first);
+``[shared]`` holds options for every experiment; and an optional ``[target]`` table states
+what the reference experiment must reach on test (``auc``, ``recall``, ``specificity``,
+``accuracy``, ``precision``, ``f1``: minimums at the validation-chosen threshold) and how long
+the whole study may take (``minutes``: the sum of its run folders' wall times), which the
+report checks.
 
 Precedence, lowest first: TrainConfig's defaults < the study's ``[shared]`` < the experiment
 file < the command line. An experiment's own keys (backbone, trainable, balance, ...) are what
@@ -45,7 +49,10 @@ SEED_STUDY = CONFIGS_DIR / "seed_study.toml"
 # What a study reported, as metrics.json names it.
 REPORTED_KEYS = ("trainable_params", "accuracy", "recall", "precision", "specificity", "f1", "auc")
 _EXPERIMENT_KEYS = ("name", "description", "seed_reported")
-_STUDY_KEYS = ("description", "experiments", "experiment", "reference", "shared")
+_STUDY_KEYS = ("description", "experiments", "experiment", "reference", "shared", "target")
+# A study's [target]: minimum test figures of its reference experiment, and a time budget.
+TARGET_FIGURES = ("auc", "recall", "specificity", "accuracy", "precision", "f1")
+TARGET_KEYS = (*TARGET_FIGURES, "minutes")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # it names the run folder OUT/<name>/
 
 
@@ -82,6 +89,7 @@ class Study:
     shared: dict[str, Any] = dataclasses.field(default_factory=dict)
     description: str = ""
     source: Path | None = None
+    target: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -160,7 +168,8 @@ def load_study(path: str | Path = SEED_STUDY) -> Study:
         raise ExperimentError(f"{path}: shared must be a table ([shared])")
     description = _string(doc, "description", str(path))
     shared = check_options(shared, f"{path} [shared]")
-    return Study(tuple(experiments), reference, shared, description, path.resolve())
+    target = _check_target(doc.get("target", {}), f"{path} [target]")
+    return Study(tuple(experiments), reference, shared, description, path.resolve(), target)
 
 
 def resolve_options(
@@ -278,6 +287,27 @@ def _check_reported(reported: dict, where: str) -> dict:
                 f"{_kind(value)} {_toml(value)}"
             )
     return {k: (v if k == "trainable_params" else float(v)) for k, v in reported.items()}
+
+
+def _check_target(target: Any, where: str) -> dict[str, float]:
+    if not isinstance(target, dict):
+        raise ExperimentError(f"{where}: target must be a table ([target])")
+    for key, value in target.items():
+        if key not in TARGET_KEYS:
+            raise ExperimentError(
+                f"{where}: unknown key {key!r}{_nearest(key, TARGET_KEYS)}"
+                f" (valid: {', '.join(TARGET_KEYS)})"
+            )
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key == "minutes" and not (number and value > 0):
+            raise ExperimentError(
+                f"{where}: minutes must be a positive number, got {_kind(value)} {_toml(value)}"
+            )
+        if key != "minutes" and not (number and 0 <= value <= 1):
+            raise ExperimentError(
+                f"{where}: {key} must be a number from 0 to 1, got {_kind(value)} {_toml(value)}"
+            )
+    return {k: float(v) for k, v in target.items()}
 
 
 def _string(table: dict, key: str, where: str) -> str:

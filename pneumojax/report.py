@@ -99,7 +99,8 @@ def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         for r in rows
         if r["external"]
     ]
-    out = [
+    out = [] if report.get("target") is None else [target_table(report)]
+    out += [
         (
             "Test figures at the validation-chosen threshold (95% bootstrap intervals)",
             [
@@ -136,6 +137,26 @@ def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             ("External images (--eval-data, every image)", ["experiment", *FIGURES], external)
         )
     return out
+
+
+def target_table(report: dict) -> tuple[str, list[str], list[list[str]]]:
+    """The study file's [target], line by line: what it asks, what the run folders say."""
+    target = report["target"]
+    rows = []
+    for line in target["lines"]:
+        if line["key"] == "minutes":
+            wanted = f"at most {line['target']:g} min (all experiments)"
+            value = "–" if line["value"] is None else f"{line['value']:.1f} min"
+        else:
+            wanted = f"at least {line['target']:g}"
+            value = _ci(line["value"], line["ci95"])
+        rows.append([line["key"], wanted, value, verdict_word(line["met"])])
+    title = f"Target: {verdict_word(target['met'])} (reference {report['reference']} on test)"
+    return title, ["figure", "target", "value [95% CI]", "verdict"], rows
+
+
+def verdict_word(met: bool | None) -> str:
+    return {True: "met", False: "NOT met", None: "not known yet"}[met]
 
 
 def _operating_point(point) -> str:

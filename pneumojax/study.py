@@ -132,9 +132,35 @@ def study_report(study: Study, out: Path, outcomes: list[Outcome] | None = None)
         "reference": study.reference,
         "rows": rows,
         "missing": missing,
+        "wall_s": sum(r["wall_s"] or 0.0 for r in rows),
+        "target": target_verdict(study.target, reference, rows, missing),
         "out": str(out),
         "this_invocation": [dataclasses.asdict(o) for o in outcomes or ()],
     }
+
+
+def target_verdict(
+    target: dict, reference: dict | None, rows: list[dict], missing: list[str]
+) -> dict | None:
+    """Each ``[target]`` line against the run folders: the reference experiment's test figure
+    (at its validation-chosen threshold, with its interval) for a figure, the sum of every
+    experiment's wall time for ``minutes``. A line is ``met`` when the value reaches it, and
+    ``None`` when it cannot be told (the reference, or an experiment, has not finished)."""
+    if not target:
+        return None
+    lines = []
+    for key, wanted in target.items():
+        if key == "minutes":
+            minutes = sum(r["wall_s"] or 0.0 for r in rows) / 60
+            value, ci = (None, None) if missing else (minutes, None)
+            met = None if value is None else value <= wanted
+        else:
+            value = None if reference is None else reference["test"][key]
+            ci = None if reference is None else reference["test"]["ci95"].get(key)
+            met = None if value is None else value >= wanted
+        lines.append({"key": key, "target": wanted, "value": value, "ci95": ci, "met": met})
+    known = [line["met"] for line in lines]
+    return {"lines": lines, "met": None if None in known else all(known)}
 
 
 def _row(experiment, run_dir: Path) -> dict:

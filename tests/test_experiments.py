@@ -48,7 +48,7 @@ def _write(path, text):
 
 def test_the_configs_folder_is_the_study_in_its_order():
     assert CONFIGS_DIR == REPO / "configs"
-    files = {p.stem for p in CONFIGS_DIR.glob("*.toml")} - {"seed_study"}
+    files = {p.stem for p in CONFIGS_DIR.glob("*.toml")} - {"seed_study", "no_imagenet"}
     assert files == set(SEED)
     study = load_study()  # the default: configs/seed_study.toml
     assert study.source == SEED_STUDY
@@ -338,3 +338,60 @@ def test_train_config_with_command_line_overrides_trains(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["train", "--config", str(other), "--out", str(out)])
     assert r.exit_code == 2 and "already holds a run" in r.output
     assert json.loads((out / "config.json").read_text())["experiment"]["name"] == "densenet121"
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("auc = 1.2", "auc must be a number from 0 to 1, got a number 1.2"),
+        ('specificity = "high"', 'specificity must be a number from 0 to 1, got a string "high"'),
+        ("minutes = 0", "minutes must be a positive number, got an integer 0"),
+        ("aucc = 0.9", "unknown key 'aucc'; did you mean 'auc'?"),
+        ("target_recall = 0.9", "unknown key 'target_recall'"),
+    ],
+)
+def test_a_bad_study_target_is_named(tmp_path, target, message):
+    study = _write(
+        tmp_path / "study.toml",
+        f"""\
+        [[experiment]]
+        name = "exp"
+        backbone = "densenet121"
+        [target]
+        {target}
+        """,
+    )
+    with pytest.raises(ExperimentError) as e:
+        load_study(study)
+    assert f"{study} [target]: {message}" in str(e.value)
+
+
+def test_a_study_target_is_read_as_numbers(tmp_path):
+    study = _write(
+        tmp_path / "study.toml",
+        """\
+        [[experiment]]
+        name = "exp"
+        [target]
+        auc = 0.968
+        specificity = 0.8
+        minutes = 60
+        """,
+    )
+    assert load_study(study).target == {"auc": 0.968, "specificity": 0.8, "minutes": 60.0}
+    assert load_study().target == {}  # the seed study states none
+
+
+def test_the_no_imagenet_study_trains_from_random_init_with_the_recipe_as_reference():
+    study = load_study(CONFIGS_DIR / "no_imagenet.toml")
+    assert study.reference == "recipe" and set(study.names) == {"recipe", "random_features"}
+    assert study.target == {"auc": 0.968, "specificity": 0.8, "recall": 0.98, "minutes": 60.0}
+    for name in study.names:  # no ImageNet anywhere, whatever the user's default
+        assert study.resolve(name).weights == "none"
+    recipe = study.resolve("recipe")
+    assert recipe.trainable == "all" and recipe.target_recall == 0.98
+    assert recipe.device_augment != "none" and recipe.ema and recipe.tta
+    plan = make_plan(get_backbone(recipe.backbone), recipe.cut, recipe.trainable, 64)
+    assert plan.trainable_params > 6_000_000  # the whole DenseNet121 learns
+    line = command_line(recipe)
+    assert "--weights none" in line and "--trainable all" in line

@@ -44,6 +44,10 @@ def _study(tmp_path, broken=False):
         textwrap.dedent(f"""\
         experiments = {json.dumps(names)}
         reference = "plain"
+        [target]
+        auc = 0.0
+        specificity = 1.0
+        minutes = 600
         [shared]
         weights = "none"
         image_size = 32
@@ -95,7 +99,19 @@ def test_a_study_runs_every_experiment_and_a_rerun_skips_them(tmp_path, monkeypa
         )
         < 1e-9
     )
+    # The [target] lines read the reference's own figures and the experiments' wall times.
+    lines = {line["key"]: line for line in report["target"]["lines"]}
+    assert lines["auc"]["value"] == plain["test"]["auc"] and lines["auc"]["met"] is True
+    spec = plain["test"]["specificity"]
+    assert lines["specificity"]["value"] == spec and lines["specificity"]["met"] is (spec >= 1.0)
+    wall = sum(json.loads((out / n / "metrics.json").read_text())["training"]["seconds"]["total"]
+               for n in ("plain", "weighted", "midrange"))  # fmt: skip
+    assert lines["minutes"]["value"] == pytest.approx(wall / 60) and lines["minutes"]["met"]
+    assert report["target"]["met"] is (spec >= 1.0)
+    assert re.search(r"^Target: (met|NOT met) \(reference plain on test\)$", r.output, re.M)
+    assert re.search(r"^  minutes: [\d.]+ min \(target at most 600 min", r.output, re.M)
     md = (out / "study.md").read_text()
+    assert "## Target: " in md
     assert "| plain |" in md and "0.78 / 1.00 / 0.74" in md and "DeLong p" in md
 
     page = (out / "study.html").read_text()
@@ -127,6 +143,11 @@ def test_a_failing_experiment_is_reported_and_the_study_goes_on(tmp_path, monkey
     assert report["rows"][0]["external"]["threshold"] == report["rows"][0]["test"]["threshold"]
     assert "External images" in (out / "study.md").read_text()
     assert set(report["missing"]) == {"weighted", "midrange", "broken"}
+    # With experiments unfinished, the time budget cannot be told; the reference's AUC can.
+    lines = {line["key"]: line for line in report["target"]["lines"]}
+    assert lines["minutes"]["value"] is None and lines["minutes"]["met"] is None
+    assert lines["auc"]["met"] is True and report["target"]["met"] is None
+    assert "not known yet" in (out / "study.md").read_text()
 
 
 def test_an_interrupted_experiment_resumes(tmp_path, monkeypatch):
@@ -149,3 +170,25 @@ def test_an_interrupted_experiment_resumes(tmp_path, monkeypatch):
     outcome = run_study(spec, out, {"data": str(data)}, only=["plain"], log=lambda m: None)
     assert run_folder_state(out / "plain") == "finished"
     assert [o.status for o in outcome] == ["resumed"]
+
+
+def test_the_target_verdict_compares_each_line_with_the_reference_and_the_wall_time():
+    from pneumojax.study import target_verdict
+
+    def row(auc, spec, wall):
+        ci = {"auc": [auc - 0.01, auc + 0.01]}
+        return {"test": {"auc": auc, "specificity": spec, "ci95": ci}, "wall_s": wall}
+
+    ref, other = row(0.97, 0.79, 1800.0), row(0.5, 0.5, 1500.0)
+    target = {"auc": 0.968, "specificity": 0.8, "minutes": 60.0}
+    v = target_verdict(target, ref, [ref, other], [])
+    lines = {line["key"]: line for line in v["lines"]}
+    assert lines["auc"]["met"] is True and lines["auc"]["ci95"] == [0.96, 0.98]
+    assert lines["specificity"]["met"] is False  # 0.79 < 0.80: not met, however close
+    assert lines["minutes"]["value"] == 55.0 and lines["minutes"]["met"] is True
+    assert v["met"] is False
+    assert target_verdict({"minutes": 50.0}, ref, [ref, other], [])["met"] is False
+    assert target_verdict({"auc": 0.968}, ref, [ref], [])["met"] is True
+    unknown = target_verdict({"auc": 0.968, "minutes": 60.0}, None, [other], ["ref"])
+    assert unknown["met"] is None and all(line["met"] is None for line in unknown["lines"])
+    assert target_verdict({}, ref, [ref], []) is None
