@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import textwrap
 from pathlib import Path
 
 import jax
@@ -455,5 +456,6 @@ def plot_error_sheet(false_pos: list[dict], false_neg: list[dict], folder: Path,
             transform=grid[r][0].transAxes,
             fontsize=9,
         )
-    fig.suptitle("Most confident errors at the run's threshold; heat maps of the PNEUMONIA logit")
+    title = "Most confident errors at the run's threshold; heat maps of the PNEUMONIA logit"
+    fig.suptitle(textwrap.fill(title, 26 * columns))  # a narrow sheet wraps it, not crops it
     return _save(fig, out)

@@ -48,7 +48,11 @@ def _write(path, text):
 
 def test_the_configs_folder_is_the_study_in_its_order():
     assert CONFIGS_DIR == REPO / "configs"
-    files = {p.stem for p in CONFIGS_DIR.glob("*.toml")} - {"seed_study", "no_imagenet"}
+    files = {p.stem for p in CONFIGS_DIR.glob("*.toml")} - {
+        "seed_study",
+        "no_imagenet",
+        "no_imagenet_levers",
+    }
     assert files == set(SEED)
     study = load_study()  # the default: configs/seed_study.toml
     assert study.source == SEED_STUDY
@@ -380,6 +384,24 @@ def test_a_study_target_is_read_as_numbers(tmp_path):
     )
     assert load_study(study).target == {"auc": 0.968, "specificity": 0.8, "minutes": 60.0}
     assert load_study().target == {}  # the seed study states none
+
+
+def test_each_lever_experiment_adds_one_lever_to_the_one_before():
+    study = load_study(CONFIGS_DIR / "no_imagenet_levers.toml")
+    configs = [dataclasses.asdict(study.resolve(name)) for name in study.names]
+    added = [
+        {k for k in after if after[k] != before[k]} for before, after in zip(configs, configs[1:])
+    ]
+    assert study.names == ["random_features", "scratch", "optimisation", "augment"]
+    assert added == [
+        {"trainable", "image_size", "epochs", "patience"},  # train it all, from scratch
+        {"optimizer", "weight_decay", "lr_schedule", "warmup_epochs", "label_smoothing", "ema"},
+        {"device_augment"},
+    ]
+    assert all(c["weights"] == "none" for c in configs) and study.reference == "augment"
+    recipe = load_study(CONFIGS_DIR / "no_imagenet.toml").resolve("recipe")
+    last = dict(configs[-1], seed_ensemble=recipe.seed_ensemble, tta=recipe.tta)
+    assert last == dataclasses.asdict(recipe)  # the recipe is the last lever run + seeds + TTA
 
 
 def test_the_no_imagenet_study_trains_from_random_init_with_the_recipe_as_reference():
