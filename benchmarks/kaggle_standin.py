@@ -26,8 +26,11 @@ CLASSES = ("NORMAL", "PNEUMONIA")
 OFFICIAL_COUNTS = {"test": {"NORMAL": 234, "PNEUMONIA": 390}, "val": {"NORMAL": 8, "PNEUMONIA": 8}}
 
 
-def build(source: Path, out: Path, seed: int = 0) -> dict[str, dict[str, int]]:
-    """Writes the stand-in into ``out`` (which must not exist); returns its image counts."""
+def build(
+    source: Path, out: Path, seed: int = 0, wanted: dict = OFFICIAL_COUNTS
+) -> dict[str, dict[str, int]]:
+    """Writes the stand-in into ``out`` (which must not exist); returns its image counts.
+    ``wanted``: the most images of each class that ``test`` and ``val`` take."""
     if out.exists():
         raise FileExistsError(f"{out} exists; give a new folder")
     counts = {split: dict.fromkeys(CLASSES, 0) for split in ("train", "val", "test")}
@@ -41,11 +44,7 @@ def build(source: Path, out: Path, seed: int = 0) -> dict[str, dict[str, int]]:
         for patient in order:
             files = by_patient[patient]
             split = next(
-                (
-                    s
-                    for s in ("test", "val")
-                    if counts[s][cls] + len(files) <= OFFICIAL_COUNTS[s][cls]
-                ),
+                (s for s in ("test", "val") if counts[s][cls] + len(files) <= wanted[s][cls]),
                 "train",
             )
             folder = out / split / cls

@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import profile_step  # noqa: E402
 import recall  # noqa: E402
+import kaggle_standin  # noqa: E402
 import throughput  # noqa: E402
 
 
@@ -349,3 +350,36 @@ def test_scaling_sweeps_batch_and_size_and_tabulates_ratios(tmp_path, monkeypatc
     assert "| DenseNet121, head only | 2 | 96 | 20.00 / 10.00 | 2.00× |" in table
     assert "| DenseNet121, head only | 4 | 75 | 40.00 / – | – |" in table
     assert out.with_suffix(".png").stat().st_size > 5000
+
+
+def test_the_kaggle_stand_in_keeps_patients_whole_and_fills_test_first(tmp_path):
+    from pneumojax.data.patients import patient_id
+
+    flat = tmp_path / "flat"
+    names = {
+        "NORMAL": [f"IM-{p:04d}-{i:04d}.jpeg" for p in range(6) for i in range(1, 3)]
+        + [f"NORMAL2-IM-{p:04d}-0001.jpeg" for p in range(4)],
+        "PNEUMONIA": [f"person{p}_bacteria_{i}.jpeg" for p in range(8) for i in range(2)]
+        + [f"person{p}_virus_{p + 50}.jpeg" for p in range(5)],  # persons 0-4 have both kinds
+    }
+    for cls, files in names.items():
+        (flat / cls).mkdir(parents=True)
+        for name in files:
+            (flat / cls / name).write_bytes(b"x")
+    wanted = {"test": {"NORMAL": 4, "PNEUMONIA": 6}, "val": {"NORMAL": 1, "PNEUMONIA": 3}}
+    counts = kaggle_standin.build(flat, tmp_path / "kaggle", seed=3, wanted=wanted)
+    out = tmp_path / "kaggle"
+    where = {}
+    for split in ("train", "val", "test"):
+        for cls in names:
+            files = sorted((out / split / cls).iterdir()) if (out / split / cls).is_dir() else []
+            assert len(files) == counts[split][cls]
+            for f in files:
+                assert f.is_symlink() and f.resolve() == (flat / cls / f.name).resolve()
+                assert where.setdefault(patient_id(f.name), split) == split  # one split each
+    for split in ("test", "val"):  # filled with whole patients as far as they fit (at most 3)
+        assert all(wanted[split][c] - 3 < counts[split][c] <= wanted[split][c] for c in names)
+    assert sum(n for by in counts.values() for n in by.values()) == 16 + 21  # every file once
+    with pytest.raises(FileExistsError):
+        kaggle_standin.build(flat, out)
+    assert kaggle_standin.main([str(tmp_path / "nothing"), str(tmp_path / "k2")]) == 2
