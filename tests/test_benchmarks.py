@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,6 +18,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import profile_step  # noqa: E402
 import recall  # noqa: E402
 import kaggle_standin  # noqa: E402
+import shift_panel  # noqa: E402
 import throughput  # noqa: E402
 
 
@@ -383,3 +385,19 @@ def test_the_kaggle_stand_in_keeps_patients_whole_and_fills_test_first(tmp_path)
     with pytest.raises(FileExistsError):
         kaggle_standin.build(flat, out)
     assert kaggle_standin.main([str(tmp_path / "nothing"), str(tmp_path / "k2")]) == 2
+
+
+def test_the_shift_panel_shifts_keep_size_and_do_what_they_say():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(20, 236, (40, 60), np.uint8)
+    im = Image.fromarray(x)
+    out = {name: np.asarray(f(im), np.float32) for name, f in shift_panel.SHIFTS.items()}
+    assert all(a.shape == x.shape for a in out.values())
+    assert np.array_equal(out["none"], x)
+    assert out["darker (gamma 1.5)"].mean() < x.mean() < out["brighter (gamma 0.67)"].mean()
+    low = out["lower contrast (x0.7)"]
+    assert abs(low.std() - 0.7 * x.std()) < 0.5 and abs(low.mean() - x.mean()) < 0.5
+    border = out["zoomed out (15% border)"]
+    assert border[:5].max() == 0 and border[:, :8].max() == 0 and border[20, 30] > 0
