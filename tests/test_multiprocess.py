@@ -122,30 +122,34 @@ def test_two_processes_train_as_one_process_over_the_same_global_batch(tmp_path)
     config = json.loads((two / "config.json").read_text())
     assert config["environment"]["process_count"] == 2
 
-    # Measured (2 epochs, lr 1e-3): losses within 7e-8, test probabilities within 2e-7, weights
-    # within 1e-5 (3e-5 of them above 1e-6): gloo sums the gradient shards in another order
-    # than one process does, and Adam turns that rounding into a fraction of one step on a few
-    # near-zero gradients. A lost shard or per-process BatchNorm statistics is far larger.
+    # Measured (2 epochs, lr 1e-3): losses within 7e-8 on an Intel Xeon, 6.4e-6 (relative
+    # 1.4e-5) on an AMD EPYC; test probabilities within 2e-7, weights within 1e-5 (3e-5 of them
+    # above 1e-6): gloo sums the gradient shards in another order than one process does, and
+    # Adam turns that rounding into a fraction of one step on a few near-zero gradients. A lost
+    # shard or per-process BatchNorm statistics is far larger (percent, not 1e-4). On the AMD
+    # machine 2 of 128 moving statistics of one BatchNorm differed by 1e-4 relative, and in one
+    # run 43% of one BatchNorm's offsets by more than 1e-6 (all below 1e-4), in another the
+    # head's kernel by up to 1.2e-4: XLA's CPU reductions there vary between runs.
     h1, h2 = _history(one), _history(two)
     assert [r["epoch"] for r in h2] == [1, 2]
     for a, b in zip(h1, h2):
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
-            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), key
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     v1, _ = load_variables(one / "model")
     v2, _ = load_variables(two / "model")
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(v1), jax.tree.leaves(v2)):
         name = jax.tree_util.keystr(path)
         if "params" in name:
             diff = np.abs(b - a)
-            assert diff.max() < 1e-4, name  # a tenth of one Adam step
-            assert (diff > 1e-6).mean() < 1e-2, name  # and tiny almost everywhere
+            assert diff.max() < 5e-4, name  # half of one Adam step (lr 1e-3)
+            assert (diff > 1e-4).mean() < 0.05, name  # and far smaller almost everywhere
         else:  # BatchNorm moving statistics
-            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=name)
     p1, p2 = ((r / "predictions" / "test.csv").read_text().splitlines() for r in (one, two))
     assert [r.split(",")[:2] for r in p1] == [r.split(",")[:2] for r in p2]
     np.testing.assert_allclose(
         [float(r.split(",")[2]) for r in p2[1:]],
         [float(r.split(",")[2]) for r in p1[1:]],
-        rtol=1e-5,
-        atol=1e-6,
+        rtol=1e-4,
+        atol=1e-5,
     )
