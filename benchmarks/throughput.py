@@ -220,19 +220,26 @@ def framework_env(framework: str) -> dict[str, str]:
     """Keras's backend, and GPU memory left to the framework being measured: Keras-TF also
     imports JAX (which would otherwise claim most of a GPU) and TensorFlow must not grab a
     GPU in a JAX worker."""
-    # Keras runs as its users run it: without the XLA options pneumojax sets for itself
-    # (pneumojax/xla_flags.py), which importing pneumojax's porting code would otherwise set.
-    keras = {}
+    # Each framework runs as its users run it. Keras: without the XLA options pneumojax sets
+    # for itself (pneumojax/xla_flags.py), which importing pneumojax's porting code would
+    # otherwise set. pneumojax: with the glibc setting its command starts with
+    # (pneumojax/hugepages.py), which a worker started by this script would otherwise lack.
+    own = {}
     if framework.startswith("keras"):
         flags = os.environ.get("XLA_FLAGS", "")
         ours = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-        keras = {"PNEUMOJAX_XLA_DEFAULTS": "0", "XLA_FLAGS": flags.replace(ours, "").strip()}
+        own = {"PNEUMOJAX_XLA_DEFAULTS": "0", "XLA_FLAGS": flags.replace(ours, "").strip()}
+    elif framework == "pneumojax":
+        from pneumojax import hugepages  # noqa: PLC0415
+
+        tunables = hugepages.tunables()
+        own = {"GLIBC_TUNABLES": tunables} if tunables else {}
     if framework == "keras-tf":
-        return {"KERAS_BACKEND": "tensorflow", "XLA_PYTHON_CLIENT_PREALLOCATE": "false", **keras}
+        return {"KERAS_BACKEND": "tensorflow", "XLA_PYTHON_CLIENT_PREALLOCATE": "false", **own}
     return {
         "KERAS_BACKEND": KERAS_BACKENDS.get(framework, "jax"),
         "TF_FORCE_GPU_ALLOW_GROWTH": "true",
-        **keras,
+        **own,
     }
 
 

@@ -282,7 +282,7 @@ def log_devices(mesh, cfg: TrainConfig, members: int, log: Callable[[str], None]
         f"devices: {mesh.devices.size} x {jax.default_backend()} ({jax.process_count()} "
         f"host(s)), {cfg.precision} compute; global batch {cfg.batch_size}, "
         f"{cfg.batch_size // mesh.devices.size} per device"
-        + (f"; {members} ensemble members trained side by side (vmap)" if members > 1 else "")
+        + (f"; {members} ensemble members trained side by side (one step)" if members > 1 else "")
     )
 
 

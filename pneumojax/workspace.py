@@ -83,6 +83,8 @@ def environment() -> dict:
         "process_count": jax.process_count(),
         "python": platform.python_version(),
         "machine": platform.machine(),
+        # how glibc allocates (pneumojax.hugepages: the command sets glibc.malloc.hugetlb=1)
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
     }
 
 

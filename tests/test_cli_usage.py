@@ -10,6 +10,7 @@ from importlib import metadata
 import pytest
 from click.testing import CliRunner
 
+from pneumojax import hugepages
 from pneumojax.cli import main
 
 from conftest import REPO, tiny_train_args
@@ -69,14 +70,16 @@ def tiny_data(tmp_path, monkeypatch):
 
 def test_train_log_redirected_to_files_has_no_bar_redraws(tiny_data, tmp_path):
     """Also: --val-fraction and --test-fraction reach the split."""
-    env = {**os.environ, "PNEUMOJAX_CACHE": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+    unset = ("GLIBC_TUNABLES", hugepages.OPT_OUT, hugepages.MARKER)
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env.update(PNEUMOJAX_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
     out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
     with open(out, "w") as stdout, open(err, "w") as stderr:
         done = subprocess.run(
             [
                 sys.executable,
                 "-m",
-                "pneumojax.cli",
+                "pneumojax",  # the console command's own entry (it may start itself again)
                 *tiny_train_args(
                     tiny_data,
                     tmp_path / "run",
@@ -105,6 +108,13 @@ def test_train_log_redirected_to_files_has_no_bar_redraws(tiny_data, tmp_path):
     info = json.loads((tmp_path / "run" / "splits.json").read_text())
     assert (info["info"]["val_fraction"], info["info"]["test_fraction"]) == (0.25, 0.25)
     assert 16 <= len(info["val"]) <= 24 and 16 <= len(info["test"]) <= 24  # of 80 images
+    # The command ran with transparent huge pages for glibc's big blocks where that can
+    # matter here (pneumojax.hugepages), and the run folder says how it ran.
+    tunables = json.loads((tmp_path / "run" / "config.json").read_text())["environment"][
+        "glibc_tunables"
+    ]
+    expected = hugepages.tunables(env)
+    assert tunables == expected, (tunables, expected)
 
 
 def test_version_names_pneumojax_jax_and_flax():
