@@ -226,9 +226,11 @@ def framework_env(framework: str) -> dict[str, str]:
     # (pneumojax/hugepages.py), which a worker started by this script would otherwise lack.
     own = {}
     if framework.startswith("keras"):
-        flags = os.environ.get("XLA_FLAGS", "")
-        ours = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-        own = {"PNEUMOJAX_XLA_DEFAULTS": "0", "XLA_FLAGS": flags.replace(ours, "").strip()}
+        from pneumojax import xla_flags  # noqa: PLC0415
+
+        ours = {f"{name}={value}" for name, value in xla_flags.CPU_FLAGS.items()}
+        flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f not in ours)
+        own = {xla_flags.OPT_OUT: "0", "XLA_FLAGS": flags}
     elif framework == "pneumojax":
         from pneumojax import hugepages  # noqa: PLC0415
 

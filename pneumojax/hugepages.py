@@ -25,6 +25,8 @@ import os
 import sys
 from pathlib import Path
 
+from pneumojax import xla_flags
+
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT = "PNEUMOJAX_HUGEPAGES"
 MARKER = "PNEUMOJAX_REEXECUTED"  # set in the re-executed process: never twice
@@ -65,7 +67,7 @@ def tunables(
     """The ``GLIBC_TUNABLES`` value to start with, or None to leave the process as it is.
     ``glibc`` ((major, minor) or None: not glibc) and ``mode`` (the transparent huge page mode,
     None: none) are this machine's unless given."""
-    if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+    if xla_flags.turned_off(environ, OPT_OUT):
         return None
     if environ.get(MARKER) or not platform.startswith("linux"):
         return None

@@ -24,9 +24,14 @@ MEASURED_JAXLIB = ("0.12.",)  # version prefixes the options are known to exist 
 OPT_OUT = "PNEUMOJAX_XLA_DEFAULTS"
 
 
+def turned_off(environ, name: str) -> bool:
+    """Whether the environment variable ``name`` turns a pneumojax default off (0/false/no/off)."""
+    return environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def default_flags(environ=os.environ, jaxlib_version: str | None = None) -> str | None:
     """The ``XLA_FLAGS`` value to use, or None to leave the environment as it is."""
-    if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+    if turned_off(environ, OPT_OUT):
         return None
     if jaxlib_version is None:
         try:
