@@ -43,6 +43,7 @@ import common  # noqa: E402
 SCRIPT = Path(__file__).resolve()
 FRAMEWORKS = ("pneumojax", "keras-tf", "keras-jax")
 TITLES = {"pneumojax": "pneumojax", "keras-tf": "Keras-TF", "keras-jax": "Keras-JAX"}
+PHASES = ("train", "inference", "explain")
 KERAS_BACKENDS = {"keras-tf": "tensorflow", "keras-jax": "jax"}
 LEARNING_RATE = 1e-3
 # Images per class in the official train split: the study's class weights come from these.
@@ -314,13 +315,14 @@ def one_line(result: dict) -> str:
     return (
         f"train {result['train']['images_per_s']:.2f} img/s, "
         f"inference {result['inference']['images_per_s']:.2f} img/s, "
+        f"Grad-CAM {result['explain']['images_per_s']:.2f} img/s, "
         f"first step {result['train']['first_call_s']:.1f} s, "
         f"peak RSS {result['peak_rss_mb']:.0f} MB"
     )
 
 
 def ratio(results: dict, phase: str, a: str, b: str) -> float | None:
-    """Images/s of ``a`` over ``b`` in ``phase`` ('train' or 'inference'), when both ran."""
+    """Images/s of ``a`` over ``b`` in ``phase`` (one of PHASES), when both ran."""
     try:
         return results[a][phase]["images_per_s"] / results[b][phase]["images_per_s"]
     except (KeyError, TypeError, ZeroDivisionError):
@@ -345,7 +347,20 @@ def checks(results: dict, plan: dict) -> dict:
             for fw, r in ok.items()
             if fw != "pneumojax"
         }
+        # Grad-CAM maps, each image's map divided by its maximum: a map's scale is the
+        # gradient's, so only where it points is compared.
+        maps = normalized_maps(ok["pneumojax"]["probe_maps"])
+        out["map_diff_vs_pneumojax"] = {
+            fw: float(np.max(np.abs(normalized_maps(r["probe_maps"]) - maps)))
+            for fw, r in ok.items()
+            if fw != "pneumojax"
+        }
     return out
+
+
+def normalized_maps(maps) -> np.ndarray:
+    maps = np.asarray(maps, np.float64)
+    return maps / np.maximum(maps.max(axis=(1, 2), keepdims=True), 1e-30)
 
 
 def assemble(args, selected, plans, results, wall_s: float, load_before: list[float]) -> dict:
@@ -360,8 +375,7 @@ def assemble(args, selected, plans, results, wall_s: float, load_before: list[fl
             "results": results[n],
             "ratios": {
                 f"pneumojax/{other}": {
-                    phase: ratio(results[n], phase, "pneumojax", other)
-                    for phase in ("train", "inference")
+                    phase: ratio(results[n], phase, "pneumojax", other) for phase in PHASES
                 }
                 for other in ("keras-tf", "keras-jax")
             },
@@ -522,10 +536,12 @@ def _resource_table(payload: dict) -> str:
         f"model setup s ({order})",
         f"first train step s ({order})",
         f"first predict s ({order})",
+        f"first Grad-CAM s ({order})",
         f"peak RSS MB ({order})",
         f"cores used training ({order})",
         "trainable params",
         "first-batch logits: max abs diff vs pneumojax / max abs logit",
+        "Grad-CAM maps (each over its maximum): max abs diff vs pneumojax",
     ]
     rows = []
     for e in payload["configs"]:
@@ -536,16 +552,19 @@ def _resource_table(payload: dict) -> str:
             else "DIFFER: " + ", ".join(f"{TITLES[fw]} {n:,}" for fw, n in counts.items())
         )
         diffs = e["checks"].get("logit_diff_vs_pneumojax", {})
+        map_diffs = e["checks"].get("map_diff_vs_pneumojax", {})
         rows.append(
             [
                 str(e["number"]),
                 _per_framework(e, fws, lambda r: f"{r['setup_s']:.1f}"),
                 _per_framework(e, fws, lambda r: f"{r['train']['first_call_s']:.1f}"),
                 _per_framework(e, fws, lambda r: f"{r['inference']['first_call_s']:.1f}"),
+                _per_framework(e, fws, lambda r: f"{r['explain']['first_call_s']:.1f}"),
                 _per_framework(e, fws, lambda r: f"{r['peak_rss_mb']:.0f}"),
                 _per_framework(e, fws, lambda r: f"{r['train']['cores_used']:.2f}"),
                 params,
                 ", ".join(f"{TITLES[fw]} {d:.1e}" for fw, d in diffs.items()) or "–",
+                ", ".join(f"{TITLES[fw]} {d:.1e}" for fw, d in map_diffs.items()) or "–",
             ]
         )
     return common.markdown_table(header, rows)
@@ -582,6 +601,16 @@ def render_markdown(payload: dict) -> str:
         "### Inference: predict on one batch of host images (images/s)",
         "",
         _rate_table(payload, "inference"),
+        "",
+        "### Heat maps: Grad-CAM of one batch of host images (images/s)",
+        "",
+        "At the backbone's default layer (pneumojax.explain.default_layer), the gradient of "
+        "the PNEUMONIA logit, maps upsampled to the input size: pneumojax's `Explainer` "
+        "(`pneumojax explain`), and for Keras the keras.io recipe (a model that also returns "
+        "the layer's output, `tf.GradientTape` in a `tf.function`) or, on JAX, the same model "
+        "split at the layer, `stateless_call` under `jax.grad` and `jax.jit`.",
+        "",
+        _rate_table(payload, "explain"),
         "",
         "### Set-up, compile, memory, core use",
         "",
@@ -717,6 +746,8 @@ def measure_pneumojax(job: dict) -> dict:
     """pneumojax: ``Steps.train`` on the full classifier (no feature cache), ``predict_logits``."""
     import jax  # noqa: PLC0415
 
+    from pneumojax.backbones import get_backbone  # noqa: PLC0415
+    from pneumojax.explain import Explainer, default_layer  # noqa: PLC0415
     from pneumojax.train import predict_logits  # noqa: PLC0415
 
     rss_after_import = common.peak_rss_mb()
@@ -732,6 +763,15 @@ def measure_pneumojax(job: dict) -> dict:
         common.load_weights(job["weights"]),
     )
     predict_variables = jax.device_put(variables, steps.replicated)
+    # pneumojax explain's maps: the classifier's variables as a one-member run holds them.
+    explainer = Explainer(
+        job["backbone"],
+        plan.cut,
+        jax.tree.map(lambda v: np.asarray(v)[None], variables),
+        "gradcam",
+        default_layer(get_backbone(job["backbone"]), plan.cut),
+        batch_size,
+    )
     # Training runs K=1 member: state and batch carry a leading member axis.
     holder = {"state": steps.init_state([variables]), "losses": []}
     batch = steps.shard(
@@ -741,12 +781,17 @@ def measure_pneumojax(job: dict) -> dict:
     jax.block_until_ready((holder["state"], batch, predict_variables))
     setup_s = time.perf_counter() - t0
 
-    probes = []
+    probes, probe_maps = [], []
 
     def predict():
         logits = predict_logits(steps, predict_variables, images, batch_size)  # numpy: blocks
         if not probes:
             probes.append(logits)
+
+    def explain():
+        maps = explainer.maps(images)  # numpy: blocks
+        if not probe_maps:
+            probe_maps.append(maps)
 
     def train():
         holder["state"], metrics = steps.train(holder["state"], batch, keys)
@@ -754,6 +799,7 @@ def measure_pneumojax(job: dict) -> dict:
         holder["losses"].append(float(metrics["loss"][0]))
 
     inference = common.time_calls(predict, job["steps"], job["warmup"], batch_size)
+    explaining = common.time_calls(explain, job["steps"], job["warmup"], batch_size)
     training = common.time_calls(train, job["steps"], job["warmup"], batch_size)
     return {
         "framework": "pneumojax",
@@ -764,10 +810,12 @@ def measure_pneumojax(job: dict) -> dict:
         "peak_device_mb": common.peak_device_mb_jax(),
         "train": training,
         "inference": inference,
+        "explain": explaining,
         "trainable_params": plan.trainable_params,
         "first_loss": holder["losses"][0],
         "last_loss": holder["losses"][-1],
         "probe_logits": probes[0].tolist(),
+        "probe_maps": probe_maps[0].tolist(),
         "step": "Steps.train (jit, batch sharded over a 'data' mesh axis, 1 member)",
     }
 
@@ -789,6 +837,59 @@ def keras_logits(keras, model, x: np.ndarray) -> np.ndarray:
     hidden = keras.Model(model.inputs, last.input).predict_on_batch(x)
     kernel, bias = (np.asarray(w) for w in last.get_weights())
     return np.asarray(hidden, np.float64) @ kernel + bias
+
+
+def keras_gradcam(keras, model, layer: str, image_size: int):
+    """Grad-CAM as a Keras user writes it, compiled as each backend compiles: a function of a
+    batch of preprocessed host images returning (n, S, S) maps, the ReLU of the layer's
+    activations weighted by the spatial mean of the PNEUMONIA logit's gradient, upsampled
+    bilinearly. On TensorFlow the keras.io recipe (a model that also returns the layer's
+    output, ``tf.GradientTape``) in a ``tf.function``; on JAX the model split at the layer,
+    ``stateless_call`` under ``jax.grad`` and ``jax.jit``."""
+    last = model.get_layer(common.HEAD_LAYERS[1])
+    kernel, bias = (np.asarray(w)[..., 1] for w in last.get_weights())  # the logit, not sigmoid
+    activation = model.get_layer(layer).output
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf  # noqa: PLC0415
+
+        grad_model = keras.Model(model.inputs, [activation, last.input])
+
+        @tf.function
+        def maps(x):
+            with tf.GradientTape() as tape:
+                a, hidden = grad_model(x, training=False)
+                score = tf.reduce_sum(tf.linalg.matvec(hidden, kernel) + bias)
+            weights = tf.reduce_mean(tape.gradient(score, a), axis=(1, 2))
+            cam = tf.nn.relu(tf.einsum("nhwc,nc->nhw", a, weights))
+            return tf.image.resize(cam[..., None], (image_size, image_size), "bilinear")[..., 0]
+
+        return lambda x: maps(x).numpy()
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    below = keras.Model(model.inputs, activation)
+    above = keras.Model(activation, last.input)
+
+    def values():  # the variables as they are now (Keras's own steps replace their arrays)
+        return [
+            ([v.value for v in m.trainable_variables], [v.value for v in m.non_trainable_variables])
+            for m in (below, above)
+        ]
+
+    @jax.jit
+    def maps(values, x):
+        (tb, nb), (ta, na) = values
+        a, _ = below.stateless_call(tb, nb, x, training=False)
+
+        def score(a):
+            hidden, _ = above.stateless_call(ta, na, a, training=False)
+            return (hidden @ kernel + bias).sum()
+
+        weights = jax.grad(score)(a).mean(axis=(1, 2))
+        cam = jax.nn.relu(jnp.einsum("nhwc,nc->nhw", a, weights))
+        return jax.image.resize(cam, (cam.shape[0], image_size, image_size), "bilinear")
+
+    return lambda x: np.asarray(maps(values(), x))
 
 
 def keras_devices(keras) -> tuple[list[str], float | None]:
@@ -814,6 +915,7 @@ def measure_keras(job: dict) -> dict:
     import keras  # noqa: PLC0415
 
     from pneumojax.backbones import get_backbone  # noqa: PLC0415
+    from pneumojax.explain import default_layer  # noqa: PLC0415
     from ports.keras_port import keras_preprocess, set_keras_weights  # noqa: PLC0415
 
     rss_after_import = common.peak_rss_mb()
@@ -844,9 +946,18 @@ def measure_keras(job: dict) -> dict:
         logs = model.train_on_batch(x, y, sample_weight=sample_weight, return_dict=True)
         losses.append(float(logs["loss"]))  # numpy logs: the step has finished
 
+    gradcam = keras_gradcam(keras, model, default_layer(info, job["cut"]), job["image_size"])
+    probe_maps = []
+
+    def explain():
+        maps = gradcam(x_host)  # numpy: blocks
+        if not probe_maps:
+            probe_maps.append(maps)
+
     # Before any training step: the same weights pneumojax's probe saw.
     probe = keras_logits(keras, model, x_host)
     inference = common.time_calls(predict, job["steps"], job["warmup"], batch_size)
+    explaining = common.time_calls(explain, job["steps"], job["warmup"], batch_size)
     training = common.time_calls(train, job["steps"], job["warmup"], batch_size)
     devices, peak_device = keras_devices(keras)
     return {
@@ -858,10 +969,12 @@ def measure_keras(job: dict) -> dict:
         "peak_device_mb": peak_device,
         "train": training,
         "inference": inference,
+        "explain": explaining,
         "trainable_params": common.keras_trainable_params(model),
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "probe_logits": probe.tolist(),
+        "probe_maps": probe_maps[0].tolist(),
         "keras_backend": keras.backend.backend(),
         "jit_compile": model.jit_compile,
         "tensorflow_imported": "tensorflow" in sys.modules,

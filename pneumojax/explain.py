@@ -106,25 +106,36 @@ def check_layer(info: BackboneInfo, cut: str, layer: str) -> str:
 
 @dataclasses.dataclass
 class Explainer:
-    """Heat maps of one run's model for batches of uint8 images at the run's input size."""
+    """Heat maps of a classifier (``backbone`` cut at ``cut``; ``variables``: every member's
+    whole classifier, stacked on a leading axis) for batches of uint8 images at its input
+    size. :meth:`of_run` makes one for a run's model."""
 
-    run: LoadedRun
+    backbone: str
+    cut: str
+    variables: dict
     method: str
     layer: str  # the Keras layer the map is taken at ('' for saliency: the raw image)
     batch_size: int = 16
 
+    @classmethod
+    def of_run(cls, run: LoadedRun, method: str, layer: str, batch_size: int = 16):
+        config = run.config
+        return cls(config["backbone"], config["cut"], run.full_variables, method, layer, batch_size)
+
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r}: expected one of {', '.join(METHODS)}")
-        info = get_backbone(self.run.config["backbone"])
-        cut = self.run.config["cut"]
+        info = get_backbone(self.backbone)
         probe = input_layer(info) if self.method == "saliency" else self.layer
-        self.model = build_classifier(info, cut, frozenset(), jnp.float32, intermediates=(probe,))
+        self.model = build_classifier(
+            info, self.cut, frozenset(), jnp.float32, intermediates=(probe,)
+        )
         self._probe, self._mode = probe, info.preprocess_mode
         self._steps = Steps(self.model, optax.identity(), make_mesh())
-        shared, differ, self._structure = _shared_and_member_variables(self.run.full_variables)
-        self._variables = (shared, differ)
-        self.members = member_count(self.run)
+        shared, differ, self._structure = _shared_and_member_variables(self.variables)
+        # placed once: every maps() call would otherwise copy the whole model to the devices
+        self._variables = jax.device_put((shared, differ), self._steps.replicated)
+        self.members = int(jax.tree.leaves(self.variables)[0].shape[0])
 
     def maps(self, images: np.ndarray, desc: str | None = None) -> np.ndarray:
         """(n, S, S) float32 maps (>= 0; ensembles: the members' mean), for uint8 (n, S, S, 3)."""
@@ -256,7 +267,7 @@ def explain_paths(
 def explain_images(run, files, images, member_p, out: Path, layer, method, asked, log):
     """Maps for ``images`` (decoded ``files``), overlays named after the files, explain.csv."""
     log(describe(run, method, layer, chosen=bool(asked)))
-    maps = Explainer(run, method, layer).maps(images, desc="heat maps")
+    maps = Explainer.of_run(run, method, layer).maps(images, desc="heat maps")
     rows = prediction_rows(run, files, member_p)
     names = overlay_names(files, _SUFFIX[method])
     out.mkdir(parents=True, exist_ok=True)

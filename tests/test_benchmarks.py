@@ -15,6 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import ab_table  # noqa: E402
 import profile_step  # noqa: E402
 import recall  # noqa: E402
 import kaggle_standin  # noqa: E402
@@ -54,16 +55,22 @@ def test_throughput_quick_measures_every_framework(tmp_path):
         assert set(entry["results"]) == set(throughput.FRAMEWORKS)
         for framework, result in entry["results"].items():
             assert "error" not in result, (framework, result)
-            _check_rate(result["train"])
-            _check_rate(result["inference"])
+            for phase in throughput.PHASES:
+                _check_rate(result[phase])
             assert result["peak_rss_mb"] > 0 and result["setup_s"] > 0
         for other in ("keras-tf", "keras-jax"):
             assert all(
-                entry["ratios"][f"pneumojax/{other}"][phase] > 0 for phase in ("train", "inference")
+                entry["ratios"][f"pneumojax/{other}"][phase] > 0 for phase in throughput.PHASES
             )
         # The same model on every side: same trainable set, same outputs from the same weights.
         assert entry["checks"]["trainable_params_equal"]
         assert max(entry["checks"]["logit_diff_vs_pneumojax"].values()) < 1e-3
+        # Every framework's Grad-CAM points at the same places (each map over its maximum).
+        assert max(entry["checks"]["map_diff_vs_pneumojax"].values()) < 1e-3
+    # ... and the maps compared have places to point at (at 96 px InceptionV3's mixed9 is
+    # one pixel, so its maps are flat; ResNet50V2's conv5_block3_out is 3x3).
+    maps = throughput.normalized_maps(payload["configs"][-1]["results"]["pneumojax"]["probe_maps"])
+    assert np.ptp(maps) > 0.5 and np.isfinite(maps).all()
     reused = [e for e in payload["configs"] if e["same_step_as"]]
     assert reused and all(e["measured_as"] == e["same_step_as"] and e["note"] for e in reused)
     table = out.with_suffix(".md").read_text()
@@ -72,6 +79,7 @@ def test_throughput_quick_measures_every_framework(tmp_path):
         "pneumojax / Keras-JAX",
         "peak RSS MB",
         "first train step s",
+        "Grad-CAM",
         "cores used training",
     ):
         assert column in table
@@ -132,6 +140,7 @@ def test_throughput_table_marks_failures_and_skips():
         "peak_rss_mb": 100.0,
         "trainable_params": 10,
         "probe_logits": [[0.25, 0.75]],
+        "probe_maps": [[[0.0, 1.0], [0.5, 0.25]]],
         "train": {
             "images_per_s": 20.0,
             "images_per_s_range": [18.0, 21.0],
@@ -142,6 +151,12 @@ def test_throughput_table_marks_failures_and_skips():
             "images_per_s": 40.0,
             "images_per_s_range": [39.0, 41.0],
             "first_call_s": 1.0,
+            "cores_used": 1.9,
+        },
+        "explain": {
+            "images_per_s": 30.0,
+            "images_per_s_range": [29.0, 31.0],
+            "first_call_s": 2.0,
             "cores_used": 1.9,
         },
     }
@@ -160,7 +175,7 @@ def test_throughput_table_marks_failures_and_skips():
         "checks": throughput.checks(results, {"trainable_params": 10}),
         "ratios": {
             f"pneumojax/{o}": {
-                p: throughput.ratio(results, p, "pneumojax", o) for p in ("train", "inference")
+                p: throughput.ratio(results, p, "pneumojax", o) for p in throughput.PHASES
             }
             for o in ("keras-tf", "keras-jax")
         },
@@ -401,3 +416,34 @@ def test_the_shift_panel_shifts_keep_size_and_do_what_they_say():
     assert abs(low.std() - 0.7 * x.std()) < 0.5 and abs(low.mean() - x.mean()) < 0.5
     border = out["zoomed out (15% border)"]
     assert border[:5].max() == 0 and border[:, :8].max() == 0 and border[20, 30] > 0
+
+
+def test_grad_cam_check_compares_where_maps_point_not_their_scale():
+    maps = np.random.default_rng(0).random((2, 4, 4))
+    base = {"train": {}, "trainable_params": 1, "probe_logits": [[0.0, 1.0]]}
+    results = {
+        "pneumojax": {**base, "probe_maps": maps.tolist()},
+        "keras-tf": {**base, "probe_maps": (3 * maps).tolist()},  # another gradient scale
+        "keras-jax": {**base, "probe_maps": maps[:, ::-1].tolist()},  # flipped: elsewhere
+    }
+    diff = throughput.checks(results, {"trainable_params": 1})["map_diff_vs_pneumojax"]
+    assert diff["keras-tf"] < 1e-12
+    assert diff["keras-jax"] > 0.1
+
+
+def test_ab_table_lists_every_run_and_the_ratio_of_group_medians(tmp_path):
+    def run(name, rate):
+        entry = {"number": 2, "label": "DenseNet121", "same_step_as": None}
+        entry["results"] = {"pneumojax": {"train": {"images_per_s": rate}}}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"configs": [entry]}))
+        return str(path)
+
+    text = ab_table.table(
+        [["A", run("a1", 10.0), run("a2", 12.0), run("a3", 30.0)], ["B", run("b1", 15.0)]],
+        "train",
+        "pneumojax",
+    )
+    row = text.splitlines()[-1]
+    assert "10.00, 12.00, 30.00 → **12.00**" in row  # the median, not the mean (17.33)
+    assert row.endswith("| 1.25× |")

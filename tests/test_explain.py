@@ -103,14 +103,14 @@ def test_maps_depend_on_the_trained_weights(demo):
     _, run = demo
     loaded = load_run(run, log=lambda m: None)
     images = load_images(_test_images(run, 1), 64, progress=False)
-    trained = explain.Explainer(loaded, "gradcam", TINY_CUT).maps(images)
+    trained = explain.Explainer.of_run(loaded, "gradcam", TINY_CUT).maps(images)
     params = loaded.full_variables["params"]
     rng = np.random.default_rng(0)
     for layer in ("dense", "dense_1"):
         kernel = params[layer]["kernel"]
         limit = np.sqrt(6 / (kernel.shape[-2] + kernel.shape[-1]))  # glorot_uniform
         params[layer]["kernel"] = rng.uniform(-limit, limit, kernel.shape).astype(np.float32)
-    randomised = explain.Explainer(loaded, "gradcam", TINY_CUT).maps(images)
+    randomised = explain.Explainer.of_run(loaded, "gradcam", TINY_CUT).maps(images)
     rho = [spearmanr(a.ravel(), b.ravel())[0] for a, b in zip(trained, randomised)]
     rho = np.nan_to_num(rho)  # an all-zero map has no ranks
     print(f"mean Spearman rank correlation, trained vs randomised head: {np.mean(rho):.3f}")
@@ -121,7 +121,7 @@ def test_a_batch_gives_what_single_images_give(demo):
     _, run = demo
     loaded = load_run(run, log=lambda m: None)
     images = load_images(_test_images(run, 1)[:5], 64, progress=False)
-    explainer = explain.Explainer(loaded, "gradcam++", "conv2_block2_concat", batch_size=4)
+    explainer = explain.Explainer.of_run(loaded, "gradcam++", "conv2_block2_concat", batch_size=4)
     together = explainer.maps(images)  # two batches, the second padded
     alone = np.concatenate([explainer.maps(images[i : i + 1]) for i in range(5)])
     assert together.shape == (5, 64, 64) and together.max() > 0
@@ -193,7 +193,7 @@ def test_maps_are_computed_in_inference_mode(tiny_data, tmp_path):
     images = load_images(
         sorted(map(str, (tiny_data / "PNEUMONIA").iterdir()))[:8], 32, progress=False
     )
-    ours = explain.Explainer(loaded, "gradcam", layer).maps(images)
+    ours = explain.Explainer.of_run(loaded, "gradcam", layer).maps(images)
 
     from pneumojax.model import build_classifier  # noqa: PLC0415
 
@@ -225,13 +225,13 @@ def test_an_ensembles_map_is_its_members_mean(tiny_data, tmp_path):
     images = load_images(
         sorted(map(str, (tiny_data / "PNEUMONIA").iterdir()))[:6], 32, progress=False
     )
-    mean = explain.Explainer(loaded, "gradcam", TINY_CUT).maps(images)
+    mean = explain.Explainer.of_run(loaded, "gradcam", TINY_CUT).maps(images)
     singles = []
     for i in range(3):
         one = load_run(run, log=lambda m: None)
         one.full_variables = jax.tree.map(lambda a, i=i: a[i : i + 1], one.full_variables)
         one.thresholds = one.thresholds[i : i + 1]
-        singles.append(explain.Explainer(one, "gradcam", TINY_CUT).maps(images))
+        singles.append(explain.Explainer.of_run(one, "gradcam", TINY_CUT).maps(images))
     assert not np.allclose(singles[0], singles[1])  # members differ
     np.testing.assert_allclose(mean, np.mean(singles, 0), rtol=1e-4, atol=1e-6 * mean.max())
     shared, differ, _ = explain._shared_and_member_variables(loaded.full_variables)
