@@ -160,8 +160,13 @@ def plot(payload: dict, out: Path) -> Path:
                 if pts:
                     ax.plot(*zip(*pts), style, label=f"{model.split(',')[0]} {fw}")
     axes[0].set(xlabel=f"batch size ({size0} px)", ylabel="training images/s", xscale="log")
-    axes[1].set(xlabel=f"image size, px (batch {batch0})", ylabel="training images/s")
-    for ax in axes:
+    axes[1].set(
+        xlabel=f"image size, px (batch {batch0})", ylabel="training images/s (log)", yscale="log"
+    )
+    for ax, key in ((axes[0], "batches"), (axes[1], "sizes")):
+        ticks = payload["plan"][key]
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.savefig(out, dpi=110)

@@ -132,11 +132,16 @@ def study_report(study: Study, out: Path, outcomes: list[Outcome] | None = None)
         "reference": study.reference,
         "rows": rows,
         "missing": missing,
-        "wall_s": sum(r["wall_s"] or 0.0 for r in rows),
+        "wall_s": total_wall_s(rows),
         "target": target_verdict(study.target, reference, rows, missing),
         "out": str(out),
         "this_invocation": [dataclasses.asdict(o) for o in outcomes or ()],
     }
+
+
+def total_wall_s(rows: list[dict]) -> float:
+    """The experiments' training wall times, as their run folders record them, summed."""
+    return sum(r["wall_s"] or 0.0 for r in rows)
 
 
 def target_verdict(
@@ -151,7 +156,7 @@ def target_verdict(
     lines = []
     for key, wanted in target.items():
         if key == "minutes":
-            minutes = sum(r["wall_s"] or 0.0 for r in rows) / 60
+            minutes = total_wall_s(rows) / 60
             value, ci = (None, None) if missing else (minutes, None)
             met = None if value is None else value <= wanted
         else:
