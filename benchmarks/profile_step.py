@@ -27,10 +27,28 @@ import tempfile
 import time
 from pathlib import Path
 
-# Per-operation trace events on CPU (must be set before JAX starts).
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
-).strip()
+if __name__ == "__main__":  # this process only, before JAX starts (not when imported)
+    # Per-operation trace events on CPU.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
+    ).strip()
+    # Convolutions: YNNPACK's, not XLA's own (the option pneumojax sets, pneumojax/xla_flags.py).
+    # XLA's own run asynchronously on its thread pool, so their trace events time only the
+    # launch and the profile would miss most of the step; YNNPACK's run inside their events.
+    # On the AMD EPYC machine the two steps are within 4% (results/levers-amd-cpu.md); on the
+    # Intel Xeon XLA's own were 1.06-1.38x faster, so there this profiles the slower kernels.
+    # PNEUMOJAX_XLA_DEFAULTS=1 profiles the default anyway.
+    os.environ.setdefault("PNEUMOJAX_XLA_DEFAULTS", "0")
+
+
+def convolutions() -> str:
+    """Which convolution kernels the profiled step ran."""
+    if os.environ.get("PNEUMOJAX_XLA_DEFAULTS", "1") != "0":
+        return "XLA's own (asynchronous: most of their time is missing below)"
+    return (
+        "YNNPACK's (PNEUMOJAX_XLA_DEFAULTS=0: pneumojax's default, XLA's own, cannot be timed "
+        "per operation)"
+    )
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -203,6 +221,7 @@ def profile(args) -> dict:
         "images_per_s": round(n / wall, 2),
         "op_ms_per_step": round(total, 1),
         "kinds": {k: round(kinds[k], 1) for k in KINDS},
+        "convolutions": convolutions(),
         "top": rows[: args.top],
         "hardware": common.hardware(),
         "versions": common.versions(),
@@ -220,6 +239,8 @@ def render_markdown(p: dict) -> str:
         f"({p['images_per_s']} img/s). XLA:CPU operations ran for {p['op_ms_per_step']} ms "
         "per step in all (operations on different cores overlap, so this can exceed the "
         "wall time).",
+        "",
+        f"Convolutions: {p.get('convolutions', 'YNNPACK' + chr(39) + 's')}.",
         "",
         f"Command: `{p['command']}`",
         "",
