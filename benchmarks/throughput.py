@@ -44,6 +44,8 @@ SCRIPT = Path(__file__).resolve()
 FRAMEWORKS = ("pneumojax", "keras-tf", "keras-jax")
 TITLES = {"pneumojax": "pneumojax", "keras-tf": "Keras-TF", "keras-jax": "Keras-JAX"}
 PHASES = ("train", "inference", "explain")
+# Grad-CAM maps kept for the frameworks' comparison: at most this many pixels a side.
+PROBE_SIDE = 16
 KERAS_BACKENDS = {"keras-tf": "tensorflow", "keras-jax": "jax"}
 LEARNING_RATE = 1e-3
 # Images per class in the official train split: the study's class weights come from these.
@@ -356,6 +358,13 @@ def checks(results: dict, plan: dict) -> dict:
             if fw != "pneumojax"
         }
     return out
+
+
+def map_probe(maps: np.ndarray) -> list:
+    """The first batch's maps as the result keeps them: every k-th pixel, at most PROBE_SIDE a
+    side (the same pixels for every framework; full maps would make the JSON gigabytes)."""
+    step = -(-maps.shape[1] // PROBE_SIDE)
+    return np.asarray(maps, np.float32)[:, ::step, ::step].tolist()
 
 
 def normalized_maps(maps) -> np.ndarray:
@@ -815,7 +824,7 @@ def measure_pneumojax(job: dict) -> dict:
         "first_loss": holder["losses"][0],
         "last_loss": holder["losses"][-1],
         "probe_logits": probes[0].tolist(),
-        "probe_maps": probe_maps[0].tolist(),
+        "probe_maps": map_probe(probe_maps[0]),
         "step": "Steps.train (jit, batch sharded over a 'data' mesh axis, 1 member)",
     }
 
@@ -974,7 +983,7 @@ def measure_keras(job: dict) -> dict:
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "probe_logits": probe.tolist(),
-        "probe_maps": probe_maps[0].tolist(),
+        "probe_maps": map_probe(probe_maps[0]),
         "keras_backend": keras.backend.backend(),
         "jit_compile": model.jit_compile,
         "tensorflow_imported": "tensorflow" in sys.modules,
