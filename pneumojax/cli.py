@@ -20,6 +20,7 @@ from pneumojax.config import (
     TrainConfig,
     resolve_optimisation,
 )
+from pneumojax.intensity import INTENSITY_METHODS
 
 BACKBONES = click.Choice(sorted(REGISTRY))
 DTYPES = click.Choice(PRECISIONS)  # --precision, --feature-cache-dtype
@@ -256,6 +257,15 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
     help="antialias: PIL bilinear, averaging every source pixel when it downscales; "
     "keras: exactly the study's tf.image.resize (bilinear, no antialiasing). "
     "evaluate and predict resize as the run did.",
+)
+@click.option(
+    "--intensity",
+    default=DEFAULTS.intensity,
+    show_default=True,
+    type=click.Choice(INTENSITY_METHODS),
+    help="Per-image grey-level normalisation inside the model, before the backbone's "
+    "preprocessing: equalize (histogram equalisation, as cv2.equalizeHist) or standardize "
+    "(zero mean, unit deviation). evaluate, predict and explain normalise as the run did.",
 )
 @click.option("--epochs", default=DEFAULTS.epochs, show_default=True, type=POSITIVE)
 @click.option(

@@ -39,6 +39,7 @@ class TrainConfig(FitOptions):
     trainable: str = "none"
     image_size: int = 256
     resize: str = "antialias"
+    intensity: str = "none"  # pneumojax.intensity: per-image normalisation inside the model
     target_recall: float = 0.98
     val_fraction: float = 0.15
     test_fraction: float = 0.15

@@ -44,6 +44,7 @@ from pneumojax.inference import (
     predicted_labels,
     prediction_rows,
     read_predictions,
+    run_intensity,
     run_resize,
     scoring_tta,
 )
@@ -116,11 +117,20 @@ class Explainer:
     method: str
     layer: str  # the Keras layer the map is taken at ('' for saliency: the raw image)
     batch_size: int = 16
+    intensity: str = "none"  # the run's --intensity (saliency: gradients w.r.t. its output)
 
     @classmethod
     def of_run(cls, run: LoadedRun, method: str, layer: str, batch_size: int = 16):
         config = run.config
-        return cls(config["backbone"], config["cut"], run.full_variables, method, layer, batch_size)
+        return cls(
+            config["backbone"],
+            config["cut"],
+            run.full_variables,
+            method,
+            layer,
+            batch_size,
+            run_intensity(config),
+        )
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -128,7 +138,12 @@ class Explainer:
         info = get_backbone(self.backbone)
         probe = input_layer(info) if self.method == "saliency" else self.layer
         self.model = build_classifier(
-            info, self.cut, frozenset(), jnp.float32, intermediates=(probe,)
+            info,
+            self.cut,
+            frozenset(),
+            jnp.float32,
+            intermediates=(probe,),
+            intensity=self.intensity,
         )
         self._probe, self._mode = probe, info.preprocess_mode
         self._steps = Steps(self.model, optax.identity(), make_mesh())

@@ -30,6 +30,7 @@ from pneumojax.backbones import (
     frozen_frontier,
     preprocess,
 )
+from pneumojax.intensity import normalize_intensity
 
 
 class Prefix(nn.Module):
@@ -37,9 +38,11 @@ class Prefix(nn.Module):
 
     backbone: KerasGraph
     preprocess_mode: str
+    intensity: str = "none"
 
     def __call__(self, images):
-        return self.backbone(preprocess(images, self.preprocess_mode, self.backbone.dtype))
+        x = normalize_intensity(images, self.intensity)
+        return self.backbone(preprocess(x, self.preprocess_mode, self.backbone.dtype))
 
 
 def cacheable_frontier(info: BackboneInfo, cut: str, trainable: frozenset[str]) -> tuple[str, ...]:
@@ -48,9 +51,11 @@ def cacheable_frontier(info: BackboneInfo, cut: str, trainable: frozenset[str]) 
     return () if "input_layer" in frontier else frontier
 
 
-def prefix_model(info: BackboneInfo, frontier: tuple[str, ...], dtype=None) -> Prefix:
+def prefix_model(
+    info: BackboneInfo, frontier: tuple[str, ...], dtype=None, intensity: str = "none"
+) -> Prefix:
     kwargs = {} if dtype is None else {"dtype": dtype}
-    return Prefix(backbone_model(info, outputs=frontier, **kwargs), info.preprocess_mode)
+    return Prefix(backbone_model(info, outputs=frontier, **kwargs), info.preprocess_mode, intensity)
 
 
 STORAGE = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -125,7 +130,9 @@ def cached_activations(
             {
                 "images": image_key,
                 "outputs": prefix.backbone.outputs,
-                "preprocess": prefix.preprocess_mode,
+                # (the key of a run without --intensity is what it was before the option)
+                "preprocess": prefix.preprocess_mode
+                + ("" if prefix.intensity == "none" else f"+{prefix.intensity}"),
                 "dtype": str(np.dtype(prefix.backbone.dtype)),
                 "storage": storage.name,
                 "weights": variables_digest(backbone_vars),

@@ -83,16 +83,17 @@ class RunModel:
         mesh,
         optimizer=None,
         learning_rate: float = 0.0,
+        intensity: str = "none",
     ) -> "RunModel":
         """``backbone_source``: full classifier variables whose backbone is the run's frozen
         one; ``optimizer(params, trainable, lr)`` makes the training optimizer (None: the
-        model only scores)."""
+        model only scores); ``intensity``: the run's ``--intensity``."""
         dtype = compute_dtype(precision)
         images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8)
         prefix = prefix_vars = storage = None
         example = images
         if frontier:
-            prefix = prefix_model(info, frontier, dtype)
+            prefix = prefix_model(info, frontier, dtype, intensity)
             storage = storage_dtype(cache_dtype, dtype)
             prefix_vars = suffix_variables(
                 backbone_source, jax.eval_shape(prefix.init, jax.random.key(0), images)
@@ -101,7 +102,7 @@ class RunModel:
                 lambda a: jax.ShapeDtypeStruct(a.shape, storage),
                 jax.eval_shape(prefix.apply, prefix_vars, images),
             )
-        model = build_classifier(info, cut, trainable, dtype, given=frontier)
+        model = build_classifier(info, cut, trainable, dtype, given=frontier, intensity=intensity)
         template = jax.eval_shape(model.init, jax.random.key(0), example)
         tx = optax.identity()
         if optimizer is not None:
@@ -297,6 +298,11 @@ def run_resize(config: dict) -> str:
     return config.get("resize", "antialias")
 
 
+def run_intensity(config: dict) -> str:
+    """A run's ``--intensity``; runs made before the option normalised nothing."""
+    return config.get("intensity", "none")
+
+
 def load_run(run_dir: str | Path, precision: str | None = None, log=print) -> LoadedRun:
     """The model, best weights and validation-chosen thresholds of a finished run, scoring in
     the run's own precision unless ``precision`` overrides it (then it says so)."""
@@ -337,6 +343,7 @@ def load_run(run_dir: str | Path, precision: str | None = None, log=print) -> Lo
         members[0],
         config["batch_size"],
         make_mesh(),
+        intensity=run_intensity(config),
     )
     if frontier and any(
         variables_digest(suffix_variables(m, model.prefix_variables))

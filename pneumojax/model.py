@@ -28,6 +28,7 @@ from pneumojax.backbones import (
     preprocess,
 )
 from pneumojax.config import ADAMW_WEIGHT_DECAY
+from pneumojax.intensity import normalize_intensity
 
 HEAD = ("dense", "dense_1")  # Keras's auto-names for the head's two Dense layers
 
@@ -49,6 +50,7 @@ class Classifier(nn.Module):
     preprocess_mode: str
     hidden: int = 128
     dropout: float = 0.1
+    intensity: str = "none"  # pneumojax.intensity: per-image normalisation before preprocessing
 
     @nn.compact
     def __call__(self, images, train: bool = False, deltas=None):
@@ -58,7 +60,11 @@ class Classifier(nn.Module):
         x = (
             images
             if self.backbone.given
-            else preprocess(images, self.preprocess_mode, self.backbone.dtype)
+            else preprocess(
+                normalize_intensity(images, self.intensity),
+                self.preprocess_mode,
+                self.backbone.dtype,
+            )
         )
         outputs = self.backbone(x, train=train, deltas=deltas)
         x = outputs[self.backbone.outputs[0]]
@@ -201,14 +207,16 @@ def build_classifier(
     dtype=jnp.float32,
     given: tuple[str, ...] = (),
     intermediates: tuple[str, ...] = (),
+    intensity: str = "none",
 ) -> Classifier:
     """The classifier; with ``given`` layer names it starts from their cached activations;
     with ``intermediates`` (Keras layer names up to the cut) it also returns their
-    activations."""
+    activations; ``intensity`` (``--intensity``) normalises each image first."""
     outputs = [cut, *intermediates]  # the cut may be among them: it is then returned twice
     return Classifier(
         backbone_model(info, outputs=outputs, trainable=trainable, dtype=dtype, given=given),
         info.preprocess_mode,
+        intensity=intensity,
     )
 
 

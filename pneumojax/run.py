@@ -110,7 +110,13 @@ def train_run(
     t_data = time.perf_counter() - t0
 
     mesh = make_mesh()
-    model = build_classifier(info, plan.cut, plan.trainable_layers, compute_dtype(cfg.precision))
+    model = build_classifier(
+        info,
+        plan.cut,
+        plan.trainable_layers,
+        compute_dtype(cfg.precision),
+        intensity=cfg.intensity,
+    )
     member_vars = member_initial_variables(
         model, cfg.image_size, cfg.seed, len(balanced.members), backbone_vars
     )
@@ -137,6 +143,7 @@ def train_run(
             clip_grad_norm=cfg.clip_grad_norm,
         ),
         cfg.learning_rate,
+        cfg.intensity,
     )
     augment_spec = parse_augment(cfg.device_augment)
     if not augment_spec.identity:  # the same step, augmenting each batch first

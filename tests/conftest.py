@@ -18,6 +18,9 @@ TRAIN224_DATA = Path(
         "PNEUMOJAX_TRAIN224_DATA", REPO.parent / "shared" / "data" / "chest_xray_train224"
     )
 )
+NIH_DATA = Path(
+    os.environ.get("PNEUMOJAX_NIH_DATA", REPO.parent / "shared" / "data" / "nih_external")
+)
 HAS_TF = all(importlib.util.find_spec(m) is not None for m in ("tensorflow", "keras"))
 
 # What a saved run's re-scoring must reproduce exactly from its metrics.json.
