@@ -694,6 +694,53 @@ def evaluate(
 
 @main.command()
 @RUN_OPTION
+@click.option(
+    "--data",
+    required=True,
+    help="The target images (any folder pneumojax reads, DICOM too); their labels are never read.",
+)
+@click.option("--out", required=True, help="The adapted run's folder (new).")
+@click.option(
+    "--bn/--no-bn",
+    default=True,
+    show_default=True,
+    help="Re-estimate every BatchNorm layer's statistics on the target images (AdaBN).",
+)
+@click.option(
+    "--prior/--no-prior",
+    default=True,
+    show_default=True,
+    help="Re-estimate the PNEUMONIA prior on the target by EM (Saerens 2002) and move the "
+    "model's probabilities to it.",
+)
+@click.option(
+    "--threshold",
+    default="target",
+    show_default=True,
+    type=click.Choice(["target", "keep"]),
+    help="target: the most specific threshold whose recall, estimated on the target images "
+    "with the adapted probabilities as soft labels, reaches the run's target recall; keep: "
+    "the run's validation threshold.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def adapt(run_dir, data, out, bn, prior, threshold, overwrite):
+    """Adapt a finished run to images from another site, without their labels."""
+    from pneumojax.adapt import AdaptOptions, adapt_run  # noqa: PLC0415
+    from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
+    from pneumojax.data import DataError  # noqa: PLC0415
+
+    if not bn and not prior and threshold == "keep":
+        _fail("--no-bn --no-prior --threshold keep would change nothing", 2)
+    try:
+        adapt_run(run_dir, data, out, AdaptOptions(bn, prior, threshold), overwrite, log=click.echo)
+    except FileExistsError as e:
+        _fail(_text(e), 2)
+    except (ValueError, OSError, CheckpointError, DataError) as e:
+        _fail(_describe_os_error(e) if isinstance(e, OSError) else _text(e))
+
+
+@main.command()
+@RUN_OPTION
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of CSV.")
 @click.argument("paths", nargs=-1, required=True)
 @SCORING_PRECISION
