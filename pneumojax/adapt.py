@@ -61,6 +61,9 @@ from pneumojax.workspace import load_split_arrays, write_json
 
 THRESHOLD_RULES = ("target", "keep")
 _EPS = 1e-6
+# EM's prior is kept inside these bounds: an over-confident model drives EM towards 0 or 1,
+# where the logit shift grows without limit and every probability saturates.
+PRIOR_BOUNDS = (0.02, 0.98)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +195,7 @@ def em_prior(
     prior, iterations = source_prior, 0
     for iterations in range(1, max_iter + 1):
         q = _sigmoid(z + _logit(prior) - base).mean(1)
-        new = float(np.clip(q.mean(), _EPS, 1 - _EPS))
+        new = float(np.clip(q.mean(), *PRIOR_BOUNDS))
         done = abs(new - prior) < tol
         prior = new
         if done:
@@ -202,6 +205,7 @@ def em_prior(
         "target_prior": prior,
         "logit_shift": _logit(prior) - base,
         "iterations": iterations,
+        "at_bound": prior in PRIOR_BOUNDS,
     }
 
 
@@ -284,6 +288,11 @@ def adapt_run(
             f"{prior['target_prior']:.3f} on the target by EM ({prior['iterations']} "
             f"iterations); PNEUMONIA logit shifted by {prior['logit_shift']:+.3f}"
         )
+        if prior["at_bound"]:
+            log(
+                f"warning: EM stopped at its bound {prior['target_prior']:g}: the model is "
+                "too confident on these images for its probabilities to estimate their prior"
+            )
     p_target = run.model.probabilities_of_images(images, tta=run.tta) if options.prior else p_before
     if options.threshold == "keep":
         thresholds = list(run.thresholds)

@@ -831,21 +831,27 @@ def compare(runs, out, metrics_file):
 @click.option("--epochs", default=None, type=POSITIVE, help="Overrides every experiment's.")
 @click.option(
     "--eval-data",
-    default=None,
-    help="Also evaluate every experiment on this folder (every image: --split all).",
+    multiple=True,
+    metavar="[NAME=]PATH",
+    help="Also score every experiment on this folder of images from elsewhere (every image, "
+    "at each run's validation threshold; named after the folder unless NAME= is given); "
+    "repeatable, and added to the study file's [[external]] sets.",
 )
 @click.option("--only", default=None, help="Comma-separated experiment names to run.")
 @click.option("--report-only", is_flag=True, help="Remake the report from the run folders.")
 def study(study_file, data, out, weights, image_size, epochs, eval_data, only, report_only):
     """Run every experiment of a study file (default: the seed study) and write its report."""
+    from pneumojax import external  # noqa: PLC0415
     from pneumojax.experiments import ExperimentError, load_study  # noqa: PLC0415
     from pneumojax.report import write_study_files  # noqa: PLC0415
     from pneumojax.study import run_study, study_report  # noqa: PLC0415
 
     try:
         spec = load_study(Path(study_file)) if study_file else load_study()
-    except (ExperimentError, OSError) as e:
+        sets = external.merge(spec.external, external.parse_eval_data(eval_data))
+    except (ExperimentError, external.ExternalError, OSError) as e:
         _fail(_text(e), 2)
+
     overrides = {
         k: v
         for k, v in (
@@ -858,18 +864,27 @@ def study(study_file, data, out, weights, image_size, epochs, eval_data, only, r
     }
     chosen = [n.strip() for n in only.split(",") if n.strip()] if only else None
     out = Path(out)
+    sets = external.remember(out, sets)
+    for s in sets:
+        if not s.folder.is_dir():
+            click.echo(
+                f"warning: external set {s.name}: no folder {s.folder}; the study runs without "
+                "it (set its path in the study file or give --eval-data NAME=PATH)",
+                err=True,
+            )
     outcomes = []
     if not report_only:
         from pneumojax.train import Interrupted  # noqa: PLC0415
 
         try:
-            outcomes = run_study(spec, out, overrides, eval_data, chosen, log=click.echo)
+            found = tuple(s for s in sets if s.folder.is_dir())
+            outcomes = run_study(spec, out, overrides, found, chosen, log=click.echo)
         except ValueError as e:
             _fail(_text(e), 2)
         except Interrupted as e:
             click.echo(f"{e}\ncontinue with the same pneumojax study command", err=True)
             sys.exit(130)
-    report = study_report(spec, out, outcomes)
+    report = study_report(spec, out, outcomes, sets)
     for path in write_study_files(report, out):
         click.echo(f"wrote {path}")
     if report["target"] is not None:

@@ -14,7 +14,9 @@ and/or inline (``[[experiment]]`` tables, which need a ``name``), files first, e
 what the reference experiment must reach on test (``auc``, ``recall``, ``specificity``,
 ``accuracy``, ``precision``, ``f1``: minimums at the validation-chosen threshold) and how long
 the whole study may take (``minutes``: the sum of its run folders' wall times), which the
-report checks.
+report checks; ``[[external]]`` tables (``name``, ``path``, optional ``adapt`` and
+``description``) name folders of images from other sites that every experiment is scored on
+(:mod:`pneumojax.external`).
 
 Precedence, lowest first: TrainConfig's defaults < the study's ``[shared]`` < the experiment
 file < the command line. An experiment's own keys (backbone, trainable, balance, ...) are what
@@ -49,7 +51,15 @@ SEED_STUDY = CONFIGS_DIR / "seed_study.toml"
 # What a study reported, as metrics.json names it.
 REPORTED_KEYS = ("trainable_params", "accuracy", "recall", "precision", "specificity", "f1", "auc")
 _EXPERIMENT_KEYS = ("name", "description", "seed_reported")
-_STUDY_KEYS = ("description", "experiments", "experiment", "reference", "shared", "target")
+_STUDY_KEYS = (
+    "description",
+    "experiments",
+    "experiment",
+    "reference",
+    "shared",
+    "target",
+    "external",
+)
 # A study's [target]: minimum test figures of its reference experiment, and a time budget.
 TARGET_FIGURES = ("auc", "recall", "specificity", "accuracy", "precision", "f1")
 TARGET_KEYS = (*TARGET_FIGURES, "minutes")
@@ -90,6 +100,7 @@ class Study:
     description: str = ""
     source: Path | None = None
     target: dict[str, float] = dataclasses.field(default_factory=dict)
+    external: tuple = ()  # pneumojax.external.ExternalSet: images from elsewhere, scored only
 
     @property
     def names(self) -> list[str]:
@@ -169,7 +180,15 @@ def load_study(path: str | Path = SEED_STUDY) -> Study:
     description = _string(doc, "description", str(path))
     shared = check_options(shared, f"{path} [shared]")
     target = _check_target(doc.get("target", {}), f"{path} [target]")
-    return Study(tuple(experiments), reference, shared, description, path.resolve(), target)
+    from pneumojax.external import ExternalError, parse_external  # noqa: PLC0415
+
+    try:
+        external = parse_external(doc.get("external", []), str(path))
+    except ExternalError as e:
+        raise ExperimentError(str(e)) from None
+    return Study(
+        tuple(experiments), reference, shared, description, path.resolve(), target, external
+    )
 
 
 def resolve_options(

@@ -227,13 +227,14 @@ def score_split(
             f" (mean of {member_p.shape[1]} members)" if len(thresholds) < member_p.shape[1] else ""
         ),
     )
-    plot_roc(
-        y,
-        balance.mean_probability(member_p.T),
-        plots_dir / "roc.png",
-        auc=metrics["auc"],
-        threshold=thresholds[0] if len(thresholds) == 1 else None,
-    )
+    if metrics["auc"] is not None:  # one class only (an external set): no ROC curve
+        plot_roc(
+            y,
+            balance.mean_probability(member_p.T),
+            plots_dir / "roc.png",
+            auc=metrics["auc"],
+            threshold=thresholds[0] if len(thresholds) == 1 else None,
+        )
     return metrics
 
 
@@ -428,7 +429,7 @@ def evaluate_run(
             splits.as_dict()[split] if split != "all" else splits.train + splits.val + splits.test
         )
     else:
-        source = resolve_data(data, log, strict=strict)
+        source = resolve_data(data, log, strict=strict, one_class=split == "all")
         if split == "all":
             items = [it for v in source.splits.values() for it in v]
         elif source.layout == "kaggle" and split in source.splits and source.splits[split]:

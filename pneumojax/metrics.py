@@ -143,10 +143,11 @@ def binary_metrics(y_true, p_pneumonia, threshold: float) -> dict[str, Any]:
     }
 
 
-def _bootstrap_figures(y, p, threshold, idx) -> dict[str, np.ndarray]:
-    """All FIGURES for each resample (row of idx), dropping resamples with one class only."""
+def _bootstrap_figures(y, p, threshold, idx, one_class=False) -> dict[str, np.ndarray]:
+    """All FIGURES for each resample (row of idx), dropping resamples with one class only
+    (unless the data holds one class only: then every resample)."""
     yb = y.astype(bool)[idx]
-    keep = yb.any(axis=1) & ~yb.all(axis=1)
+    keep = np.ones(len(idx), bool) if one_class else yb.any(axis=1) & ~yb.all(axis=1)
     yb, pb = yb[keep], p[idx[keep]]
     figures = _figures_from_counts(*_confusion_counts(yb, pb >= threshold, axis=1))
     figures["auc"] = rank_auc(yb, pb)
@@ -159,19 +160,25 @@ def bootstrap_ci(
     """Percentile bootstrap intervals ``[low, high]`` per figure, resampling images.
 
     Resamples holding one class only are skipped (AUC, recall and specificity are undefined
-    there); if every resample is skipped, each interval is ``[None, None]``.
+    there); if every resample is skipped, each interval is ``[None, None]``. Data of one class
+    only (an external set of NORMAL images, say) get intervals for the figures defined on it
+    (specificity and accuracy, or recall and accuracy) and ``[None, None]`` for the others.
     """
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must lie in (0, 1), got {level}")
     y, p = _check_inputs(y_true, p)
+    one_class = np.unique(y).size < 2
     rng = np.random.default_rng(seed)
     n = y.size
     chunk = max(1, _BOOT_CHUNK_ITEMS // n)
     parts = []
     for start in range(0, n_boot, chunk):
         idx = rng.integers(0, n, size=(min(chunk, n_boot - start), n))
-        parts.append(_bootstrap_figures(y, p, threshold, idx))
+        parts.append(_bootstrap_figures(y, p, threshold, idx, one_class))
     samples = {k: np.concatenate([part[k] for part in parts]) for k in FIGURES}
+    if one_class:
+        defined = ("accuracy", "recall") if y.any() else ("accuracy", "specificity")
+        samples = {k: v if k in defined else v[:0] for k, v in samples.items()}
 
     tail = (1.0 - level) / 2.0 * 100.0
     out = {}

@@ -21,13 +21,40 @@ def write_study_files(report: dict, out: Path) -> list[Path]:
     """Writes study.json, study.md, study.html (and the plots they show) into ``out``."""
     out = Path(out)
     plots = out / "study-plots"
-    roc = plot_roc_overlay(report["rows"], plots / "roc.png") if report["rows"] else None
-    rel = plot_reliability(report["rows"], plots / "reliability.png") if report["rows"] else None
+    rows = report["rows"]
+    roc = rel = None
+    if rows:
+        curves = [(r["name"], r["_test"]["y"], r["_test"]["p"], r["test"]["auc"]) for r in rows]
+        roc = plot_roc_overlay(curves, plots / "roc.png")
+        rel = plot_reliability(
+            [(r["name"], r["calibration"]) for r in rows], plots / "reliability.png"
+        )
+    external_plots = {s["name"]: _external_plots(s, plots) for s in report.get("external", [])}
     paths = [out / "study.json", out / "study.md", out / "study.html"]
     write_text_atomic(paths[0], json.dumps(public(report), indent=1, default=_json_default) + "\n")
-    write_text_atomic(paths[1], markdown(report))
-    write_text_atomic(paths[2], html_page(report, roc, rel))
+    write_text_atomic(paths[1], markdown(report, external_plots))
+    write_text_atomic(paths[2], html_page(report, roc, rel, external_plots))
     return paths
+
+
+def _external_plots(section: dict, plots: Path) -> list[Path]:
+    """One external set's ROC curves and reliability diagrams (none for a one-class set)."""
+    entries = [e for e in section["entries"] if e["metrics"]["auc"] is not None]
+    if not entries:
+        return []
+    title = f"{section['name']} (every image)"
+    return [
+        plot_roc_overlay(
+            [(e["name"], e["_y"], e["_p"], e["metrics"]["auc"]) for e in entries],
+            plots / f"roc-{section['name']}.png",
+            title=f"ROC on {title}",
+        ),
+        plot_reliability(
+            [(e["name"], e["calibration"]) for e in entries],
+            plots / f"reliability-{section['name']}.png",
+            title=f"Reliability on {section['name']}",
+        ),
+    ]
 
 
 def _json_default(x):
@@ -94,11 +121,6 @@ def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         [r["name"], f"{r['calibration']['brier']:.4f}", f"{r['calibration']['ece']:.4f}"]
         for r in rows
     ]
-    external = [
-        [r["name"]] + [_ci(r["external"][f], r["external"]["ci95"].get(f)) for f in FIGURES]
-        for r in rows
-        if r["external"]
-    ]
     out = [] if report.get("target") is None else [target_table(report)]
     out += [
         (
@@ -132,11 +154,102 @@ def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         ),
         ("Calibration on test", ["experiment", "Brier score", "ECE (10 bins)"], calibration),
     ]
-    if external:
+    return out
+
+
+EXTERNAL_NOTE = (
+    "Every image of each set scored at the run's own validation threshold (chosen on the "
+    "carve, never on these images). The oracle column chooses the threshold with the set's "
+    "labels, for the run's target recall: what the threshold would have had to be, not "
+    "available in practice. Adapted rows (pneumojax adapt) used the set's images, never its "
+    "labels. A carve of the training folder shares its site, patients and preparation: only "
+    "these figures say how a model holds up elsewhere."
+)
+
+
+def external_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The "Images from elsewhere" tables: the carve and each set side by side, then one
+    table per set (figures at the validation threshold, calibration, DeLong against the
+    reference, the oracle threshold)."""
+    sets = report.get("external") or []
+    if not sets:
+        return []
+    header = ["experiment", "carve AUC [95% CI]", "carve specificity (recall)"]
+    for s in sets:
+        header += [f"{s['name']} AUC [95% CI]", f"{s['name']} specificity (recall)"]
+    by_set = [{e["name"]: e for e in s["entries"]} for s in sets]
+    names = [r["name"] for r in report["rows"]]
+    names += [n for s in sets for n in (e["name"] for e in s["entries"]) if n not in names]
+    test = {r["name"]: r["test"] for r in report["rows"]}
+    side = []
+    for name in names:
+        m = test.get(name)
+        cells = [name, _ci(m["auc"], m["ci95"].get("auc")) if m else "–", _spec_recall(m)]
+        for entries in by_set:
+            e = entries.get(name)
+            cells += [_ci(e["metrics"]["auc"], e["metrics"]["ci95"].get("auc")) if e else "–"]
+            cells += [_spec_recall(e["metrics"]) if e else "–"]
+        side.append(cells)
+    out = [("Images from elsewhere: the carve and each external set side by side", header, side)]
+    for s in sets:
+        rows = []
+        for e in s["entries"]:
+            m, v, o = e["metrics"], e["vs_reference"], e["oracle"]
+            rows.append(
+                [
+                    e["name"],
+                    f"{e['counts'][0]} / {e['counts'][1]}",
+                    _ci(m["auc"], m["ci95"].get("auc")),
+                    _ci(m["recall"], m["ci95"].get("recall")) if e["counts"][1] else "–",
+                    _ci(m["specificity"], m["ci95"].get("specificity")) if e["counts"][0] else "–",
+                    f"{m['threshold']:.3f}" if len(m["member_thresholds"]) == 1 else "vote",
+                    f"{e['calibration']['ece']:.3f}",
+                    f"{e['calibration']['brier']:.3f}",
+                    "(reference)"
+                    if v is None and e["experiment"] == report["reference"] and not e["adapted"]
+                    else "–"
+                    if v is None
+                    else f"{_ci(v['auc_delta'], v['auc_delta_ci95'])} (p {_p(v['delong_p'])})",
+                    "–"
+                    if o is None
+                    else f"t={o['threshold']:.3f}: specificity "
+                    f"{o['specificity']:.3f} (recall {o['recall']:.3f})",
+                ]
+            )
+        rows += [[f"not scored: {err}"] + ["–"] * 9 for err in s["errors"]]
+        if not s["found"]:
+            rows.append([f"not scored: no folder {s['path']}"] + ["–"] * 9)
+        title = f"Images from elsewhere: {s['name']}" + (
+            f" ({s['description']})" if s["description"] else ""
+        )
         out.append(
-            ("External images (--eval-data, every image)", ["experiment", *FIGURES], external)
+            (
+                title,
+                [
+                    "experiment",
+                    "NORMAL / PNEUMONIA",
+                    "AUC [95% CI]",
+                    "recall",
+                    "specificity",
+                    "threshold (validation)",
+                    "ECE",
+                    "Brier",
+                    f"AUC vs {report['reference']} (DeLong)",
+                    "oracle threshold (uses these labels)",
+                ],
+                rows,
+            )
         )
     return out
+
+
+def _spec_recall(m) -> str:
+    if not m:
+        return "–"
+    (tn, fp), (fn, tp) = m["confusion_matrix"]
+    spec = f"{m['specificity']:.3f}" if tn + fp else "–"
+    recall = f"{m['recall']:.3f}" if fn + tp else "–"
+    return f"{spec} ({recall})"
 
 
 def target_table(report: dict) -> tuple[str, list[str], list[list[str]]]:
@@ -169,13 +282,24 @@ def _operating_point(point) -> str:
     return "; ".join(shown) + f" (t={point['threshold']:.3f})"
 
 
-def markdown(report: dict) -> str:
+def _markdown_table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
+
+
+def markdown(report: dict, external_plots: dict | None = None) -> str:
     lines = [f"# Study report: {len(report['rows'])} experiments", ""]
     if report["missing"]:
         lines += [f"Not finished (no figures): {', '.join(report['missing'])}.", ""]
-    for title, header, rows in tables(report):
-        lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+    for table in tables(report):
+        lines += _markdown_table(*table)
+    extra = external_tables(report)
+    if extra:
+        lines += [EXTERNAL_NOTE, ""]
+    for table in extra:
+        lines += _markdown_table(*table)
+    for name, plots in (external_plots or {}).items():
+        lines += [f"![{p.stem}](study-plots/{p.name})" for p in plots] + [""] if plots else []
     lines += [
         "The study's trainable-parameter counts are at 256 px: the head's first Dense layer "
         "grows with the input size, so other sizes differ by design (flagged).",
@@ -194,11 +318,16 @@ def _img(path: Path | None, alt: str, width: int | None = None) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"{size}>'
 
 
-def html_page(report: dict, roc: Path | None, reliability: Path | None) -> str:
+def html_page(
+    report: dict, roc: Path | None, reliability: Path | None, external_plots: dict | None = None
+) -> str:
     parts = [f"<h1>Study report: {len(report['rows'])} experiments</h1>"]
     if report["missing"]:
         parts.append(f"<p>Not finished: {html.escape(', '.join(report['missing']))}</p>")
-    for title, header, rows in tables(report):
+    main, extra = tables(report), external_tables(report)
+    for i, (title, header, rows) in enumerate(main + extra):
+        if extra and i == len(main):
+            parts.append(f"<h2>Images from elsewhere</h2><p>{html.escape(EXTERNAL_NOTE)}</p>")
         parts.append(
             f"<h2>{html.escape(title)}</h2><table><tr>"
             + "".join(f"<th>{html.escape(h)}</th>" for h in header)
@@ -209,6 +338,13 @@ def html_page(report: dict, roc: Path | None, reliability: Path | None) -> str:
             )
             + "</table>"
         )
+    for name, plots in (external_plots or {}).items():
+        if plots:
+            parts.append(
+                f"<h2>ROC curves and calibration on {html.escape(name)}</h2><div class='row'>"
+                + "".join(_img(p, p.stem, 520) for p in plots)
+                + "</div>"
+            )
     parts.append(
         "<h2>ROC curves and calibration on test</h2><div class='row'>"
         + _img(roc, "ROC curves", 520)
@@ -237,37 +373,35 @@ def html_page(report: dict, roc: Path | None, reliability: Path | None) -> str:
     )
 
 
-def plot_roc_overlay(rows: list[dict], path) -> Path:
-    """Every experiment's test ROC curve on one plot."""
+def plot_roc_overlay(curves: list[tuple], path, title: str = "ROC on test") -> Path:
+    """ROC curves on one plot; ``curves``: (label, y, p, auc) per experiment."""
     fig, ax = _new_figure(6, 6)
-    for r in rows:
-        t = r["_test"]
-        fpr, tpr, _ = roc_curve(t["y"], t["p"])
-        ax.plot(fpr, tpr, lw=1.5, label=f"{r['name']} (AUC {r['test']['auc']:.3f})")
+    for label, y, p, auc in curves:
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(fpr, tpr, lw=1.5, label=f"{label} (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], ":", color="gray")
     ax.set_xlabel("false positive rate (1 - specificity)")
     ax.set_ylabel("true positive rate (recall)")
-    ax.set_title("ROC on test, PNEUMONIA positive")
+    ax.set_title(f"{title}, PNEUMONIA positive")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=7)
     return _save(fig, path)
 
 
-def plot_reliability(rows: list[dict], path) -> Path:
-    """Reliability diagrams: observed PNEUMONIA frequency against mean predicted probability."""
+def plot_reliability(curves: list[tuple], path, title: str = "Reliability on test") -> Path:
+    """Reliability diagrams: observed PNEUMONIA frequency against mean predicted probability;
+    ``curves``: (label, calibration) per experiment (``calibration``: brier, ece, reliability)."""
     fig, ax = _new_figure(6, 6)
-    for r in rows:
-        curve = r["calibration"]["reliability"]
+    for label, calibration in curves:
+        curve = calibration["reliability"]
         keep = [i for i, c in enumerate(curve["count"]) if c > 0]
         pred = [curve["mean_predicted"][i] for i in keep]
         obs = [curve["observed_frequency"][i] for i in keep]
-        ax.plot(
-            pred, obs, "o-", ms=3, lw=1, label=f"{r['name']} (ECE {r['calibration']['ece']:.3f})"
-        )
+        ax.plot(pred, obs, "o-", ms=3, lw=1, label=f"{label} (ECE {calibration['ece']:.3f})")
     ax.plot([0, 1], [0, 1], ":", color="gray", label="perfectly calibrated")
     ax.set_xlabel("mean predicted P(pneumonia)")
     ax.set_ylabel("observed fraction PNEUMONIA")
-    ax.set_title("Reliability on test (10 bins)")
+    ax.set_title(f"{title} (10 bins)")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=7)
     return _save(fig, path)

@@ -23,6 +23,8 @@ from typing import Callable
 from pneumojax import stats
 from pneumojax.config import TrainConfig
 from pneumojax.experiments import Study, command_line, record_experiment, resolve_options
+from pneumojax.external import external_section, score_on_externals
+from pneumojax.external import public as public_external
 from pneumojax.inference import predicted_labels, read_predictions
 from pneumojax.train import Interrupted
 
@@ -38,6 +40,7 @@ class Outcome:
     status: str  # "done" (trained now), "skipped" (finished earlier), "resumed", "failed"
     seconds: float
     error: str | None = None
+    external_errors: list[str] = dataclasses.field(default_factory=list)
 
 
 def run_folder_state(run_dir: Path) -> str:
@@ -51,14 +54,17 @@ def run_study(
     study: Study,
     out: Path,
     overrides: dict,
-    eval_data: str | None = None,
+    externals: tuple = (),
     only: list[str] | None = None,
     log: Callable[[str], None] = print,
     train: Callable | None = None,
     evaluate: Callable | None = None,
 ) -> list[Outcome]:
-    """Runs the study's experiments (``only`` some of them) into ``out``; returns what happened
+    """Runs the study's experiments (``only`` some of them) into ``out``, then scores each on
+    every external set (:func:`pneumojax.external.score_on_externals`); returns what happened
     to each. ``overrides`` are command-line options applied to every experiment."""
+    from pneumojax.adapt import adapt_run  # noqa: PLC0415
+
     if train is None or evaluate is None:
         from pneumojax.inference import evaluate_run  # noqa: PLC0415
         from pneumojax.run import train_run  # noqa: PLC0415
@@ -84,12 +90,13 @@ def run_study(
                 check_plan(cfg)
                 train(cfg, resume=state == "interrupted", log=quiet)
                 record_experiment(run_dir, experiment)
-            if eval_data and not (run_dir / "eval-external" / "metrics.json").exists():
-                evaluate(
-                    run_dir, eval_data, "all", run_dir / "eval-external" / "metrics.json", log=quiet
-                )
+            failures = score_on_externals(
+                run_dir, experiment.name, externals, out, evaluate, adapt_run, quiet
+            )
             status = {"finished": "skipped", "interrupted": "resumed", "new": "done"}[state]
-            outcomes.append(Outcome(experiment.name, status, time.perf_counter() - t0))
+            outcomes.append(
+                Outcome(experiment.name, status, time.perf_counter() - t0, None, failures)
+            )
         except (KeyboardInterrupt, Interrupted):
             raise  # Ctrl-C / SIGTERM stop the study; the same command resumes it
         except Exception as error:  # noqa: BLE001  (reported; the study goes on)
@@ -97,6 +104,7 @@ def run_study(
             outcomes.append(Outcome(experiment.name, "failed", time.perf_counter() - t0, message))
         o = outcomes[-1]
         detail = f" ({o.error})" if o.error else ""
+        detail += "".join(f" (not scored on {e})" for e in o.external_errors)
         log(f"[{i}/{len(chosen)}] {o.name}: {o.status} in {o.seconds:.1f} s{detail}")
     return outcomes
 
@@ -112,17 +120,20 @@ def check_plan(cfg) -> None:
 # --- the report ---------------------------------------------------------------------------------
 
 
-def study_report(study: Study, out: Path, outcomes: list[Outcome] | None = None) -> dict:
+def study_report(
+    study: Study, out: Path, outcomes: list[Outcome] | None = None, externals: tuple = ()
+) -> dict:
     """The study's figures from its run folders: one row per finished experiment, with the
     study's reported figures, operating points, calibration and paired tests against the
-    reference experiment on the same test images."""
+    reference experiment on the same test images; and per external set (``externals``) the
+    section "Images from elsewhere" (:func:`pneumojax.external.external_section`)."""
     rows, missing = [], []
     for experiment in study.experiments:
         run_dir = out / experiment.name
         if run_folder_state(run_dir) != "finished":
             missing.append(experiment.name)
             continue
-        rows.append(_row(experiment, run_dir))
+        rows.append(_row(experiment, run_dir, externals))
     reference = next((r for r in rows if r["name"] == study.reference), None)
     for row in rows:
         row["vs_reference"] = (
@@ -134,6 +145,13 @@ def study_report(study: Study, out: Path, outcomes: list[Outcome] | None = None)
         "missing": missing,
         "wall_s": total_wall_s(rows),
         "target": target_verdict(study.target, reference, rows, missing),
+        "external": external_section(
+            externals,
+            rows,
+            study.reference,
+            out,
+            rows[0]["test"].get("target_recall") if rows else None,
+        ),
         "out": str(out),
         "this_invocation": [dataclasses.asdict(o) for o in outcomes or ()],
     }
@@ -168,7 +186,7 @@ def target_verdict(
     return {"lines": lines, "met": None if None in known else all(known)}
 
 
-def _row(experiment, run_dir: Path) -> dict:
+def _row(experiment, run_dir: Path, externals: tuple = ()) -> dict:
     config = json.loads((run_dir / "config.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -178,7 +196,7 @@ def _row(experiment, run_dir: Path) -> dict:
     mean_val, mean_test = p_val.mean(1), p_test.mean(1)
     reported = dict(experiment.seed_reported)
     trainable = config["plan"]["trainable_params"]
-    external = run_dir / "eval-external" / "metrics.json"
+    external = {s.name: s.eval_dir(run_dir) / "metrics.json" for s in externals}
     return {
         "name": experiment.name,
         "description": experiment.description,
@@ -188,7 +206,7 @@ def _row(experiment, run_dir: Path) -> dict:
         "trainable_params_differ": "trainable_params" in reported
         and reported["trainable_params"] != trainable,
         "test": metrics,
-        "external": json.loads(external.read_text()) if external.exists() else None,
+        "external": {n: json.loads(p.read_text()) for n, p in external.items() if p.exists()},
         "operating_points": stats.operating_points(y_val, mean_val, y_test, mean_test),
         "calibration": {
             "brier": stats.brier_score(y_test, mean_test),
@@ -226,4 +244,5 @@ def public(report: dict) -> dict:
     return {
         **report,
         "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in report["rows"]],
+        "external": public_external(report.get("external", [])),
     }

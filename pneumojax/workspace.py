@@ -32,12 +32,15 @@ def warn_via(log: Callable[[str], None]) -> Callable[[str], None]:
 
 
 def resolve_data(
-    spec: str, log: Callable[[str], None] = print, strict: bool = False
+    spec: str, log: Callable[[str], None] = print, strict: bool = False, one_class: bool = False
 ) -> data.DataSource:
     """``demo`` makes (once) and uses the synthetic set; anything else is a data folder.
 
-    Unreadable images are skipped with one warning (or stop the run with ``strict``)."""
+    Unreadable images are skipped with one warning (or stop the run with ``strict``);
+    ``one_class`` accepts a flat folder of one class (scoring only)."""
     kwargs = dict(strict=strict, warn=warn_via(log), cache_dir=cache_dir() / "images")
+    if one_class:
+        kwargs["one_class"] = True
     if spec == "demo":
         folder = data.make_demo_dataset(cache_dir() / "demo")
         log(

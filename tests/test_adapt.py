@@ -81,6 +81,10 @@ def test_em_recovers_the_prior_of_a_calibrated_model():
     assert em_prior(p75[:, None], 0.75)["target_prior"] == pytest.approx(
         est["target_prior"], abs=1e-4
     )
+    # an over-confident model on images of one class: EM stops at its bound
+    saturated = em_prior(np.full((50, 1), 0.999), 0.5)
+    assert saturated["at_bound"] and saturated["target_prior"] == 0.98
+    assert not est["at_bound"]
 
 
 def test_label_free_threshold_with_true_labels_is_the_labelled_rule():

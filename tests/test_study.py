@@ -139,9 +139,10 @@ def test_a_failing_experiment_is_reported_and_the_study_goes_on(tmp_path, monkey
     assert "[1/2] plain: done" in r.output and "not finished: broken" in r.output
     report = json.loads((out / "study.json").read_text())
     assert [row["name"] for row in report["rows"]] == ["plain"]
-    assert report["rows"][0]["external"]["n"] == 24  # every image of the external folder
-    assert report["rows"][0]["external"]["threshold"] == report["rows"][0]["test"]["threshold"]
-    assert "External images" in (out / "study.md").read_text()
+    ext = report["rows"][0]["external"]["other_hospital"]  # named after its folder
+    assert ext["n"] == 24  # every image of the external folder
+    assert ext["threshold"] == report["rows"][0]["test"]["threshold"]
+    assert "Images from elsewhere: other_hospital" in (out / "study.md").read_text()
     assert set(report["missing"]) == {"weighted", "midrange", "broken"}
     # With experiments unfinished, the time budget cannot be told; the reference's AUC can.
     lines = {line["key"]: line for line in report["target"]["lines"]}

@@ -49,6 +49,7 @@ def find_images(
     cache_dir: str | os.PathLike | None = None,
     workers: int = 2,
     progress: bool = False,
+    one_class: bool = False,
 ) -> DataSource:
     """Find the labelled images under ``data_dir``, in the Kaggle or the flat layout.
 
@@ -62,6 +63,9 @@ def find_images(
     lists them), or with ``strict`` the first one raises :class:`DataError`. ``cache_dir`` keeps
     the result of the check (keyed by the files' paths, sizes and mtimes) so that later calls on
     unchanged files only ``stat`` them.
+
+    ``one_class`` accepts a flat folder with one class folder only (an external test set of
+    NORMAL images, say): nothing is trained on it, but specificity or recall still exist.
     """
     root = Path(data_dir).expanduser().resolve()
     if not root.is_dir():
@@ -86,7 +90,7 @@ def find_images(
     if has_splits:
         source = DataSource(root, "kaggle", _kaggle_splits(root, subdirs))
     elif has_classes:
-        source = DataSource(root, "flat", {"all": _class_items(root)})
+        source = DataSource(root, "flat", {"all": _class_items(root, one_class)})
     else:
         raise DataError(_no_layout_message(root, subdirs))
     if not check:
@@ -136,25 +140,31 @@ def _kaggle_splits(root: Path, subdirs: dict[str, Path]) -> dict[str, list[Item]
     return {name: splits[name] for name in KAGGLE_SPLITS}
 
 
-def _class_items(folder: Path) -> list[Item]:
-    """The images of ``folder/NORMAL`` and ``folder/PNEUMONIA``, labelled 0 and 1."""
+def _class_items(folder: Path, one_class: bool = False) -> list[Item]:
+    """The images of ``folder/NORMAL`` and ``folder/PNEUMONIA``, labelled 0 and 1 (with
+    ``one_class``, either folder may be missing or empty, not both)."""
     subdirs = _subdirs_by_lower_name(folder)
+    found = {
+        name: _image_files(subdirs[name.lower()]) if name.lower() in subdirs else None
+        for name in CLASS_NAMES
+    }
+    if one_class and any(found.values()):
+        found = {name: paths for name, paths in found.items() if paths}
     items: list[Item] = []
-    for label, name in enumerate(CLASS_NAMES):
-        class_dir = subdirs.get(name.lower())
-        if class_dir is None:
+    for name, paths in found.items():
+        if paths is None:
             raise DataError(
                 f"class folder {name}/ missing in {folder}\n"
                 f"expected {' and '.join(CLASS_NAMES)}; found: {_listing(subdirs)}"
             )
-        paths = _image_files(class_dir)
         if not paths:
+            class_dir = subdirs[name.lower()]
             raise DataError(
                 f"class folder {class_dir} holds no image\n"
                 f"expected files ending in {', '.join(IMAGE_EXTENSIONS)}; "
                 f"found: {_contents(class_dir)}"
             )
-        items.extend((str(p), label) for p in paths)
+        items.extend((str(p), CLASS_NAMES.index(name)) for p in paths)
     return items
 
 
