@@ -70,13 +70,26 @@ PAIRS = (
     ("keras-tf-drop-last", "keras-tf"),
 )
 FIGURES = (
-    ("auc", lambda m: m["auc"]),
-    ("recall at 0.5", lambda m: m["at_0_5"]["recall"]),
-    ("specificity at 0.5", lambda m: m["at_0_5"]["specificity"]),
-    ("recall at val threshold", lambda m: m["recall"]),
-    ("specificity at val threshold", lambda m: m["specificity"]),
-    ("val threshold", lambda m: m["threshold"]),
+    ("auc", lambda r: r["metrics"]["auc"]),
+    ("recall at 0.5", lambda r: r["metrics"]["at_0_5"]["recall"]),
+    ("specificity at 0.5", lambda r: r["metrics"]["at_0_5"]["specificity"]),
+    ("recall at val threshold", lambda r: r["metrics"]["recall"]),
+    ("specificity at val threshold", lambda r: r["metrics"]["specificity"]),
+    ("val threshold", lambda r: r["metrics"]["threshold"]),
 )
+# With --external: the same models on every image of another site's folder, at the threshold
+# each chose on its own validation split.
+EXTERNAL_FIGURES = (
+    ("external auc", lambda r: r["external"]["auc"]),
+    ("external recall at val threshold", lambda r: r["external"]["recall"]),
+    ("external specificity at val threshold", lambda r: r["external"]["specificity"]),
+)
+
+
+def figures_of(seeds: list[dict]) -> tuple:
+    """FIGURES, and the external ones when the runs were scored on an external folder."""
+    scored = any("external" in r for e in seeds for r in e["results"].values())
+    return FIGURES + (EXTERNAL_FIGURES if scored else ())
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,6 +97,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--data", default=None, help="Kaggle-layout data folder (required)")
+    p.add_argument(
+        "--external",
+        default=None,
+        help="also score every run on every image of this folder (another site; any layout), "
+        "at its validation threshold",
+    )
+    p.add_argument(
+        "--settings",
+        nargs="*",
+        default=None,
+        choices=SETTINGS,
+        help="run only these settings [default: all]",
+    )
     p.add_argument("--backbone", default="densenet121")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument(
@@ -270,6 +296,7 @@ def run_seeds(args, workdir: Path) -> list[dict]:
             val_fraction=0.15,
             test_fraction=0.15,
             precision="float32",
+            external=str(Path(args.external).resolve()) if args.external else None,
         )
         splits_file, summary = recall.make_shared_splits(ns, data, wd)
         recall.warm_file_cache(splits_file)
@@ -290,6 +317,7 @@ def run_seeds(args, workdir: Path) -> list[dict]:
             "results": {},
         }
         settings = [s for s in SETTINGS if s not in KERAS_VARIANTS or seed in args.keras_seeds]
+        settings = [s for s in settings if args.settings is None or s in args.settings]
         if args.other_tree:
             settings.insert(1, "pneumojax-antialias-other-tree")
         for setting in settings:
@@ -328,6 +356,17 @@ def run_seeds(args, workdir: Path) -> list[dict]:
                     )
                 },
                 "test_p": result["test_p"],
+                **(
+                    {
+                        "external": {
+                            k: result["external"]["metrics"][k]
+                            for k in ("auc", "recall", "specificity", "threshold", "ci95", "n")
+                        },
+                        "external_p": result["external"]["p"],
+                    }
+                    if "external" in result
+                    else {}
+                ),
                 "best_epoch": result["best_epoch"],
                 "history": result["history"],
                 "process_wall_s": result["process_wall_s"],
@@ -352,12 +391,13 @@ def summarize_runs(seeds: list[dict]) -> dict:
     """Per setting: mean, sample standard deviation, min and max of each figure over seeds;
     paired differences (same seed: same splits, same initial weights) between settings."""
     per_setting = {}
+    figures = figures_of(seeds)
     for s in SETTINGS[:1] + ("pneumojax-antialias-other-tree",) + SETTINGS[1:]:
-        ms = [e["results"][s]["metrics"] for e in seeds if s in e["results"]]
-        if ms:
+        rs = [e["results"][s] for e in seeds if s in e["results"]]
+        if rs:
             per_setting[s] = {
-                "seeds": len(ms),
-                **{name: _spread([get(m) for m in ms]) for name, get in FIGURES},
+                "seeds": len(rs),
+                **{name: _spread([get(r) for r in rs]) for name, get in figures},
             }
     pairs = {}
     for a, b in PAIRS:
@@ -367,13 +407,8 @@ def summarize_runs(seeds: list[dict]) -> dict:
         pairs[f"{a} - {b}"] = {
             "seeds": len(both),
             **{
-                name: _spread(
-                    [
-                        get(e["results"][a]["metrics"]) - get(e["results"][b]["metrics"])
-                        for e in both
-                    ]
-                )
-                for name, get in FIGURES
+                name: _spread([get(e["results"][a]) - get(e["results"][b]) for e in both])
+                for name, get in figures
             },
             "test_p_correlation": _spread(
                 [
@@ -399,16 +434,33 @@ def summarize_runs(seeds: list[dict]) -> dict:
 
 def _spread(values: list[float]) -> dict:
     v = np.asarray(values, float)
+    sd = float(v.std(ddof=1)) if len(v) > 1 else None
     return {
         "mean": float(v.mean()),
-        "sd": float(v.std(ddof=1)) if len(v) > 1 else None,
+        "sd": sd,
         "min": float(v.min()),
         "max": float(v.max()),
+        "ci95_mean": _t_interval(v) if sd is not None else None,
         "values": [float(x) for x in v],
     }
 
 
+def _t_interval(v: np.ndarray) -> list[float]:
+    """The 95% Student-t interval of the mean (seeds as the independent replicates)."""
+    from scipy import stats  # noqa: PLC0415
+
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return [float(v.mean() - half), float(v.mean() + half)]
+
+
 # --- the table ------------------------------------------------------------------------------------
+
+
+def _mci(x: dict, digits: int = 3) -> str:
+    ci = x.get("ci95_mean")
+    if not ci:
+        return _ms(x, digits)
+    return f"{x['mean']:+.{digits}f} [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]; sd {x['sd']:.{digits}f}"
 
 
 def _ms(x: dict, digits: int = 3) -> str:
@@ -546,11 +598,12 @@ def run_tables(runs: dict, settings: dict) -> list[str]:
         + "; test = the folder's test/. Figures on test; mean ± sd [min, max] over seeds.",
         "",
     ]
+    figures = figures_of(seeds)
     header = ["figure (test)", *[f"{TITLES[s]} ({per[s]['seeds']} seeds)" for s in per]]
-    rows = [[name, *[_ms(per[s][name]) for s in per]] for name, _ in FIGURES]
+    rows = [[name, *[_ms(per[s][name]) for s in per]] for name, _ in figures]
     lines += [common.markdown_table(header, rows), ""]
-    header = ["paired difference (same seed)", *pairs]
-    rows = [[name, *[_ms(pairs[p][name]) for p in pairs]] for name, _ in FIGURES]
+    header = ["paired difference (same seed): mean [95% CI of the mean]; sd", *pairs]
+    rows = [[name, *[_mci(pairs[p][name]) for p in pairs]] for name, _ in figures]
     rows.append(
         ["correlation of test probabilities", *[_ms(pairs[p]["test_p_correlation"]) for p in pairs]]
     )

@@ -182,6 +182,7 @@ def base_job(args, data: str, workdir: Path, splits_file: Path) -> dict:
         "precision": args.precision,
         "resize": getattr(args, "resize", "antialias"),
         "splits": str(splits_file),
+        "external": getattr(args, "external", None),
         "backbone_weights": str(workdir / "init-backbone.npz"),
         "head_weights": str(workdir / "init-head.npz"),
         "workdir": str(workdir),
@@ -586,6 +587,13 @@ def run_pneumojax(job: dict) -> dict:
     if job.get("return_probabilities"):  # per test image, in splits.test order
         rows = (run_dir / "predictions" / "test.csv").read_text().splitlines()[1:]
         extra["test_p"] = [float(row.rsplit(",", 1)[1]) for row in rows]
+    if job.get("external"):  # every image of another folder, at the validation threshold
+        from pneumojax.inference import evaluate_run, read_predictions  # noqa: PLC0415
+
+        folder = run_dir / "eval-external"
+        ext = evaluate_run(run_dir, job["external"], "all", folder / "metrics.json", log=log)
+        paths, _, p = read_predictions(folder / "predictions.csv")
+        extra["external"] = {"metrics": ext, "paths": paths, "p": p.mean(1).tolist()}
     return {
         "framework": "pneumojax",
         "metrics": metrics,
@@ -740,6 +748,18 @@ def run_keras(job: dict) -> dict:
     metrics = evaluate_predictions(test_y, test_p, threshold)
     metrics.update(split="test", threshold_source="validation", target_recall=job["target_recall"])
     t_end = time.perf_counter()
+    external = {}
+    if job.get("external"):  # the same images, in the same order, as pneumojax scores them
+        from pneumojax.data import find_images  # noqa: PLC0415
+
+        items = find_images(job["external"], one_class=True).items
+        ext_p = model.predict(keras_dataset(items, size, batch, preprocess), verbose=0)[:, 1]
+        ext_y = np.array([label for _, label in items])
+        external["external"] = {
+            "metrics": evaluate_predictions(ext_y, ext_p, threshold),
+            "paths": [p for p, _ in items],
+            "p": [float(x) for x in ext_p],
+        }
     val_losses = history.history["val_loss"]
     seconds = {
         "data": t_data - t0,
@@ -761,6 +781,7 @@ def run_keras(job: dict) -> dict:
         "seconds": seconds,
         "jit_compile": model.jit_compile,
         **({"test_p": [float(x) for x in test_p]} if job.get("return_probabilities") else {}),
+        **external,
     }
 
 

@@ -447,3 +447,30 @@ def test_ab_table_lists_every_run_and_the_ratio_of_group_medians(tmp_path):
     row = text.splitlines()[-1]
     assert "10.00, 12.00, 30.00 → **12.00**" in row  # the median, not the mean (17.33)
     assert row.endswith("| 1.25× |")
+
+
+def test_pipeline_parity_pairs_external_figures_with_a_t_interval():
+    import pipeline_parity  # noqa: PLC0415
+
+    def result(auc, ext_auc):
+        metrics = {"auc": auc, "recall": 0.98, "specificity": 0.5, "threshold": 0.4}
+        metrics["at_0_5"] = {"recall": 0.9, "specificity": 0.6}
+        external = {"auc": ext_auc, "recall": 0.9, "specificity": 0.2}
+        return {"metrics": metrics, "external": external, "test_p": [0.1, 0.9]}
+
+    seeds = [
+        {
+            "seed": i,
+            "results": {"pneumojax-antialias": result(0.90, e), "keras-tf": result(0.92, e + d)},
+        }
+        for i, (e, d) in enumerate([(0.50, 0.01), (0.55, 0.03), (0.48, 0.02)])
+    ]
+    summary = pipeline_parity.summarize_runs(seeds)
+    pair = summary["paired"]["keras-tf - pneumojax-antialias"]["external auc"]
+    assert pair["mean"] == pytest.approx(0.02)
+    # t(0.975, 2) = 4.303; sd of (0.01, 0.03, 0.02) = 0.01
+    half = 4.302652729911275 * 0.01 / np.sqrt(3)
+    assert pair["ci95_mean"] == pytest.approx([0.02 - half, 0.02 + half])
+    assert summary["per_setting"]["keras-tf"]["external auc"]["values"] == pytest.approx(
+        [0.51, 0.58, 0.50]
+    )
