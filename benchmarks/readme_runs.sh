@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-makes the README's measured training runs and writes what they printed, with the machine,
+# Re-makes the measured training runs of docs/training.md and writes what they printed, with the machine,
 # the date and the load, to benchmarks/results/:
 #   readme-mini-cpu.md       the "Measured: chest_xray_mini" run (DenseNet121, random init, 128 px)
 #   methods-train224-cpu.md  the five --balance methods on chest_xray_train224, and `compare`
