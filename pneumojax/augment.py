@@ -41,6 +41,10 @@ class AugmentSpec:
     brightness: shift uniform in [-brightness, brightness], a fraction of the full range.
     noise: Gaussian noise, standard deviation in grey levels (of 255), the same in every
         channel (radiographs are grey).
+    blur: Gaussian blur, standard deviation uniform in [0, blur] pixels of the model's input.
+    sharpen: unsharp masking, ``x + a (x - G(x))`` with G a Gaussian of 1 pixel and the amount
+        a uniform in [0, sharpen]. With ``blur`` it randomises an image's fine texture both
+        ways, so that sharpness (which differs between scanners and sites) tells nothing.
     fill: what the geometric transforms bring in from outside the image: ``constant``
         (black) or ``edge`` (the nearest border pixel).
     """
@@ -54,6 +58,8 @@ class AugmentSpec:
     contrast: float = 0.0
     brightness: float = 0.0
     noise: float = 0.0
+    blur: float = 0.0
+    sharpen: float = 0.0
     fill: str = "constant"
 
     @property
@@ -68,7 +74,14 @@ class AugmentSpec:
 
     @property
     def photometric(self) -> bool:
-        return bool(self.gamma or self.contrast or self.brightness or self.noise)
+        return bool(
+            self.gamma
+            or self.contrast
+            or self.brightness
+            or self.noise
+            or self.blur
+            or self.sharpen
+        )
 
     @property
     def identity(self) -> bool:
@@ -158,6 +171,8 @@ _RANGES = {  # name: (lowest, highest, what the number is)
     "contrast": (0.0, 1.0, "the factor's spread"),
     "brightness": (0.0, 1.0, "a fraction of the full range"),
     "noise": (0.0, 255.0, "grey levels"),
+    "blur": (0.0, 8.0, "pixels (the largest standard deviation)"),
+    "sharpen": (0.0, 4.0, "the largest unsharp-mask amount"),
 }
 
 
@@ -201,7 +216,8 @@ def augment(key, images, spec: AugmentSpec):
     transforms keep what an image shows. The identity spec returns ``images`` itself."""
     if spec.identity:
         return images
-    return apply_params(images, draw_params(key, spec, images.shape), spec.fill)
+    params = draw_params(key, spec, images.shape)
+    return apply_params(images, params, spec.fill, max_blur=spec.blur)
 
 
 def draw_params(key, spec: AugmentSpec, shape) -> dict:
@@ -246,14 +262,21 @@ def draw_params(key, spec: AugmentSpec, shape) -> dict:
             out["brightness"] = 255.0 * spec.brightness * sym(11)
         if spec.noise:
             out["noise"] = spec.noise * jax.random.normal(jax.random.fold_in(k, 1), (h, w, 1))
+        if spec.blur or spec.sharpen:  # its own key: the other draws stay as they were
+            v = jax.random.uniform(jax.random.fold_in(k, 2), (2,))
+            if spec.blur:
+                out["blur"] = spec.blur * v[0]
+            if spec.sharpen:
+                out["sharpen"] = spec.sharpen * v[1]
         return out
 
     return jax.vmap(one)(jnp.arange(n))
 
 
-def apply_params(images, params: dict, fill: str = "constant"):
+def apply_params(images, params: dict, fill: str = "constant", max_blur: float = 8.0):
     """Applies :func:`draw_params`'s parameters (any subset) to uint8 images: the geometric
-    map first (bilinear), then gamma, contrast, brightness, noise; rounded to uint8."""
+    map first (bilinear), then blur, sharpening, gamma, contrast, brightness, noise; rounded to
+    uint8. ``max_blur`` bounds the blur's standard deviation (it sizes the kernel)."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
@@ -261,6 +284,11 @@ def apply_params(images, params: dict, fill: str = "constant"):
     if "matrix" in params:
         x = jax.vmap(lambda im, m, b: warp(im, m, b, fill))(x, params["matrix"], params["offset"])
     per_image = lambda v: v.reshape((-1,) + (1,) * (x.ndim - 1))  # noqa: E731
+    if "blur" in params:
+        x = gaussian_blur(x, params["blur"], max_blur)
+    if "sharpen" in params:
+        soft = gaussian_blur(x, jnp.ones(x.shape[0]), 1.0)
+        x = x + per_image(params["sharpen"]) * (x - soft)
     if "gamma" in params:
         x = 255.0 * (jnp.clip(x, 0.0, 255.0) / 255.0) ** per_image(params["gamma"])
     if "contrast" in params:
@@ -304,3 +332,30 @@ def warp(image, matrix, offset, fill: str = "constant"):
         )
         out = out + jnp.where(inside, weight, 0.0)[:, None] * flat[index]
     return out.reshape(h, w, c)
+
+
+BLUR_RADIUS_SIGMAS = 3.0  # the kernel reaches this many standard deviations
+
+
+def gaussian_blur(x, sigma, max_sigma: float):
+    """Each image of ``x`` (batch, H, W, C), float, blurred by a Gaussian of its own standard
+    deviation ``sigma`` (batch,) in pixels, at most ``max_sigma`` (0: unchanged), separably,
+    with the border pixels repeated (scipy's ``gaussian_filter(mode="nearest", truncate=3)``)."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    radius = max(1, math.ceil(BLUR_RADIUS_SIGMAS * max_sigma))
+    taps = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+    s = jnp.maximum(jnp.asarray(sigma, jnp.float32), 1e-3)[:, None]
+    weights = jnp.exp(-0.5 * (taps[None] / s) ** 2)
+    weights = jnp.where(jnp.abs(taps[None]) <= BLUR_RADIUS_SIGMAS * s + 0.5, weights, 0.0)
+    weights = weights / weights.sum(1, keepdims=True)  # (batch, taps); sigma 0: a delta
+    for axis in (1, 2):
+        pad = [(0, 0)] * 4
+        pad[axis] = (radius, radius)
+        padded = jnp.pad(x, pad, mode="edge")
+        n = x.shape[axis]
+        shifted = jnp.stack(
+            [jnp.take(padded, jnp.arange(i, i + n), axis=axis) for i in range(2 * radius + 1)], -1
+        )
+        x = jnp.einsum("nhwct,nt->nhwc", shifted, weights)
+    return x

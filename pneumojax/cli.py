@@ -384,7 +384,7 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
     help="Random augmentation of every training batch on the device, inside the jitted step "
     "(each sample its own draw from --seed and the step): none, light, strong, or items such "
     "as 'rotate=10,translate=0.08,scale=0.9:1.1,crop=0.8,gamma=0.2,contrast=0.2,"
-    "brightness=0.2,noise=4' (hflip=P and fill=edge only when asked). Turns the feature "
+    "brightness=0.2,noise=4,blur=1,sharpen=1' (hflip=P and fill=edge only when asked). Turns the feature "
     "cache off: the frozen part must see each augmented batch.",
 )
 @click.option(

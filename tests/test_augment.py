@@ -67,6 +67,8 @@ def test_presets_and_items_parse_and_print_back():
         ("crop=0", "must be in"),
         ("fill=wrap", "choose constant or edge"),
         ("noise=inf", "not a finite number"),
+        ("blur=9", "must be in [0, 8]"),
+        ("sharpen=-1", "must be in [0, 4]"),
     ],
 )
 def test_bad_specs_are_clear_errors(text, message):
@@ -158,6 +160,35 @@ def test_photometric_transforms_on_known_cases():
     out = np.asarray(apply_params(jnp.asarray(x), {"noise": jnp.asarray(noise)})).astype(float)
     np.testing.assert_array_equal(out - x, np.round(x + noise) - x)  # the same in each channel
     assert run(brightness=-200.0).min() == 0 and run(brightness=300.0).max() == 255  # clipped
+
+
+def test_blur_is_scipys_gaussian_filter_and_sharpen_adds_texture():
+    from scipy.ndimage import gaussian_filter  # noqa: PLC0415
+
+    x = _pattern(3, size=20)
+    sigma = np.array([0.0, 0.8, 2.5], np.float32)
+    out = np.asarray(apply_params(jnp.asarray(x), {"blur": jnp.asarray(sigma)}, max_blur=2.5))
+    np.testing.assert_array_equal(out[0], x[0])  # sigma 0: unchanged
+    for i in (1, 2):
+        ref = gaussian_filter(
+            x[i].astype(np.float32), (sigma[i], sigma[i], 0), mode="nearest", truncate=3.0
+        )
+        assert np.abs(out[i] - ref).max() <= 0.5 + 1e-3  # rounded to uint8
+    one = np.repeat(x[:1], 3, axis=0)  # one image, three sharpening amounts
+    soft = np.asarray(apply_params(jnp.asarray(one), {"blur": jnp.full(3, 1.5)}, max_blur=1.5))
+
+    def texture(im):
+        return np.abs(np.diff(im.astype(float), axis=2)).mean()
+
+    sharp = np.asarray(apply_params(jnp.asarray(soft), {"sharpen": jnp.asarray([0.0, 1.0, 2.0])}))
+    np.testing.assert_array_equal(sharp[0], soft[0])  # amount 0: unchanged
+    assert texture(soft[0]) < texture(sharp[1]) < texture(sharp[2])
+    # blur and sharpen draw from their own key: every other transform is drawn as before
+    a = draw_params(jax.random.key(3), STRONG, (8, 16, 16, 3))
+    b = draw_params(jax.random.key(3), parse_augment("strong,blur=1,sharpen=1"), (8, 16, 16, 3))
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
+    assert 0 <= np.asarray(b["blur"]).min() and np.asarray(b["blur"]).max() <= 1
 
 
 def test_hflip_only_when_asked_and_then_it_mirrors():
