@@ -13,6 +13,7 @@ import click
 from pneumojax.backbones import REGISTRY, get_backbone, layer_table
 from pneumojax.config import (
     BALANCE_METHODS,
+    CALIBRATIONS,
     LR_SCHEDULES,
     OPTIMIZERS,
     PRECISIONS,
@@ -330,6 +331,14 @@ def port(backbone, weights, input_size, out, randomize_seed, overwrite):
     metavar="DECAY",
     help="Keep an exponential moving average of the weights (e.g. 0.999); validation, early "
     "stopping, the best and the saved model use it [default: off].",
+)
+@click.option(
+    "--calibrate",
+    default=DEFAULTS.calibrate,
+    show_default=True,
+    type=click.Choice(CALIBRATIONS),
+    help="temperature: after training, one temperature fitted on validation (log loss) "
+    "scales the PNEUMONIA logit, written into the head; the threshold is chosen after it.",
 )
 @click.option(
     "--patience",

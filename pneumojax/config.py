@@ -11,6 +11,7 @@ OPTIMIZERS = ("adam", "adamw")
 BALANCE_METHODS = ("none", "class-weight", "undersample", "oversample", "ensemble")
 RESIZE_METHODS = ("antialias", "keras")
 PRECISIONS = ("auto", "float32", "bfloat16")  # --precision and --feature-cache-dtype
+CALIBRATIONS = ("none", "temperature")
 
 
 @dataclasses.dataclass
@@ -62,6 +63,7 @@ class TrainConfig(FitOptions):
     label_smoothing: float = 0.0
     clip_grad_norm: float | None = None
     ema: float | None = None  # the decay of the weights' moving average; None: off
+    calibrate: str = "none"  # temperature: pneumojax.calibration, fitted on validation
 
     def fit_options(self) -> FitOptions:
         return FitOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FitOptions)})

@@ -170,7 +170,13 @@ def train_run(
     )
     t_fit = time.perf_counter() - t0 - t_data
     run_model.variables = stack_members(best)
+    temperature = None
+    if cfg.calibrate == "temperature":
+        best, temperature = calibrated(run_model, best, inputs["val"], arrays["val"][1], log)
+        run_model.variables = stack_members(best)
     metrics = finish_run(run_dir, cfg, run_model, inputs, arrays, splits, log)
+    if temperature is not None:
+        metrics["calibration"] = {"method": "temperature", "temperature": temperature}
     if not writes:  # the scoring above ran on every process (its steps span them all)
         return metrics
     save_model(
@@ -192,6 +198,20 @@ def train_run(
     log(format_metrics(metrics))
     log(f"run folder: {run_dir}")
     return metrics
+
+
+def calibrated(run_model: RunModel, best: list[dict], val_inputs, y_val, log) -> tuple:
+    """``--calibrate temperature``: each member's head scaled by the T fitted on validation."""
+    from pneumojax.calibration import fit_temperature, scale_head  # noqa: PLC0415
+    from pneumojax.train import member_logits  # noqa: PLC0415
+
+    z = member_logits(run_model.steps, run_model.variables, val_inputs, run_model.batch_size)
+    temperature = fit_temperature(z[..., 1], y_val)
+    log(
+        f"temperature scaling: T = {temperature:.3f} fitted on validation (log loss of the "
+        "PNEUMONIA probability), written into the head"
+    )
+    return [scale_head(b, temperature) for b in best], temperature
 
 
 def resolved_config(cfg: TrainConfig, run_dir: Path, resume: bool) -> tuple[TrainConfig, dict]:
