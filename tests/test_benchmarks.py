@@ -474,3 +474,31 @@ def test_pipeline_parity_pairs_external_figures_with_a_t_interval():
     assert summary["per_setting"]["keras-tf"]["external auc"]["values"] == pytest.approx(
         [0.51, 0.58, 0.50]
     )
+
+
+def test_levers_table_groups_seeds_and_pairs_them_with_the_baseline():
+    import levers_table  # noqa: PLC0415
+
+    assert levers_table.lever_of("recipe.s2") == ("recipe", 2)
+    assert levers_table.lever_of("eq_strong") == ("eq_strong", None)
+    rng = np.random.default_rng(0)
+    y = rng.random(200) < 0.5
+
+    def record(seed, auc_shift):
+        p = np.clip(rng.normal(np.where(y, 0.6 + auc_shift, 0.4), 0.2), 0, 1)
+        return {
+            "seed": seed,
+            "external": {"auc": 0.5 + auc_shift, "recall": 0.9, "specificity": 0.3},
+            "_paths": [f"{i}.png" for i in range(200)],
+            "_y": y,
+            "_p": p,
+        }
+
+    base = [record(s, 0.0) for s in (0, 1, 2)]
+    lever = [record(s, d) for s, d in ((0, 0.05), (1, 0.07), (2, 0.06))]
+    v = levers_table.against_baseline(lever, base)
+    assert v["seeds"] == 3 and v["auc_delta"] == pytest.approx(0.06)
+    assert v["ci95"][0] < 0.06 < v["ci95"][1] and v["ci95"][0] > 0
+    one = levers_table.against_baseline([record(5, 0.1)], [record(7, 0.0)])
+    assert one["seeds"] == 1 and 0 <= one["delong_p"] <= 1  # different seeds: DeLong, unpaired
+    assert levers_table.against_baseline(base, base) is None
