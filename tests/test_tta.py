@@ -129,11 +129,18 @@ def test_a_tta_run_thresholds_on_tta_validation_and_rescores_exactly(tta_run):
 
     rows = list(csv.DictReader(io.StringIO(stored)))
     paths = [row["path"] for row in rows]
-    # Reversed: each image's views depend on the image alone, not on its place.
+    # Reversed: each image's views depend on the image alone, not on its place. (Its batch
+    # neighbours change, and XLA:CPU's vectorised kernels are not bitwise independent of them
+    # on every processor: equal to float32 rounding, measured up to 6e-8 on an AMD EPYC.)
     r = CliRunner().invoke(main, ["predict", "--run", str(tta_run)] + paths[::-1])
     assert r.exit_code == 0, r.output
     predicted = list(csv.DictReader(io.StringIO(r.stdout)))[::-1]
-    assert [float(p["p_pneumonia"]) for p in predicted] == [float(s["p_pneumonia"]) for s in rows]
+    np.testing.assert_allclose(
+        [float(p["p_pneumonia"]) for p in predicted],
+        [float(s["p_pneumonia"]) for s in rows],
+        rtol=0,
+        atol=1e-6,
+    )
     t = trained["threshold"]
     assert [p["label"] for p in predicted] == [
         "PNEUMONIA" if float(s["p_pneumonia"]) >= t else "NORMAL" for s in rows
