@@ -66,7 +66,10 @@ def test_the_option_takes_effect_and_changes_no_result():
     assert plain["ynn"] > ours["ynn"] + 8, (plain["ynn"], ours["ynn"])
     np.testing.assert_allclose(ours["logits"], plain["logits"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ours["loss"], plain["loss"], rtol=1e-6)
-    np.testing.assert_allclose(ours["kernel"], plain["kernel"], rtol=1e-5, atol=1e-7)
+    # One Adam step: where a gradient is near Adam's epsilon its update amplifies the kernels'
+    # rounding differences (seen on an AMD EPYC: 1.5e-7 on one weight of 1,538; a step is
+    # 1e-3), so the bound is a thousandth of a step.
+    np.testing.assert_allclose(ours["kernel"], plain["kernel"], rtol=1e-5, atol=1e-6)
 
 
 def test_the_users_own_setting_wins():
