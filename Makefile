@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY312 := $(shell pyenv which python3.12 2>/dev/null || command -v python3.12 2>/dev/null)
 
-.PHONY: demo test setup clean-venv
+.PHONY: demo test setup clean-venv clean-cache
 
 $(VENV)/.installed: pyproject.toml
 	@if [ -z "$(PY312)" ]; then \
@@ -31,3 +31,7 @@ test: $(VENV)/.installed
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The test suite's JAX compilation cache (tests/conftest.py): safe to delete at any time.
+clean-cache:
+	rm -rf .jax-cache

@@ -10,6 +10,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 REPO = Path(__file__).resolve().parents[1]
+# JAX's persistent compilation cache for the suite (and the processes it starts): the same tiny
+# models are compiled by many tests, and by every later run of the suite. The folder is safe to
+# delete (`make clean-cache`); JAX keys each entry on the program, its options and versions.
+JAX_CACHE = Path(os.environ.get("PNEUMOJAX_TEST_JAX_CACHE", REPO / ".jax-cache"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(JAX_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 MINI_DATA = Path(
     os.environ.get("PNEUMOJAX_MINI_DATA", REPO.parent / "shared" / "data" / "chest_xray_mini")
 )
