@@ -901,6 +901,10 @@ def study(study_file, data, out, weights, image_size, epochs, eval_data, only, r
 
         title, _, rows = target_table(report)
         click.echo(title + "".join(f"\n  {k}: {v} (target {t}): {w}" for k, t, v, w in rows))
+    from pneumojax.report import external_summary_lines  # noqa: PLC0415
+
+    for line in external_summary_lines(report):
+        click.echo(line)
     failed = [o.name for o in outcomes if o.status == "failed"]
     if failed or report["missing"]:
         click.echo(f"not finished: {', '.join(failed or report['missing'])}", err=True)

@@ -243,6 +243,21 @@ def external_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]
     return out
 
 
+def external_summary_lines(report: dict) -> list[str]:
+    """One line per experiment and external set, for the study command's last lines."""
+    lines = []
+    for s in report.get("external") or []:
+        if s["entries"]:
+            lines.append(
+                f"images from elsewhere, {s['name']} (at each run's validation threshold):"
+            )
+        for e in s["entries"]:
+            m = e["metrics"]
+            auc = "" if m["auc"] is None else f"AUC {_ci(m['auc'], m['ci95'].get('auc'))}, "
+            lines.append(f"  {e['name']}: {auc}specificity (recall) {_spec_recall(m)}")
+    return lines
+
+
 def _spec_recall(m) -> str:
     if not m:
         return "–"

@@ -86,6 +86,8 @@ def test_every_experiment_is_scored_on_every_set_at_its_validation_threshold(fin
     assert r.exit_code == 0, r.output
     assert "external set gone: no folder" in r.output
     assert "not scored on broken" in r.output
+    assert "images from elsewhere, site_b (at each run's validation threshold):" in r.output
+    assert "  plain (adapted): AUC " in r.output
     report = json.loads((out / "study.json").read_text())
     sets = {s["name"]: s for s in report["external"]}
     assert list(sets) == ["site_b", "normals", "gone", "broken"]
