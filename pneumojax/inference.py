@@ -26,6 +26,7 @@ from pneumojax.data import (
     image_set_key,
     load_images,
 )
+from pneumojax.data.layouts import not_regular_message
 from pneumojax.backbones import get_backbone
 from pneumojax.checkpoint import CheckpointError, load_variables
 from pneumojax.features import (
@@ -489,15 +490,23 @@ def predict_paths(
 
 def gather_image_files(paths: list[str], log) -> list[str]:
     """The readable images among ``paths`` (folders are searched; unreadable files are
-    skipped with a warning)."""
+    skipped with a warning). Only regular files are opened: a named pipe, device or socket
+    (which a reader would block on for ever) is skipped with a warning."""
     files: list[str] = []
+    special: list[str] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+            named = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+            files += [str(f) for f in named if f.is_file()]  # is_file: a regular file
+            special += [str(f) for f in named if not f.is_file() and not f.is_dir()]
         elif p.is_file():
             files.append(str(p))
+        elif p.exists():
+            special.append(str(p))
         else:
             raise FileNotFoundError(f"{p}: no such file or folder")
+    if special:
+        log(f"warning: {not_regular_message(special)}")
     if not files:
         raise FileNotFoundError("no images found in " + ", ".join(paths))
     files = check_images(files, warn=lambda m: log(f"warning: {m}"))

@@ -11,7 +11,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from pneumojax.data._common import DataError, Item, Warn, _shown
+from pneumojax.data._common import DataError, Item, Warn, _count, _default_warn, _shown
 from pneumojax.data.checks import _unreadable
 from pneumojax.data.decode import DICOM_EXTENSIONS
 
@@ -87,12 +87,15 @@ def find_images(
             f"{root} mixes split folders (train/test) and class folders (NORMAL/PNEUMONIA);\n"
             "expected one of the two layouts, not both"
         )
+    special: list[Path] = []  # image names that are no regular file (FIFO, device, socket)
     if has_splits:
-        source = DataSource(root, "kaggle", _kaggle_splits(root, subdirs))
+        source = DataSource(root, "kaggle", _kaggle_splits(root, subdirs, special))
     elif has_classes:
-        source = DataSource(root, "flat", {"all": _class_items(root, one_class)})
+        source = DataSource(root, "flat", {"all": _class_items(root, one_class, special)})
     else:
         raise DataError(_no_layout_message(root, subdirs))
+    if special:
+        (warn or _default_warn)(not_regular_message([str(p) for p in special], root))
     if not check:
         return source
     bad = _unreadable(
@@ -128,24 +131,30 @@ def _subdirs_by_lower_name(folder: Path) -> dict[str, Path]:
     return {p.name.lower(): p for p in sorted(folder.iterdir()) if p.is_dir()}
 
 
-def _kaggle_splits(root: Path, subdirs: dict[str, Path]) -> dict[str, list[Item]]:
+def _kaggle_splits(
+    root: Path, subdirs: dict[str, Path], special: list[Path]
+) -> dict[str, list[Item]]:
     for required in ("train", "test"):
         if required not in subdirs:
             raise DataError(
                 f"{root} looks like the Kaggle layout but has no {required}/ folder\n"
                 f"expected train/ and test/ (val/ optional); found: {_listing(subdirs)}"
             )
-    splits = {name: _class_items(subdirs[name]) for name in ("train", "test")}
-    splits["val"] = _class_items(subdirs["val"]) if "val" in subdirs else []
+    splits = {name: _class_items(subdirs[name], special=special) for name in ("train", "test")}
+    splits["val"] = _class_items(subdirs["val"], special=special) if "val" in subdirs else []
     return {name: splits[name] for name in KAGGLE_SPLITS}
 
 
-def _class_items(folder: Path, one_class: bool = False) -> list[Item]:
+def _class_items(
+    folder: Path, one_class: bool = False, special: list[Path] | None = None
+) -> list[Item]:
     """The images of ``folder/NORMAL`` and ``folder/PNEUMONIA``, labelled 0 and 1 (with
-    ``one_class``, either folder may be missing or empty, not both)."""
+    ``one_class``, either folder may be missing or empty, not both). Image names that are no
+    regular file are added to ``special``, never opened."""
     subdirs = _subdirs_by_lower_name(folder)
+    special = [] if special is None else special
     found = {
-        name: _image_files(subdirs[name.lower()]) if name.lower() in subdirs else None
+        name: _image_files(subdirs[name.lower()], special) if name.lower() in subdirs else None
         for name in CLASS_NAMES
     }
     if one_class and any(found.values()):
@@ -168,12 +177,28 @@ def _class_items(folder: Path, one_class: bool = False) -> list[Item]:
     return items
 
 
-def _image_files(folder: Path) -> list[Path]:
+def _image_files(folder: Path, special: list[Path]) -> list[Path]:
+    """The regular files with an image name in ``folder`` (``is_file``: S_ISREG, after links);
+    other entries with an image name but no folder (a named pipe, device or socket, which a
+    reader would block on, or a broken link) go to ``special`` and are never opened."""
     # Dot files are skipped: macOS archives carry '._name.jpeg' resource forks that are no images.
-    return sorted(
+    named = sorted(
         p
         for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+        if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    special.extend(p for p in named if not p.is_file() and not p.is_dir())
+    return [p for p in named if p.is_file()]
+
+
+def not_regular_message(paths: list[str], root: str | os.PathLike | None = None) -> str:
+    """The warning for image names that are no regular file, naming a few."""
+    shown = [_shown(p, root) if root is not None else p for p in paths[:3]]
+    more = f" (+{len(paths) - 3} more)" if len(paths) > 3 else ""
+    return (
+        f"skipped {_count(len(paths), 'path')} with an image name that "
+        f"{'is' if len(paths) == 1 else 'are'} not a regular file (a named pipe, device, socket "
+        f"or broken link; never opened): {', '.join(shown)}{more}"
     )
 
 
