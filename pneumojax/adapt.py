@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -53,7 +54,7 @@ from pneumojax.inference import (
     split_probabilities,
     write_predictions,
 )
-from pneumojax.io import write_text_atomic
+from pneumojax.io import remove_stale_staging, write_text_atomic
 from pneumojax.metrics import format_metrics
 from pneumojax.model import build_classifier
 from pneumojax.progress import progress_bar
@@ -336,6 +337,7 @@ def _suffix_like(full: dict, template: dict) -> dict:
 def _write_adapted(run, variables, thresholds, record, files, p_target, out, overwrite, log):
     config = run.config
     staging = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    remove_stale_staging(out.parent, rf"\.{re.escape(out.name)}\.tmp(?P<pid>\d+)")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for name in ("splits.json", "history.jsonl"):

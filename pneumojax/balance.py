@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from pneumojax.config import BALANCE_METHODS
+from pneumojax.io import remove_stale_staging
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check on import
 
@@ -170,6 +171,7 @@ def oversample(
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+        remove_stale_staging(path.parent, r"[0-9a-f]{24}\.tmp(?P<pid>\d+)\.npy")
         np.save(tmp, out)
         os.replace(tmp, path)
     return out, new_labels, key

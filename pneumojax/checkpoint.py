@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from pneumojax.io import existing_folder, replace_folder, write_text_atomic
+from pneumojax.io import existing_folder, remove_stale_staging, replace_folder, write_text_atomic
 
 MANIFEST = "manifest.json"
 
@@ -33,6 +34,8 @@ def save_variables(
     if existing_folder(directory).exists() and not overwrite:
         raise CheckpointError(f"{directory} already exists; pass --overwrite to replace it")
     staging = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+    # what a killed save of this folder left (its process gone): removed, not kept for ever
+    remove_stale_staging(directory.parent, rf"\.{re.escape(directory.name)}\.tmp(?P<pid>\d+)")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckptr:

@@ -31,6 +31,7 @@ from pneumojax.backbones import (
     preprocess,
 )
 from pneumojax.intensity import normalize_intensity
+from pneumojax.io import remove_stale_staging
 
 
 class Prefix(nn.Module):
@@ -144,6 +145,8 @@ def cached_activations(
     if (folder / "done").exists():
         return {n: _open(folder / f"{n}.npy", storage) for n in prefix.backbone.outputs}
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    # any activations a killed process left half-written (its process gone): removed
+    remove_stale_staging(folder.parent, r"[0-9a-f]{24}\.tmp(?P<pid>\d+)")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     arrays: dict[str, np.ndarray] = {}

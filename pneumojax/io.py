@@ -4,9 +4,16 @@ half of one: write aside, flush to disk, rename, flush the folder."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
+
+# A staging folder of a process that is gone is removed only once nothing in it has changed for
+# this long: on a file system shared by several machines a writer elsewhere has a PID that is
+# not alive here, and its files are still being written.
+STALE_AFTER_S = 3600.0
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -74,6 +81,62 @@ def existing_folder(target: Path) -> Path:
 
 def _old(target: Path) -> Path:
     return target.with_name(f".{target.name}.old")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
+
+
+def remove_stale_staging(
+    parent: str | os.PathLike, pattern: str, min_age_s: float = STALE_AFTER_S
+) -> list[Path]:
+    """Removes what a killed write left in ``parent``: the files and folders whose name matches
+    ``pattern`` (a regular expression with a group ``pid``, e.g. ``\\.model\\.tmp(?P<pid>\\d+)``)
+    whose process is no longer alive and in which nothing changed for ``min_age_s`` seconds.
+    Returns what was removed. Errors (another process removing the same) are ignored."""
+    parent = Path(parent)
+    regex = re.compile(pattern)
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        match = regex.fullmatch(entry.name)
+        if match is None:
+            continue
+        pid = int(match.group("pid"))
+        if pid == os.getpid() or pid_alive(pid) or now - _newest_mtime(entry) < min_age_s:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _newest_mtime(path: Path) -> float:
+    try:
+        newest = path.lstat().st_mtime
+    except OSError:
+        return time.time()
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                try:
+                    newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+                except OSError:
+                    pass
+    return newest
 
 
 def _umask() -> int:

@@ -6,6 +6,8 @@ made twice at once, ``--overwrite`` on folders that are no run, failed runs retr
 """
 
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -103,3 +105,107 @@ def test_a_named_pipe_in_a_class_folder_is_never_opened(tmp_path):
     paths = [p for p, _ in result[0].items]
     assert len(paths) == 6 and not any("pipe" in os.path.basename(p) for p in paths)
     assert any("not a regular file" in w and "pipe.png" in w for w in warnings), warnings
+
+
+# --- 12: staging folders a killed save left; the demo set made twice at once -------------------
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _stale(path, pid, age_s=7200.0, folder=True):
+    """A staging entry of process ``pid``, last changed ``age_s`` seconds ago."""
+    if folder:
+        (path / "variables").mkdir(parents=True)
+        (path / "variables" / "part").write_bytes(b"x" * 100)
+        inner = [path / "variables" / "part", path / "variables", path]
+    else:
+        path.write_bytes(b"x" * 100)
+        inner = [path]
+    when = time.time() - age_s
+    for p in inner:
+        os.utime(p, (when, when))
+    return path
+
+
+def test_a_killed_checkpoint_save_is_cleaned_up_by_the_next_save(tmp_path):
+    from pneumojax.checkpoint import load_variables, save_variables
+
+    dead = _dead_pid()
+    killed = _stale(tmp_path / f".model.tmp{dead}", dead)
+    alive = _stale(tmp_path / f".model.tmp{os.getppid()}", os.getppid())  # a live process's
+    dead2 = _dead_pid()
+    recent = _stale(tmp_path / f".model.tmp{dead2}", dead2, age_s=5)  # changed just now
+    other = _stale(tmp_path / f".other.tmp{dead}", dead)  # another folder's: not this save's
+    save_variables(tmp_path / "model", {"params": {"w": np.ones(3, np.float32)}}, {"k": 1})
+    assert not killed.exists()
+    assert alive.exists() and other.exists() and recent.exists()
+    variables, manifest = load_variables(tmp_path / "model")
+    assert manifest == {"k": 1} and variables["params"]["w"].tolist() == [1, 1, 1]
+
+
+def test_a_killed_activation_cache_write_is_cleaned_up_by_the_next_one(tmp_path):
+    from types import SimpleNamespace
+
+    from pneumojax.features import cached_activations
+
+    cache = tmp_path / "features"
+    cache.mkdir()
+    dead = _dead_pid()
+    killed = _stale(cache / f"{'ab' * 12}.tmp{dead}", dead)
+    prefix = SimpleNamespace(
+        backbone=SimpleNamespace(dtype=np.float32, outputs=("x",)),
+        preprocess_mode="torch",
+        intensity="none",
+        apply=None,
+    )
+
+    def run_batches(fn, variables, inputs, batch_size, sink):
+        sink(0, len(inputs), {"x": inputs.astype(np.float32) / 2})
+
+    images = np.arange(12, dtype=np.uint8).reshape(3, 2, 2)
+    got = cached_activations(prefix, {}, images, "key", cache, 2, run_batches)
+    np.testing.assert_array_equal(got["x"], images / 2)
+    assert not killed.exists()
+    assert [p.name for p in cache.iterdir() if ".tmp" in p.name] == []
+
+
+def test_two_demo_sets_made_at_once_never_replace_a_finished_one(tmp_path, monkeypatch):
+    from pneumojax.data import demo
+
+    out = tmp_path / "demo"
+    started, go = threading.Event(), threading.Event()
+    write = demo._write_demo_images
+    calls = []
+
+    def slow_first(folder, *args):
+        calls.append(folder)
+        if len(calls) == 1:  # the first maker stops half-way until told to go on
+            started.set()
+            assert go.wait(30)
+        write(folder, *args)
+
+    monkeypatch.setattr(demo, "_write_demo_images", slow_first)
+    seen = {}
+
+    def make(name):
+        folder = demo.make_demo_dataset(out, n_per_class=6, image_size=16, seed=3)
+        seen[name] = (folder.stat().st_ino, sorted(p.name for p in folder.rglob("*")))
+
+    first = threading.Thread(target=make, args=("first",))
+    first.start()
+    assert started.wait(30)
+    second = threading.Thread(target=make, args=("second",))
+    second.start()
+    second.join(1.0)  # it waits for the first (or, unlocked, makes its own set meanwhile)
+    go.set()
+    first.join(60)
+    second.join(60)
+    final = (out.stat().st_ino, sorted(p.name for p in out.rglob("*")))
+    assert len(final[1]) == 2 + 2 * 6 + 2  # NORMAL/, PNEUMONIA/, 12 images, 2 notes
+    assert seen["first"] == final and seen["second"] == final  # nobody replaced a set in use
+    assert len(calls) == 1  # made once, reused by the second
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

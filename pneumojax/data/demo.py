@@ -3,6 +3,8 @@ pipeline (never for judging it)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -35,6 +37,7 @@ def make_demo_dataset(
     ``personN_bacteria_K.jpeg``), some patients have two images, and every tenth file is a PNG.
     The output is deterministic for a seed; a folder already made with the same parameters is
     reused, one made with other parameters is replaced, any other existing folder is an error.
+    Safe to call from several processes at once: one makes the set, the others wait and reuse it.
     """
     out = Path(out_dir)
     params = {
@@ -45,24 +48,43 @@ def make_demo_dataset(
     }
     if _demo_params(out) == params:
         return out
-    if out.exists() and any(out.iterdir()) and _demo_params(out) is None:
-        raise DataError(
-            f"{out} exists and is not a pneumojax demo folder; refusing to overwrite it\n"
-            f"expected a missing, empty or demo folder (one with {_DEMO_PARAMS_FILE})"
-        )
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
-    try:
-        _write_demo_images(staging, n_per_class, image_size, seed)
-        (staging / "SYNTHETIC.txt").write_text(_SYNTHETIC_NOTE)
-        (staging / _DEMO_PARAMS_FILE).write_text(json.dumps(params, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    # One process at a time makes the set (two `make demo` at once: the second waits, then
+    # reuses it); it is written beside the folder and renamed into place when complete, so
+    # nobody ever reads a half-written set, and a complete one is never deleted under a reader.
+    with _demo_lock(out):
+        if _demo_params(out) == params:  # made by another process while this one waited
+            return out
+        if out.exists() and any(out.iterdir()) and _demo_params(out) is None:
+            raise DataError(
+                f"{out} exists and is not a pneumojax demo folder; refusing to overwrite it\n"
+                f"expected a missing, empty or demo folder (one with {_DEMO_PARAMS_FILE})"
+            )
+        staging = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
+        try:
+            _write_demo_images(staging, n_per_class, image_size, seed)
+            (staging / "SYNTHETIC.txt").write_text(_SYNTHETIC_NOTE)
+            (staging / _DEMO_PARAMS_FILE).write_text(json.dumps(params, indent=1))
+            aside = out.with_name(f".{out.name}.old{os.getpid()}")
+            if out.exists():  # a demo set of other parameters (or an empty folder)
+                os.replace(out, aside)
+            os.replace(staging, out)
+            shutil.rmtree(aside, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return out
+
+
+@contextlib.contextmanager
+def _demo_lock(out: Path):
+    """An exclusive lock on ``.NAME.lock`` beside ``out`` (released when the process dies)."""
+    with open(out.with_name(f".{out.name}.lock"), "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _demo_params(folder: Path) -> dict | None:
