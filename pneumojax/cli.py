@@ -639,7 +639,11 @@ def _describe_os_error(e: OSError) -> str:
     help="'all' takes every image of the folder (an external test set).",
 )
 @click.option(
-    "--out", default=None, help="metrics.json path [default: RUN/eval-SPLIT/metrics.json]."
+    "--out",
+    default=None,
+    help="metrics.json path [default: RUN/eval-SPLIT/metrics.json on the run's own data; "
+    "with --data of another folder RUN/eval-SPLIT-FOLDER/metrics.json, FOLDER being that "
+    "folder's name, so the run's own evaluations are never replaced].",
 )
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
 @click.option(

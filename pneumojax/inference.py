@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -424,6 +425,7 @@ def evaluate_run(
     run = load_run(run_dir, precision, log)
     setting, thresholds, tta_record = scoring_tta(run, tta, tta_augment, log)
     size, resize = run.config["image_size"], run_resize(run.config)
+    folder = f"eval-{split}"  # the run's own data; another folder's are named after it
     if data is None:
         splits = Splits.from_json((run.run_dir / "splits.json").read_text())
         items = (
@@ -440,8 +442,10 @@ def evaluate_run(
                 f"--split {split} needs a Kaggle-layout folder with {split}/; for a "
                 "flat NORMAL/ PNEUMONIA/ folder use --split all"
             )
+        if not is_run_data(run.config, data, source):
+            folder = f"eval-{split}-{_folder_label(source.root)}"
     x, y = load_split_arrays(items, size, log, resize)
-    out = Path(out) if out else run.run_dir / f"eval-{split}" / "metrics.json"
+    out = Path(out) if out else run.run_dir / folder / "metrics.json"
     key = image_set_key([p for p, _ in items], size, resize)
     p = split_probabilities(run.model, x, key, setting, split)
     metrics = score_split(
@@ -464,6 +468,27 @@ def evaluate_run(
             dataclasses.replace(run, thresholds=thresholds), out.parent, *explain, log=log
         )
     return metrics
+
+
+def is_run_data(config: dict, data: str, source) -> bool:
+    """Whether ``--data`` names the folder the run was trained on (``demo`` included)."""
+    own = config.get("data")
+    if own is None:
+        return False
+    if data == own:
+        return True
+    if own == "demo" or data == "demo":
+        return False
+    try:
+        return Path(own).expanduser().resolve() == Path(source.root).resolve()
+    except OSError:
+        return False
+
+
+def _folder_label(root: Path) -> str:
+    """A data folder's name as part of a folder name (``eval-test-<name>``)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(root).name).strip("._") or "data"
+    return name
 
 
 def predict_paths(

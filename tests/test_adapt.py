@@ -182,7 +182,8 @@ def test_an_adapted_run_is_a_run_that_rescores_exactly(tiny_run, target, tmp_pat
         main, ["evaluate", "--run", str(out), "--data", str(target), "--split", "all"]
     )
     assert r.exit_code == 0, r.output
-    external = json.loads((out / "eval-all" / "metrics.json").read_text())
+    # (another folder than the run's own data: named after it, eval-all-site)
+    external = json.loads((out / f"eval-all-{target.name}" / "metrics.json").read_text())
     assert external["member_thresholds"] == metrics["member_thresholds"]
 
 

@@ -1,22 +1,30 @@
 """Faults a review reproduced (issue 25): each test reproduces one on the code before its fix.
 
 Named pipes with an image name, evaluations of other data, stale staging folders, the demo set
-made twice at once, ``--overwrite`` on folders that are no run, failed runs retried, and
-``--resume`` with other options.
+made twice at once.
 """
 
+import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
-from pneumojax.data import find_images
+from pneumojax.cli import main
+from pneumojax.data import find_images, make_demo_dataset
 from pneumojax.inference import gather_image_files
+
+from conftest import tiny_train_args
 
 
 def _png(path, value=128, size=16):
@@ -148,8 +156,6 @@ def test_a_killed_checkpoint_save_is_cleaned_up_by_the_next_save(tmp_path):
 
 
 def test_a_killed_activation_cache_write_is_cleaned_up_by_the_next_one(tmp_path):
-    from types import SimpleNamespace
-
     from pneumojax.features import cached_activations
 
     cache = tmp_path / "features"
@@ -209,3 +215,79 @@ def test_two_demo_sets_made_at_once_never_replace_a_finished_one(tmp_path, monke
     assert seen["first"] == final and seen["second"] == final  # nobody replaced a set in use
     assert len(calls) == 1  # made once, reused by the second
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+# --- runs: a finished tiny run shared by the tests below (each changes its own copy) -----------
+
+
+def _cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PNEUMOJAX_CACHE", str(root / "cache"))
+        data = make_demo_dataset(root / "xray", n_per_class=40, image_size=48, seed=1)
+        run = root / "run"
+        result = _cli(*tiny_train_args(data, run, epochs=1))
+        assert result.exit_code == 0, result.output
+        yield SimpleNamespace(root=root, data=data, run=run)
+
+
+def _copy_run(workspace, tmp_path, name="run"):
+    copy = tmp_path / name
+    shutil.copytree(workspace.run, copy, symlinks=True)
+    return copy
+
+
+def _tree(folder):
+    """Every file under ``folder`` with its bytes' digest: what must stay as it was."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file()
+    }
+
+
+# --- 11: evaluate on other data never replaces the run's own evaluation ------------------------
+
+
+def _kaggle_copy(source, folder, per_class=4):
+    """A Kaggle-layout folder (train/, test/) of a few images of ``source``."""
+    for split in ("train", "test"):
+        for name in ("NORMAL", "PNEUMONIA"):
+            (folder / split / name).mkdir(parents=True)
+            files = sorted((source / name).iterdir())
+            offset = 0 if split == "train" else per_class
+            for f in files[offset : offset + per_class]:
+                shutil.copy(f, folder / split / name / f.name)
+    return folder
+
+
+def test_evaluating_other_data_keeps_the_runs_own_evaluation(workspace, tmp_path):
+    run = _copy_run(workspace, tmp_path)
+    own = _cli("evaluate", "--run", run, "--split", "test")
+    assert own.exit_code == 0, own.output
+    before = _tree(run / "eval-test")
+    other = _kaggle_copy(
+        make_demo_dataset(tmp_path / "gen", n_per_class=8, image_size=40, seed=5),
+        tmp_path / "hospital b",
+    )
+    result = _cli("evaluate", "--run", run, "--data", other, "--split", "test")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "eval-test-hospital_b" / "metrics.json").read_text())
+    assert metrics["n"] == 8 and metrics["data"] == str(other)
+    assert _tree(run / "eval-test") == before  # the run's own test evaluation, as it was
+    # the run's own folder given as --data is the run's own data
+    mine = _cli("evaluate", "--run", run, "--data", workspace.data, "--split", "all")
+    assert mine.exit_code == 0, mine.output
+    assert (run / "eval-all" / "metrics.json").exists()
+    assert sorted(p.name for p in run.glob("eval-*")) == [
+        "eval-all",
+        "eval-test",
+        "eval-test-hospital_b",
+    ]
