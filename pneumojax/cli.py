@@ -493,6 +493,10 @@ def train(
     experiment = None
     if config_file is not None:
         experiment, options = _options_from_file(ctx, config_file, resume, options)
+    changes = _resume_options(ctx) if resume else None
+    if resume and dry_run:
+        _print_stored_plan(options["out"], changes)
+        return
     _check_train_options(options, distributed, coordinator, num_processes, process_id)
     from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
     from pneumojax.data import DataError  # noqa: PLC0415
@@ -532,30 +536,126 @@ def train(
             for line in plan.lines():
                 click.echo(line)
             return
+    if resume:
+        from pneumojax.run import check_resume_changes  # noqa: PLC0415
+
+        try:
+            check_resume_changes(Path(cfg.out), changes)
+        except ValueError as e:
+            _fail(_text(e), 2)
     # A run started here (not an existing one refused) gets the experiment's record.
-    starts = overwrite or not os.path.exists(os.path.join(cfg.out, "config.json"))
+    extra = {"experiment": experiment.record()} if experiment is not None else None
     try:
-        train_run(cfg, resume=resume, overwrite=overwrite, log=_log_above_bars)
+        train_run(
+            cfg,
+            resume=resume,
+            overwrite=overwrite,
+            log=_log_above_bars,
+            changes=changes,
+            config_extra=extra,
+        )
     except Interrupted as e:
         click.echo(f"{e}\ncontinue with: pneumojax train --out {cfg.out} --resume", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:  # outside the epochs (reading data, scoring): nothing saved
+        from pneumojax.runfolder import read_status  # noqa: PLC0415
+
+        status = read_status(Path(cfg.out)) or {}
+        ours = status.get("pid") == os.getpid() and status.get("state") == "interrupted"
+        click.echo(
+            "interrupted"
+            + (
+                f"; continue with: pneumojax train --out {cfg.out} --resume"
+                if ours
+                else f" before the run started; {cfg.out} is as it was"
+            ),
+            err=True,
+        )
         sys.exit(130)
     except FileExistsError as e:
         _fail(_text(e), 2)
     except (KeyError, ValueError, OSError, NonFiniteLoss, CheckpointError, DataError) as e:
         _fail(_describe_os_error(e) if isinstance(e, OSError) else _text(e))
-    finally:
-        if experiment is not None and starts and _process_zero():
-            from pneumojax.experiments import record_experiment  # noqa: PLC0415
-
-            record_experiment(cfg.out, experiment)
 
 
-def _process_zero() -> bool:
-    """Whether this process writes the run folder: always, except in a --distributed run,
-    where process 0 alone does."""
-    import jax  # noqa: PLC0415
+def _resume_options(ctx) -> dict:
+    """--resume: the options given that a resumed run takes (--epochs, --patience). Any other
+    option given is a usage error naming it (the run keeps its own config.json), unless it
+    only repeats the run's own value (the command that started the run, plus --resume)."""
+    import json  # noqa: PLC0415
 
-    return jax.process_index() == 0
+    from click.core import ParameterSource  # noqa: PLC0415
+
+    from pneumojax.run import RESUME_CHANGES  # noqa: PLC0415
+
+    defaulted = (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
+    params = {p.name: p for p in ctx.command.params}
+    given = [  # in the order given (click processes them so)
+        params[name]
+        for name in ctx.params
+        if name not in ("resume", "out", "dry_run")
+        and ctx.get_parameter_source(name) not in defaulted
+    ]
+    try:
+        stored = json.loads((Path(ctx.params["out"]) / "config.json").read_text())
+    except (OSError, ValueError):  # no run: the error says so (train_run)
+        return {p.name: ctx.params[p.name] for p in given if p.name in RESUME_CHANGES}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+
+    def own(name: str, value) -> bool:  # the value the run was started with
+        requested = stored.get("requested") or {}
+        return name in fields and (
+            stored.get(name, object()) == value or requested.get(name, object()) == value
+        )
+
+    refused = [
+        p for p in given if p.name not in RESUME_CHANGES and not own(p.name, ctx.params[p.name])
+    ]
+    if refused:
+
+        def shown(p) -> str:
+            value = ctx.params[p.name]
+            if isinstance(value, bool):
+                text = p.secondary_opts[0] if p.secondary_opts and not value else p.opts[0]
+            else:
+                text = f"{p.opts[0]} {value}"
+            return text + (f" (the run's: {stored[p.name]})" if p.name in stored else "")
+
+        raise click.UsageError(
+            "--resume continues the run in --out with its own config.json: "
+            f"{', '.join(map(shown, refused))} cannot change (only --epochs and --patience "
+            "can); drop " + ("it" if len(refused) == 1 else "them")
+        )
+    return {p.name: ctx.params[p.name] for p in given if p.name in RESUME_CHANGES}
+
+
+def _print_stored_plan(out: str, changes: dict) -> None:
+    """--resume --dry-run: the plan the run in --out was started with, and what changes."""
+    import json  # noqa: PLC0415
+
+    from pneumojax.model import make_plan  # noqa: PLC0415
+
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        _fail(f"--resume: {Path(out).absolute()} holds no run to continue")
+    try:
+        config = json.loads(path.read_text())
+        plan = make_plan(
+            get_backbone(config["backbone"]),
+            config["cut"],
+            config["trainable"],
+            config["image_size"],
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        _fail(f"{path} cannot be read as a run's config.json: {_text(e)}")
+    for line in plan.lines():
+        click.echo(line)
+    settings = ", ".join(
+        f"--{k} {changes.get(k, config.get(k))}"
+        + (f" (was {config.get(k)})" if k in changes and changes[k] != config.get(k) else "")
+        for k in ("epochs", "patience")
+    )
+    click.echo(f"--resume would continue {path.parent} with its config.json: {settings}")
 
 
 def _options_from_file(ctx, path, resume, options) -> tuple:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -43,7 +42,14 @@ from pneumojax.model import (
     resolve_precision,
 )
 from pneumojax.plots import plot_history
-from pneumojax.train import fit, make_mesh
+from pneumojax.runfolder import (
+    Replacement,
+    check_replaceable,
+    run_state,
+    status_error,
+    write_status,
+)
+from pneumojax.train import Interrupted, fit, make_mesh
 from pneumojax.tta import resolve_tta, run_tta
 from pneumojax.workspace import (
     cache_dir,
@@ -63,11 +69,21 @@ def train_run(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
     stop_after_steps: int | None = None,
+    changes: dict | None = None,
+    config_extra: dict | None = None,
 ) -> dict:
     """Trains and evaluates; returns the test metrics (also in ``RUN_DIR/metrics.json``).
 
-    ``resume`` continues the interrupted run in ``cfg.out`` with its own config.json;
-    ``stop_after_steps`` simulates an interrupt (tests).
+    ``resume`` continues the interrupted run in ``cfg.out`` with its own config.json, with
+    ``changes`` (``epochs``, ``patience``: the options that may change on resume) applied;
+    ``stop_after_steps`` simulates an interrupt (tests). ``config_extra`` is added to a new
+    run's config.json.
+
+    Nothing is written before every check (options, data, backbone, weights) has passed. A run
+    already in ``cfg.out`` is replaced (``overwrite``, or a failed run's retry) only if it is
+    provably one (:func:`pneumojax.runfolder.check_replaceable`), by moving it aside until the
+    new run has its config.json and first checkpoint. ``status.json`` says whether the run is
+    running, finished, failed or interrupted (:mod:`pneumojax.runfolder`).
 
     On several processes (``--distributed``) every process computes the same steps and
     process 0 alone writes the run folder; the others' ``cfg.out`` stays untouched.
@@ -77,9 +93,10 @@ def train_run(
     writes = jax.process_index() == 0
     if resume and jax.process_count() > 1:
         raise ValueError("--resume is not supported on several processes yet")
-    if writes:
-        check_run_dir(run_dir, resume, overwrite)
-    cfg, requested = resolved_config(cfg, run_dir, resume)
+    replacing = check_run_dir(run_dir, resume, overwrite, log) if writes else False
+    if resume:
+        check_resume_changes(run_dir, changes)
+    cfg, requested = resolved_config(cfg, run_dir, resume, changes)
     info = get_backbone(cfg.backbone)
     plan = make_plan(info, cfg.cut, cfg.trainable, cfg.image_size)
     for line in plan.lines():
@@ -87,8 +104,76 @@ def train_run(
     source = resolve_data(cfg.data, log, strict=cfg.strict)
     splits = run_splits(cfg, source, run_dir, resume, log)
     backbone_vars, weights_record = resolve_weights(cfg.weights, info.name)
-    if writes and not resume:
-        start_run_folder(run_dir, cfg, plan, source, splits, weights_record, requested)
+    # Every check has passed: from here on the run folder is written.
+    replacement = Replacement(run_dir) if replacing else None
+    try:
+        if writes and not resume:
+            start_run_folder(
+                run_dir, cfg, plan, source, splits, weights_record, requested, config_extra
+            )
+        elif writes:
+            record_resume_changes(run_dir, changes, log)
+        if writes:
+            write_status(run_dir, "running")
+        metrics = _train_in_folder(
+            cfg,
+            run_dir,
+            writes,
+            resume,
+            info,
+            plan,
+            splits,
+            backbone_vars,
+            t0,
+            log,
+            stop_after_steps,
+            on_saved=replacement.commit if replacement is not None else None,
+        )
+    except (Interrupted, KeyboardInterrupt):
+        _settle(writes, run_dir, replacement, "interrupted", None, log)
+        raise
+    except Exception as error:
+        _settle(writes, run_dir, replacement, "failed", _one_line(error), log)
+        raise
+    if replacement is not None:
+        replacement.commit()
+    if writes:
+        write_status(run_dir, "finished")
+    return metrics
+
+
+def _one_line(error: BaseException) -> str:
+    return (f"{type(error).__name__}: {error}".splitlines() or [type(error).__name__])[0]
+
+
+def _settle(writes, run_dir: Path, replacement, state: str, error: str | None, log) -> None:
+    """After a failure or an interrupt: the run's status (in a folder this run started or
+    resumed), then the run it replaced deleted or put back (:class:`Replacement`)."""
+    if not writes:
+        return
+    if (run_dir / "config.json").exists():
+        write_status(run_dir, state, error)
+    if replacement is not None:
+        note = replacement.settle()
+        if note:
+            log(note)
+
+
+def _train_in_folder(
+    cfg: TrainConfig,
+    run_dir: Path,
+    writes: bool,
+    resume: bool,
+    info,
+    plan,
+    splits: data.Splits,
+    backbone_vars,
+    t0: float,
+    log: Callable[[str], None],
+    stop_after_steps: int | None,
+    on_saved: Callable[[], None] | None = None,
+) -> dict:
+    """The run once its folder is started: data, training, evaluation, the model."""
     arrays = {
         name: load_split_arrays(items, cfg.image_size, log, cfg.resize)
         for name, items in splits.as_dict().items()
@@ -167,6 +252,7 @@ def train_run(
         resume=resume,
         log=log,
         stop_after_steps=stop_after_steps,
+        on_saved=on_saved,
     )
     t_fit = time.perf_counter() - t0 - t_data
     run_model.variables = stack_members(best)
@@ -214,7 +300,9 @@ def calibrated(run_model: RunModel, best: list[dict], val_inputs, y_val, log) ->
     return [scale_head(b, temperature) for b in best], temperature
 
 
-def resolved_config(cfg: TrainConfig, run_dir: Path, resume: bool) -> tuple[TrainConfig, dict]:
+def resolved_config(
+    cfg: TrainConfig, run_dir: Path, resume: bool, changes: dict | None = None
+) -> tuple[TrainConfig, dict]:
     """The configuration to run (a resumed run's own) with precision and cache dtype resolved
     once, here: the run is thresholded and re-scored in what it was trained in. Also returns
     what was requested before resolving.
@@ -222,12 +310,14 @@ def resolved_config(cfg: TrainConfig, run_dir: Path, resume: bool) -> tuple[Trai
     ``device_augment`` is stored in its explicit form (a preset spelled out), and turns the
     feature cache off: the frozen prefix must run on every augmented batch, so training cannot
     read cached activations, and validation and test are then scored, un-augmented, by the
-    same full model (one scoring path, which ``evaluate`` repeats exactly from config.json)."""
+    same full model (one scoring path, which ``evaluate`` repeats exactly from config.json).
+    A resumed run takes ``changes`` (:data:`RESUME_CHANGES`) over its stored values."""
     if resume:
         stored = read_json(run_dir / "config.json")
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         cfg = TrainConfig(**{k: v for k, v in stored.items() if k in names})
         cfg.out = str(run_dir)
+        cfg = dataclasses.replace(cfg, **_resume_changes(changes))
     cfg = dataclasses.replace(cfg)  # the caller's object stays as it was
     requested = {"precision": cfg.precision, "feature_cache_dtype": cfg.feature_cache_dtype}
     spec = parse_augment(cfg.device_augment)
@@ -286,10 +376,12 @@ def start_run_folder(
     splits: data.Splits,
     weights_record: dict,
     requested: dict,
+    extra: dict | None = None,
 ):
     """Writes splits.json, then config.json (last: its presence marks a run)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {
+        **(extra or {}),
         **dataclasses.asdict(cfg),
         "cut": plan.cut,
         "plan": dataclasses.asdict(plan),
@@ -429,15 +521,83 @@ def member_initial_variables(
     ]
 
 
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool):
-    """Refuses to mix two runs in one folder."""
-    has_run = (run_dir / "config.json").exists()
-    if resume and not has_run:
-        raise FileNotFoundError(f"--resume: {run_dir} holds no run to continue")
-    if has_run and not resume:
-        if not overwrite:
-            raise FileExistsError(
-                f"{run_dir} already holds a run; pass --resume to continue it, "
-                "--overwrite to replace it, or choose another --out"
+def check_run_dir(
+    run_dir: Path, resume: bool, overwrite: bool, log: Callable[[str], None] = print
+) -> bool:
+    """Refuses to mix two runs in one folder; returns whether the run in ``run_dir`` is to be
+    replaced (``overwrite``, or a failed run retried), which it checks is provably a pneumojax
+    run. Nothing is touched here: the replacement happens once every check has passed."""
+    state = run_state(run_dir)
+    if resume:
+        if state == "new":
+            raise FileNotFoundError(f"--resume: {run_dir} holds no run to continue")
+        return False
+    if state == "new":
+        return False
+    if state == "failed" or overwrite:
+        check_replaceable(run_dir)
+        if state == "failed" and not overwrite:
+            log(
+                f"{run_dir} holds a failed run ({status_error(run_dir) or 'no error recorded'}): "
+                "starting it again (the failed run stays until the new one has its first "
+                "checkpoint)"
             )
-        shutil.rmtree(run_dir)
+        return True
+    raise FileExistsError(
+        f"{run_dir} already holds a run ({state}); pass --resume to continue it, "
+        "--overwrite to replace it, or choose another --out"
+    )
+
+
+RESUME_CHANGES = ("epochs", "patience")  # what --resume may change; the rest is the run's own
+
+
+def _resume_changes(changes: dict | None) -> dict:
+    changes = {k: v for k, v in (changes or {}).items() if v is not None}
+    unknown = sorted(set(changes) - set(RESUME_CHANGES))
+    if unknown:
+        raise ValueError(
+            f"a resumed run keeps its own {', '.join(unknown)}; only "
+            f"{' and '.join(RESUME_CHANGES)} can change on --resume"
+        )
+    return changes
+
+
+def epochs_done(run_dir: Path) -> int:
+    """The epochs a run has finished, as its history.jsonl records them."""
+    try:
+        return sum(1 for line in (run_dir / "history.jsonl").read_text().splitlines() if line)
+    except OSError:
+        return 0
+
+
+def check_resume_changes(run_dir: Path, changes: dict | None) -> None:
+    """Raises ValueError when ``changes`` cannot apply to the run in ``run_dir``: unknown
+    options, or fewer ``epochs`` than it has already trained."""
+    changes = _resume_changes(changes)
+    done = epochs_done(run_dir)
+    if "epochs" in changes and changes["epochs"] < done:
+        raise ValueError(
+            f"--epochs {changes['epochs']}: the run in {run_dir} has already trained {done} "
+            f"epochs; give at least {done} (a larger --epochs continues training)"
+        )
+
+
+def record_resume_changes(run_dir: Path, changes: dict | None, log: Callable[[str], None]):
+    """Writes the options changed on resume into config.json (which says how the run ran),
+    with the old values under ``resume_changes``."""
+    config = read_json(run_dir / "config.json")
+    changed = {k: v for k, v in _resume_changes(changes).items() if config.get(k) != v}
+    if not changed:
+        return
+    log(
+        "resuming with " + ", ".join(f"--{k} {v} (was {config.get(k)})" for k, v in changed.items())
+    )
+    if "epochs" in changed and config.get("lr_schedule") == "warmup-cosine":
+        log(
+            "note: the warmup-cosine schedule is planned over --epochs: the epochs still to "
+            "run follow the schedule to the new end"
+        )
+    history = config.get("resume_changes", [])
+    history.append({k: [config.get(k), v] for k, v in changed.items()})
+    write_json(run_dir / "config.json", {**config, **changed, "resume_changes": history})

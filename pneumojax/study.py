@@ -2,7 +2,8 @@
 
 Each experiment is an ordinary run folder ``OUT/<name>/``. A finished one (its ``metrics.json``
 and ``model/`` exist) is skipped on a rerun, an interrupted one resumes, a failing one is
-reported and the study goes on. Work is shared through the caches every run uses: images are
+reported and the study goes on; on the next rerun a failed one starts again with the config it
+has then (not its stale config.json). Work is shared through the caches every run uses: images are
 decoded once per (files, size, resize), frozen activations once per (backbone weights, cut,
 frontier, images), so the InceptionV3 experiments that share a frozen prefix compute it once.
 
@@ -26,6 +27,7 @@ from pneumojax.experiments import Study, command_line, record_experiment, resolv
 from pneumojax.external import external_section, score_on_externals
 from pneumojax.external import public as public_external
 from pneumojax.inference import predicted_labels, read_predictions
+from pneumojax.runfolder import run_state
 from pneumojax.train import Interrupted
 
 FIGURES = ("accuracy", "recall", "precision", "specificity", "f1", "auc")
@@ -37,17 +39,19 @@ class Outcome:
     """What happened to one experiment in this invocation."""
 
     name: str
-    status: str  # "done" (trained now), "skipped" (finished earlier), "resumed", "failed"
+    # "done" (trained now), "skipped" (finished earlier), "resumed", "restarted" (failed
+    # earlier, trained again with the config it has now), "failed"
+    status: str
     seconds: float
     error: str | None = None
     external_errors: list[str] = dataclasses.field(default_factory=list)
 
 
 def run_folder_state(run_dir: Path) -> str:
-    """``finished``, ``interrupted`` (a config.json but no finished model) or ``new``."""
-    if (run_dir / "metrics.json").exists() and (run_dir / "model" / "manifest.json").exists():
-        return "finished"
-    return "interrupted" if (run_dir / "config.json").exists() else "new"
+    """``finished``, ``failed``, ``interrupted`` or ``new``: what the run folder's status.json
+    says, or for a folder made before it, finished when metrics.json and model/ exist, else
+    interrupted (:func:`pneumojax.runfolder.run_state`)."""
+    return run_state(run_dir)
 
 
 def run_study(
@@ -88,12 +92,18 @@ def run_study(
         try:
             if state != "finished":
                 check_plan(cfg)
+                # a failed run starts again with today's config (its folder is replaced)
                 train(cfg, resume=state == "interrupted", log=quiet)
                 record_experiment(run_dir, experiment)
             failures = score_on_externals(
                 run_dir, experiment.name, externals, out, evaluate, adapt_run, quiet
             )
-            status = {"finished": "skipped", "interrupted": "resumed", "new": "done"}[state]
+            status = {
+                "finished": "skipped",
+                "interrupted": "resumed",
+                "new": "done",
+                "failed": "restarted",
+            }[state]
             outcomes.append(
                 Outcome(experiment.name, status, time.perf_counter() - t0, None, failures)
             )

@@ -693,6 +693,7 @@ def fit(
     resume: bool = False,
     log: Callable[[str], None] = print,
     stop_after_steps: int | None = None,
+    on_saved: Callable[[], None] | None = None,
 ) -> tuple[list[dict], Progress]:
     """Trains with early stopping on validation loss; returns each member's best variables.
 
@@ -703,7 +704,10 @@ def fit(
     stop early each on its own validation loss; training ends when all have stopped.
     ``stop_after_steps`` simulates an interrupt (tests). A per-step schedule
     (:func:`step_learning_rates`) sets the rate before every step, the others once per epoch;
-    the history's ``lr`` is the rate of the epoch's first step.
+    the history's ``lr`` is the rate of the epoch's first step. ``on_saved()`` is called after
+    each epoch's checkpoint is on disk. A resumed run ends by the ``epochs`` and ``patience``
+    of ``opts``, which may differ from those it was started with (a larger ``epochs``
+    continues a finished run).
     """
     opts = resolve_optimisation(opts)
     members = members if members is not None else [np.arange(len(train[1]))]
@@ -716,6 +720,7 @@ def fit(
     best = jax.tree.map(jnp.copy, _weights(state))  # the step donates the state's buffers
     if resume:
         state, progress, best = _resume(ckpt, state, progress, best, log)
+        _continue_with(progress, opts, log)
     keys = (
         jax.random.split(jax.random.key(opts.seed), k) if k > 1 else jax.random.key(opts.seed)[None]
     )
@@ -757,6 +762,8 @@ def fit(
             improved = _end_epoch(progress, val_losses, epoch, opts, log)
             best = _save_epoch(ckpt, state, best, improved, progress)
             _write_history(run_dir, progress.history)
+            if on_saved is not None:
+                on_saved()
     ckpt.close()
     best = jax.device_get(best)
     return [jax.tree.map(lambda x: np.asarray(x[i]), best) for i in range(k)], progress
@@ -790,6 +797,16 @@ def _resume(
     saved_best = ckpt.restore_best(jax.tree.map(ocp.utils.to_shape_dtype_struct, best), progress)
     log(f"resuming at epoch {progress.epoch + 1}, batch {progress.batch}")
     return state, progress, best if saved_best is None else saved_best
+
+
+def _continue_with(progress: Progress, opts: FitOptions, log: Callable[[str], None]) -> None:
+    """Whether a resumed run is finished, by the epochs and patience it runs with now (the same
+    as it recorded, unless they were changed on resume)."""
+    stopped = all(progress.stopping.stopped(opts.patience))
+    finished = stopped or progress.epoch >= opts.epochs
+    if progress.finished and not finished:
+        log(f"continuing after epoch {progress.epoch}, to epoch {opts.epochs} at most")
+    progress.stopped_early, progress.finished = stopped, finished
 
 
 def _epoch_batches(

@@ -1,9 +1,11 @@
 """Faults a review reproduced (issue 25): each test reproduces one on the code before its fix.
 
 Named pipes with an image name, evaluations of other data, stale staging folders, the demo set
-made twice at once.
+made twice at once, ``--overwrite`` on folders that are no run, failed runs retried, and
+``--resume`` with other options.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -24,7 +26,7 @@ from pneumojax.cli import main
 from pneumojax.data import find_images, make_demo_dataset
 from pneumojax.inference import gather_image_files
 
-from conftest import tiny_train_args
+from conftest import TINY_CUT, tiny_train_args
 
 
 def _png(path, value=128, size=16):
@@ -251,6 +253,239 @@ def _tree(folder):
         for p in sorted(Path(folder).rglob("*"))
         if p.is_file()
     }
+
+
+def run_state(run):
+    from pneumojax.runfolder import run_state  # noqa: PLC0415
+
+    return run_state(run)
+
+
+def _status(run):
+    return json.loads((Path(run) / "status.json").read_text())
+
+
+# --- 1: --overwrite replaces only a pneumojax run, only once every check has passed -----------
+
+
+def test_overwrite_refuses_a_folder_that_is_no_run(workspace, tmp_path):
+    thesis = tmp_path / "thesis"
+    (thesis / "chapters").mkdir(parents=True)
+    (thesis / "config.json").write_text('{"title": "my thesis"}')
+    (thesis / "chapters" / "one.tex").write_text("Once upon a time")
+    before = _tree(thesis)
+    result = _cli(*tiny_train_args(workspace.data, thesis, "--overwrite"))
+    assert result.exit_code == 2, result.output
+    assert "refusing to replace" in result.output and "lacks plan, environment" in result.output
+    assert _tree(thesis) == before
+
+
+def test_overwrite_refuses_a_run_folder_holding_other_files(workspace, tmp_path):
+    run = _copy_run(workspace, tmp_path)
+    (run / "notes.txt").write_text("do not lose")
+    (run / "drafts").mkdir()
+    before = _tree(run)
+    result = _cli(*tiny_train_args(workspace.data, run, "--overwrite"))
+    assert result.exit_code == 2, result.output
+    line = [l for l in result.output.splitlines() if "refusing" in l]
+    assert len(line) == 1 and "drafts/, notes.txt" in line[0], result.output
+    assert _tree(run) == before
+
+
+def test_overwrite_with_a_typo_in_data_leaves_the_run_untouched(workspace, tmp_path):
+    run = _copy_run(workspace, tmp_path)
+    before = _tree(run)
+    result = _cli(*tiny_train_args(tmp_path / "no-such-data", run, "--overwrite"))
+    assert result.exit_code == 1 and "data folder not found" in result.output, result.output
+    assert _tree(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing set aside
+
+
+def test_a_replacement_that_fails_before_its_first_checkpoint_puts_the_old_run_back(
+    workspace, tmp_path, monkeypatch
+):
+    from pneumojax import run as run_module
+
+    run = _copy_run(workspace, tmp_path)
+    before = _tree(run)
+    seen = {}
+
+    def failing(*args, **kwargs):  # the new run has started its folder, the old is aside
+        seen["aside"] = [p.name for p in tmp_path.iterdir() if p.name.startswith(".run.old-")]
+        seen["config"] = json.loads((run / "config.json").read_text())["seed"]
+        raise OSError(errno.EIO, "Input/output error", "an image")
+
+    monkeypatch.setattr(run_module, "load_split_arrays", failing)
+    result = _cli(*tiny_train_args(workspace.data, run, "--overwrite", "--seed", "7"))
+    assert result.exit_code == 1, result.output
+    assert seen["aside"] == [f".run.old-{os.getpid()}"] and seen["config"] == 7
+    assert "the previous run is back" in result.output
+    assert _tree(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+# --- 3: a run folder says whether it finished, failed or was interrupted ----------------------
+
+
+def test_a_finished_run_says_so(workspace):
+    assert _status(workspace.run)["state"] == "finished"
+    assert run_state(workspace.run) == "finished"
+
+
+def test_run_folders_without_a_status_keep_their_meaning(workspace, tmp_path):
+    run = _copy_run(workspace, tmp_path)
+    (run / "status.json").unlink()  # as a run made before status.json
+    assert run_state(run) == "finished"
+    (run / "metrics.json").unlink()
+    assert run_state(run) == "interrupted"
+    assert run_state(tmp_path / "nothing") == "new"
+
+
+def test_a_failed_run_is_retried_by_the_same_command(workspace, tmp_path, monkeypatch):
+    from pneumojax import balance
+    from pneumojax import runfolder
+
+    run = tmp_path / "run"
+    args = tiny_train_args(workspace.data, run, epochs=1)
+    with monkeypatch.context() as m:
+        m.setattr(balance, "apply_balance", _raise(ValueError("the balance went wrong\nmore")))
+        failed = _cli(*args)
+    assert failed.exit_code == 1 and "the balance went wrong" in failed.output
+    status = _status(run)
+    assert status["state"] == "failed"
+    assert status["error"] == "ValueError: the balance went wrong"
+    assert run_state(run) == "failed"
+
+    commits = []
+    commit = runfolder.Replacement.commit
+
+    def watched(self):  # the failed run stays aside until the new one has its checkpoint
+        if self.aside is not None:
+            commits.append((self.aside.exists(), runfolder.has_checkpoint(self.run_dir)))
+        commit(self)
+
+    monkeypatch.setattr(runfolder.Replacement, "commit", watched)
+    retried = _cli(*args)  # the same command, no --overwrite
+    assert retried.exit_code == 0, retried.output
+    assert "holds a failed run (ValueError: the balance went wrong)" in retried.output
+    assert commits[0] == (True, True)
+    assert _status(run)["state"] == "finished"
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    again = _cli(*args)  # a finished run is still not replaced without --overwrite
+    assert again.exit_code == 2 and "already holds a run (finished)" in again.output
+
+
+def _raise(error):
+    def fail(*args, **kwargs):
+        raise error
+
+    return fail
+
+
+def test_ctrl_c_outside_the_epochs_is_recorded_and_reported(workspace, tmp_path, monkeypatch):
+    from pneumojax import balance
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(balance, "apply_balance", _raise(KeyboardInterrupt()))
+    result = _cli(*tiny_train_args(workspace.data, run, epochs=1))
+    assert result.exit_code == 130, result.output
+    assert f"continue with: pneumojax train --out {run} --resume" in result.output
+    assert _status(run)["state"] == "interrupted" and run_state(run) == "interrupted"
+
+
+def test_a_study_restarts_a_failed_experiment_with_its_config_of_now(tmp_path, monkeypatch):
+    from test_study import _study
+
+    from pneumojax import balance
+    from pneumojax.experiments import load_study
+    from pneumojax.study import run_folder_state, run_study
+
+    monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))
+    data = make_demo_dataset(tmp_path / "xray", n_per_class=30, image_size=48, seed=1)
+    spec, out = load_study(_study(tmp_path)), tmp_path / "study"
+    with monkeypatch.context() as m:
+        m.setattr(balance, "apply_balance", _raise(ValueError("out of luck")))
+        first = run_study(spec, out, {"data": str(data)}, only=["plain"], log=lambda m: None)
+    assert [o.status for o in first] == ["failed"] and run_folder_state(out / "plain") == "failed"
+    assert json.loads((out / "plain" / "config.json").read_text())["seed"] == 0
+    second = run_study(
+        spec, out, {"data": str(data), "seed": 4}, only=["plain"], log=lambda m: None
+    )
+    assert [o.status for o in second] == ["restarted"], second
+    assert run_folder_state(out / "plain") == "finished"
+    config = json.loads((out / "plain" / "config.json").read_text())
+    assert config["seed"] == 4 and config["experiment"]["name"] == "plain"
+
+
+# --- 4: --resume takes --epochs and --patience, and refuses every other option by name --------
+
+
+def test_resume_refuses_other_options_by_name(workspace, tmp_path):
+    run = _copy_run(workspace, tmp_path)
+    before = _tree(run)
+    for extra, names in (
+        (
+            ["--lr", "0.1", "--batch-size", "4"],
+            "--lr 0.1 (the run's: 0.001), --batch-size 4 (the run's: 8) cannot change",
+        ),
+        (["--no-feature-cache"], "--no-feature-cache (the run's: True) cannot change"),
+        (["--overwrite"], "--overwrite cannot change"),
+        (["--data", tmp_path, "--epochs", "3"], f"--data {tmp_path} (the run's: "),
+    ):
+        result = _cli("train", "--out", run, "--resume", *extra)
+        assert result.exit_code == 2, result.output
+        assert names in result.output and "only --epochs and --patience" in result.output
+    assert _tree(run) == before
+    # the command that started the run, plus --resume: its options are the run's own
+    same = _cli(*tiny_train_args(workspace.data, run, "--resume", epochs=1))
+    assert same.exit_code == 0 and "cannot change" not in same.output, same.output
+
+
+def test_resume_dry_run_prints_the_stored_plan(workspace, tmp_path):
+    run = _copy_run(workspace, tmp_path)
+    before = _tree(run)
+    result = _cli("train", "--out", run, "--resume", "--dry-run", "--epochs", "4")
+    assert result.exit_code == 0, result.output
+    assert f"cut={TINY_CUT} input_size=32" in result.output
+    assert "--epochs 4 (was 1), --patience 5" in result.output
+    assert _tree(run) == before
+    missing = _cli("train", "--out", tmp_path / "none", "--resume", "--dry-run")
+    assert missing.exit_code == 1 and "holds no run to continue" in missing.output
+
+
+def test_resume_with_more_epochs_continues_training(workspace, tmp_path):
+    run = _copy_run(workspace, tmp_path)
+    result = _cli("train", "--out", run, "--resume", "--epochs", "3", "--patience", "9")
+    assert result.exit_code == 0, result.output
+    assert "--epochs 3 (was 1), --patience 9 (was 5)" in result.output
+    history = [json.loads(l) for l in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    config = json.loads((run / "config.json").read_text())
+    assert config["epochs"] == 3 and config["patience"] == 9
+    assert config["resume_changes"] == [{"epochs": [1, 3], "patience": [5, 9]}]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["training"]["epochs_run"] == 3 and _status(run)["state"] == "finished"
+    fewer = _cli("train", "--out", run, "--resume", "--epochs", "2")
+    assert fewer.exit_code == 2 and "already trained 3 epochs" in fewer.output
+
+
+def test_a_resumed_run_ends_by_the_patience_it_has_now():
+    from pneumojax.config import FitOptions
+    from pneumojax.train import EarlyStopping, Progress, _continue_with
+
+    def progress():  # stopped early: no improvement for 3 epochs after epoch 2
+        stopping = EarlyStopping([0.5], [2], [3])
+        return Progress(epoch=5, stopping=stopping, stopped_early=True, finished=True)
+
+    same = progress()
+    _continue_with(same, FitOptions(epochs=20, patience=3), print)
+    assert same.finished and same.stopped_early
+    more = progress()
+    _continue_with(more, FitOptions(epochs=20, patience=10), lambda m: None)
+    assert not more.finished and not more.stopped_early
+    ended = progress()
+    _continue_with(ended, FitOptions(epochs=5, patience=10), print)
+    assert ended.finished and not ended.stopped_early
 
 
 # --- 11: evaluate on other data never replaces the run's own evaluation ------------------------
