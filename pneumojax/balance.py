@@ -123,7 +123,13 @@ def augment_pipeline(spec: str = "cxr"):
     path = Path(spec)
     if not path.is_file():
         raise ValueError(f"--augment {spec!r}: not a preset (cxr) nor an albumentations file")
-    return A.load(str(path), data_format="yaml" if path.suffix in (".yml", ".yaml") else "json")
+    try:
+        return A.load(str(path), data_format="yaml" if path.suffix in (".yml", ".yaml") else "json")
+    except Exception as e:  # noqa: BLE001  (YAML/JSON errors, unknown transforms, bad keys)
+        what = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise ValueError(
+            f"--augment {spec}: not an albumentations pipeline saved with A.save ({what})"
+        ) from None
 
 
 def pipeline_description(spec: str) -> dict:

@@ -524,6 +524,13 @@ def train(
             )
         if cfg.tta_augment is not None and not cfg.tta:
             _fail("--tta-augment needs --tta N (the number of views, N >= 1)", 2)
+        if cfg.augment != "cxr":  # a pipeline file: read now, not after the run has started
+            from pneumojax.balance import augment_pipeline  # noqa: PLC0415
+
+            try:
+                augment_pipeline(cfg.augment)
+            except ValueError as e:
+                _fail(_text(e), 2)
         import jax  # noqa: PLC0415
 
         if cfg.batch_size % jax.device_count():
@@ -929,10 +936,13 @@ def compare(runs, out, metrics_file):
 
     try:
         rows = comparison_rows(runs, metrics_file)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         _fail(_text(e))
     click.echo(comparison_table(rows))
-    click.echo(f"chart: {plot_comparison(rows, out)}")
+    try:
+        click.echo(f"chart: {plot_comparison(rows, out)}")
+    except OSError as e:
+        _fail(f"cannot write the chart {out}: {e}")
 
 
 @main.command()
@@ -994,8 +1004,10 @@ def study(study_file, data, out, weights, image_size, epochs, eval_data, only, r
             outcomes = run_study(spec, out, overrides, found, chosen, log=click.echo)
         except ValueError as e:
             _fail(_text(e), 2)
-        except Interrupted as e:
-            click.echo(f"{e}\ncontinue with the same pneumojax study command", err=True)
+        except (Interrupted, KeyboardInterrupt) as e:  # (Ctrl-C outside the epochs: no message)
+            click.echo(
+                f"{e or 'interrupted'}\ncontinue with the same pneumojax study command", err=True
+            )
             sys.exit(130)
     report = study_report(spec, out, outcomes, sets)
     for path in write_study_files(report, out):

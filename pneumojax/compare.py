@@ -13,9 +13,22 @@ def comparison_rows(run_dirs, metrics_file: str = "metrics.json") -> list[dict]:
     rows = []
     for run in map(Path, run_dirs):
         path = run / metrics_file
-        if not path.exists():
+        if not path.is_file():
             raise FileNotFoundError(f"{path} not found: is {run} a finished pneumojax run?")
-        metrics = json.loads(path.read_text())
+        try:
+            metrics = json.loads(path.read_text())
+        except ValueError as e:
+            raise ValueError(
+                f"{path} is not readable JSON ({e}): is {run} a finished run?"
+            ) from None
+        missing = [
+            k for k in ("n", "threshold") if not isinstance(metrics, dict) or k not in metrics
+        ]
+        if missing and not (isinstance(metrics, dict) and "ensemble" in metrics and "n" in metrics):
+            raise ValueError(
+                f"{path} has no {' or '.join(missing)}: not the metrics of a finished pneumojax "
+                f"run or evaluation (is {run} still running, or did it fail?)"
+            )
         method = (metrics.get("balance") or {}).get("method", "none")
         rows.append({"name": f"{run.name} ({method})", "metrics": metrics})
     return rows

@@ -526,3 +526,64 @@ def test_evaluating_other_data_keeps_the_runs_own_evaluation(workspace, tmp_path
         "eval-test",
         "eval-test-hospital_b",
     ]
+
+
+# --- 10: no traceback from a bad augmentation file, Ctrl-C in a study, compare on odd runs -----
+
+
+def _error_lines(output):
+    return [line for line in output.splitlines() if line.startswith("error:") or "Error:" in line]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{{{ not: yaml",  # not YAML
+        "a: 1\n",  # YAML, but no pipeline
+        "transform:\n  __class_fullname__: NoSuchTransform\n",  # an unknown transform
+    ],
+)
+def test_a_bad_augmentation_file_is_a_usage_error_before_anything_is_written(
+    workspace, tmp_path, text
+):
+    spec = tmp_path / "augment.yaml"
+    spec.write_text(text)
+    run = tmp_path / "run"
+    result = _cli(
+        *tiny_train_args(workspace.data, run, "--balance", "oversample", "--augment", spec)
+    )
+    assert result.exit_code == 2, result.output
+    lines = _error_lines(result.output)
+    assert len(lines) == 1 and f"--augment {spec}" in lines[0], result.output
+    assert not run.exists()
+
+
+def test_ctrl_c_in_a_study_outside_the_epochs_says_how_to_continue(tmp_path, monkeypatch):
+    from test_study import _study
+
+    from pneumojax import study
+
+    monkeypatch.setattr(study, "check_plan", _raise(KeyboardInterrupt()))
+    result = _cli("study", _study(tmp_path), "--data", tmp_path, "--out", tmp_path / "s")
+    assert result.exit_code == 130, result.output
+    assert "continue with the same pneumojax study command" in result.output
+
+
+def test_compare_on_runs_without_figures_is_a_one_line_error(workspace, tmp_path):
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text("{}")
+    (unfinished / "metrics.json").write_text('{"balance": {"method": "none"}}')
+    result = _cli("compare", workspace.run, unfinished, "--out", tmp_path / "c.png")
+    assert result.exit_code == 1, result.output
+    lines = _error_lines(result.output)
+    assert len(lines) == 1 and "unfinished" in lines[0] and "threshold" in lines[0], lines
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    result = _cli("compare", workspace.run, a_file, "--out", tmp_path / "c.png")
+    assert result.exit_code == 1 and len(_error_lines(result.output)) == 1, result.output
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "metrics.json").write_text('{"n": 3, "thr')
+    result = _cli("compare", workspace.run, truncated, "--out", tmp_path / "c.png")
+    assert result.exit_code == 1 and len(_error_lines(result.output)) == 1, result.output
