@@ -144,7 +144,7 @@ def summarize(levers: dict[str, list[dict]], baseline: str) -> list[dict]:
                 "external_ece": spread(lambda r: r["external_ece"]),
                 "oracle_specificity": spread(lambda r: r["oracle_specificity"]),
                 "adapted_auc": spread(lambda r: r["adapted_auc"]),
-                "vs_baseline": against_baseline(records, base),
+                "vs_baseline": None if lever == baseline else against_baseline(records, base),
                 "wall_min": spread(lambda r: r["wall_s"] / 60 if r["wall_s"] else None),
                 "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in records],
             }
