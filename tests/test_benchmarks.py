@@ -502,3 +502,21 @@ def test_levers_table_groups_seeds_and_pairs_them_with_the_baseline():
     one = levers_table.against_baseline([record(5, 0.1)], [record(7, 0.0)])
     assert one["seeds"] == 1 and 0 <= one["delong_p"] <= 1  # different seeds: DeLong, unpaired
     assert levers_table.against_baseline(base, base) is None
+
+
+def test_site_statistics_on_two_demo_sites(tmp_path):
+    import site_statistics  # noqa: PLC0415
+
+    from pneumojax.data import make_demo_dataset  # noqa: PLC0415
+
+    a = make_demo_dataset(tmp_path / "a", n_per_class=20, image_size=64, seed=1)
+    b = make_demo_dataset(tmp_path / "b", n_per_class=10, image_size=48, seed=2)
+    r = site_statistics.measure(str(a), str(b), 32)
+    assert r["counts"] == {"train": [20, 20], "external": [10, 10]}
+    assert len(r["statistics"]) == 10 and set(r["linear"]) == {
+        f"{h}, {t}x{t}" for h in site_statistics.NORMALISATIONS for t in site_statistics.THUMBNAILS
+    }
+    for v in [*r["statistics"].values(), *r["linear"].values()]:
+        assert all(0.0 <= x <= 1.0 for x in v.values())
+    x = np.arange(16, dtype=float).reshape(1, 4, 4)
+    np.testing.assert_array_equal(site_statistics.thumbnails(x, 2) * 255, [[2.5, 4.5, 10.5, 12.5]])
