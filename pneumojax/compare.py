@@ -8,6 +8,15 @@ from pathlib import Path
 FIGURES = ("accuracy", "recall", "precision", "specificity", "auc")
 
 
+def _adapted(run: Path) -> str:
+    """``, adapted to FOLDER`` for a run made by ``pneumojax adapt``."""
+    try:
+        target = json.loads((run / "config.json").read_text()).get("adaptation", {}).get("target")
+    except (OSError, ValueError):
+        return ""
+    return f", adapted to {Path(target).name}" if target else ""
+
+
 def comparison_rows(run_dirs, metrics_file: str = "metrics.json") -> list[dict]:
     """One row per run: a name (folder and method) and its metrics."""
     rows = []
@@ -30,7 +39,7 @@ def comparison_rows(run_dirs, metrics_file: str = "metrics.json") -> list[dict]:
                 f"run or evaluation (is {run} still running, or did it fail?)"
             )
         method = (metrics.get("balance") or {}).get("method", "none")
-        rows.append({"name": f"{run.name} ({method})", "metrics": metrics})
+        rows.append({"name": f"{run.name} ({method}{_adapted(run)})", "metrics": metrics})
     return rows
 
 

@@ -185,6 +185,12 @@ def test_an_adapted_run_is_a_run_that_rescores_exactly(tiny_run, target, tmp_pat
     # (another folder than the run's own data: named after it, eval-all-site)
     external = json.loads((out / f"eval-all-{target.name}" / "metrics.json").read_text())
     assert external["member_thresholds"] == metrics["member_thresholds"]
+    # compare names it an adapted run
+    r = CliRunner().invoke(
+        main, ["compare", str(tiny_run), str(out), "--out", str(tmp_path / "c.png")]
+    )
+    assert r.exit_code == 0, r.output
+    assert "| run (none) |" in r.output and "| adapted (none, adapted to site) |" in r.output
 
 
 def test_adapt_to_dicom_images(tiny_run, target, tmp_path):
