@@ -257,6 +257,11 @@ def adapt_run(
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
     if out.resolve() == run_dir.resolve():
         raise ValueError("--out must be a new folder: the run it adapts stays as it is")
+    if out.exists() and not _is_adapted_run(out):
+        raise FileExistsError(
+            f"{out} exists and is not a run made by pneumojax adapt: --overwrite replaces only "
+            "those; choose another --out"
+        )
     run = load_run(run_dir, log=log)
     config = run.config
     rule = combine_rule(config)
@@ -309,6 +314,13 @@ def adapt_run(
     record["thresholds"] = thresholds
     record["target_mean_probability"] = float(p_target.mean())
     return _write_adapted(run, variables, thresholds, record, files, p_target, out, overwrite, log)
+
+
+def _is_adapted_run(folder: Path) -> bool:
+    try:
+        return "adaptation" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def _with_variables(run: LoadedRun, variables: dict) -> LoadedRun:

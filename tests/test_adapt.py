@@ -210,6 +210,7 @@ def test_adapt_usage_errors(tiny_run, target, tmp_path):
     cases = [
         (["--data", str(empty), "--out", str(tmp_path / "x")], 1, "no images found"),
         (["--data", str(target), "--out", str(tiny_run)], 2, "already exists"),
+        (["--data", str(target), "--out", str(empty), "--overwrite"], 2, "not a run made by"),
         (
             [
                 "--data",
