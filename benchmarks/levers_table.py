@@ -54,6 +54,7 @@ def collect(studies: list[Path], external: str) -> dict[str, list[dict]]:
                 continue
             config = json.loads((study / name / "config.json").read_text())
             paths, y, p = read_predictions(study / name / f"eval-{external}" / "predictions.csv")
+            temperature = temperature_effect(study / name, y, p.mean(1))
             lever, seed = lever_of(name)
             adapted = entries.get(f"{name} (adapted)")
             levers[lever].append(
@@ -74,6 +75,7 @@ def collect(studies: list[Path], external: str) -> dict[str, list[dict]]:
                     "external_ece": entries[name]["calibration"]["ece"],
                     "oracle_specificity": (entries[name]["oracle"] or {}).get("specificity"),
                     "adapted_auc": adapted["metrics"]["auc"] if adapted else None,
+                    **temperature,
                     "adapted_specificity": adapted["metrics"]["specificity"] if adapted else None,
                     "wall_s": row["wall_s"],
                     "_paths": [Path(x).name for x in paths],
@@ -82,6 +84,32 @@ def collect(studies: list[Path], external: str) -> dict[str, list[dict]]:
                 }
             )
     return levers
+
+
+def temperature_effect(run: Path, y_external, p_external) -> dict:
+    """What ``--calibrate temperature`` would have done, after the fact: T fitted on the run's
+    validation probabilities, applied to its test and external ones (a monotone map: AUC and
+    ranking unchanged), and the ECE there."""
+    from pneumojax.calibration import fit_temperature  # noqa: PLC0415
+    from pneumojax.inference import read_predictions  # noqa: PLC0415
+    from pneumojax.stats import expected_calibration_error  # noqa: PLC0415
+
+    def logit(p):
+        p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
+        return np.log(p / (1 - p))
+
+    _, y_val, p_val = read_predictions(run / "predictions" / "val.csv")
+    _, y_test, p_test = read_predictions(run / "predictions" / "test.csv")
+    t = fit_temperature(logit(p_val.mean(1)), y_val)
+
+    def scaled(p):
+        return 1 / (1 + np.exp(-logit(p) / t))
+
+    return {
+        "temperature": t,
+        "carve_ece_temperature": expected_calibration_error(y_test, scaled(p_test.mean(1))),
+        "external_ece_temperature": expected_calibration_error(y_external, scaled(p_external)),
+    }
 
 
 def t_interval(values) -> list[float] | None:
@@ -143,6 +171,9 @@ def summarize(levers: dict[str, list[dict]], baseline: str) -> list[dict]:
                 "external_specificity": spread(lambda r: r["external"]["specificity"]),
                 "external_recall": spread(lambda r: r["external"]["recall"]),
                 "external_ece": spread(lambda r: r["external_ece"]),
+                "temperature": spread(lambda r: r["temperature"]),
+                "carve_ece_temperature": spread(lambda r: r["carve_ece_temperature"]),
+                "external_ece_temperature": spread(lambda r: r["external_ece_temperature"]),
                 "oracle_specificity": spread(lambda r: r["oracle_specificity"]),
                 "adapted_auc": spread(lambda r: r["adapted_auc"]),
                 "vs_baseline": None if lever == baseline else against_baseline(records, base),
@@ -187,6 +218,7 @@ def render(summary: list[dict], external: str, baseline: str, hardware: dict, ti
         f"{external} AUC",
         f"{external} specificity (recall) at the validation threshold",
         f"{external} ECE",
+        "temperature T (validation): carve / " + f"{external} ECE after it",
         f"{external} oracle specificity",
         f"{external} AUC adapted (no labels)",
         f"{external} AUC vs {baseline}",
@@ -209,6 +241,8 @@ def render(summary: list[dict], external: str, baseline: str, hardware: dict, ti
                 auc,
                 f"{_ms(s['external_specificity'])} ({_ms(s['external_recall'])})",
                 _ms(s["external_ece"]),
+                f"{_ms(s['temperature'])}: {_ms(s['carve_ece_temperature'])} / "
+                f"{_ms(s['external_ece_temperature'])}",
                 _ms(s["oracle_specificity"]),
                 _ms(s["adapted_auc"]),
                 _vs(s["vs_baseline"]),
