@@ -210,7 +210,7 @@ def test_dicom_is_found_by_content_and_by_extension(tmp_path):
     write_dicom(tmp_path / "NORMAL" / "IM-0002-0001.DICOM", stored, bits_stored=12)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "NORMAL" / "IM-0003-0001.jpeg")
     (tmp_path / "NORMAL" / "notes.txt").write_text("not listed")
-    names = [p.name for p in data.layouts._image_files(tmp_path / "NORMAL")]
+    names = [p.name for p in data.layouts._image_files(tmp_path / "NORMAL", [])]
     assert names == ["IM-0001-0001.dcm", "IM-0002-0001.DICOM", "IM-0003-0001.jpeg"]
     # A DICOM file without an extension (as PACS exports often are) is read as DICOM too.
     bare = tmp_path / "IM000001"
