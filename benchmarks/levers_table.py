@@ -43,6 +43,12 @@ def collect(studies: list[Path], external: str) -> dict[str, list[dict]]:
 
     levers: dict[str, list[dict]] = defaultdict(list)
     for study in studies:
+        if not (study / "study.json").is_file():
+            raise SystemExit(
+                f"{study}: no study.json (a study stopped before its report?); remake it with "
+                "`pneumojax study FILE --data DATA --out FOLDER --report-only` (add --only to "
+                "leave out unfinished experiments)"
+            )
         report = json.loads((study / "study.json").read_text())
         section = next((s for s in report.get("external", []) if s["name"] == external), None)
         if section is None:

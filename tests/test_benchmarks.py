@@ -504,6 +504,14 @@ def test_levers_table_groups_seeds_and_pairs_them_with_the_baseline():
     assert levers_table.against_baseline(base, base) is None
 
 
+def test_levers_table_names_a_study_without_its_report(tmp_path):
+    import levers_table  # noqa: PLC0415
+
+    (tmp_path / "half" / "scratch").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no study.json.*--report-only"):
+        levers_table.collect([tmp_path / "half"], "nih")
+
+
 def test_site_statistics_on_two_demo_sites(tmp_path):
     import site_statistics  # noqa: PLC0415
 
