@@ -341,6 +341,7 @@ def gaussian_blur(x, sigma, max_sigma: float):
     """Each image of ``x`` (batch, H, W, C), float, blurred by a Gaussian of its own standard
     deviation ``sigma`` (batch,) in pixels, at most ``max_sigma`` (0: unchanged), separably,
     with the border pixels repeated (scipy's ``gaussian_filter(mode="nearest", truncate=3)``)."""
+    import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
     radius = max(1, math.ceil(BLUR_RADIUS_SIGMAS * max_sigma))
@@ -354,8 +355,10 @@ def gaussian_blur(x, sigma, max_sigma: float):
         pad[axis] = (radius, radius)
         padded = jnp.pad(x, pad, mode="edge")
         n = x.shape[axis]
-        shifted = jnp.stack(
-            [jnp.take(padded, jnp.arange(i, i + n), axis=axis) for i in range(2 * radius + 1)], -1
-        )
-        x = jnp.einsum("nhwct,nt->nhwc", shifted, weights)
+        # a weighted sum of shifted static slices: no gather, no (taps,)-wide intermediate
+        out = jnp.zeros_like(x)
+        for i in range(2 * radius + 1):
+            window = jax.lax.slice_in_dim(padded, i, i + n, axis=axis)
+            out = out + window * weights[:, i, None, None, None]
+        x = out
     return x
