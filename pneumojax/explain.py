@@ -344,24 +344,45 @@ def heat_to_image(heat: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.clip(big / top, 0, 1) if top > 0 else np.zeros_like(big)
 
 
+OVERLAY_ROWS = 512  # rows blended at a time: a 12000 x 12000 image never lives in float64
+
+
+def overlay_pixels(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """``gray`` (H, W) uint8 with ``heat`` (S, S) stretched over it in matplotlib's inferno at
+    ``alpha``: (H, W, 3) uint8. The map is upsampled once, in float32, and blended a few rows
+    at a time, so memory stays near the uint8 image's own size (a 12000 x 12000 DICOM:
+    about 1 GB, where float64 RGBA needed 8)."""
+    from matplotlib import colormaps  # noqa: PLC0415
+
+    h, w = gray.shape
+    lut = (colormaps["inferno"](np.arange(256))[:, :3] * 255.0).astype(np.float32)
+    big = heat_to_image(heat, w, h)  # float32 in [0, 1]
+    # matplotlib's own quantisation of a float in [0, 1] onto its 256 colours
+    index = np.minimum((big * 256.0).astype(np.int32), 255).astype(np.uint8)
+    del big
+    out = np.empty((h, w, 3), np.uint8)
+    for r in range(0, h, OVERLAY_ROWS):
+        rows = slice(r, r + OVERLAY_ROWS)
+        blend = (1 - alpha) * gray[rows, :, None].astype(np.float32) + alpha * lut[index[rows]]
+        out[rows] = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+    return out
+
+
 def write_overlay(path, heat: np.ndarray, caption: str, out: Path, alpha: float = 0.4):
     """The image in gray at its own size with the map over it (inferno, ``alpha``) and a
     caption bar below; returns the map's peak (x, y) in the image's pixels (empty strings for
     an all-zero map)."""
-    from matplotlib import colormaps  # noqa: PLC0415
     from PIL import Image  # noqa: PLC0415
 
     with open_image(path) as image:
-        gray = np.asarray(to_8bit_rgb_or_gray(image).convert("L"), np.float32)
+        gray = np.asarray(to_8bit_rgb_or_gray(image).convert("L"), np.uint8)
     h, w = gray.shape
     s = heat.shape[0]
     row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
     peak = (round((col + 0.5) * w / heat.shape[1], 1), round((row + 0.5) * h / s, 1))
     if not heat.max() > 0:
         peak = ("", "")  # an all-zero map (nothing speaks for PNEUMONIA) has no peak
-    colour = colormaps["inferno"](heat_to_image(heat, w, h))[..., :3] * 255.0
-    blend = (1 - alpha) * gray[..., None] + alpha * colour
-    picture = Image.fromarray(np.clip(np.rint(blend), 0, 255).astype(np.uint8), "RGB")
+    picture = Image.fromarray(overlay_pixels(gray, heat, alpha), "RGB")
     _with_caption(picture, caption).save(out, compress_level=1)
     return peak
 

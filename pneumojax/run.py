@@ -44,6 +44,7 @@ from pneumojax.model import (
 from pneumojax.plots import plot_history
 from pneumojax.runfolder import (
     Replacement,
+    check_not_in_use,
     check_replaceable,
     run_state,
     status_error,
@@ -528,6 +529,8 @@ def check_run_dir(
     replaced (``overwrite``, or a failed run retried), which it checks is provably a pneumojax
     run. Nothing is touched here: the replacement happens once every check has passed."""
     state = run_state(run_dir)
+    if state != "new":
+        check_not_in_use(run_dir)  # two processes never write one folder, whatever the flags
     if resume:
         if state == "new":
             raise FileNotFoundError(f"--resume: {run_dir} holds no run to continue")

@@ -60,11 +60,46 @@ def read_status(run_dir: Path) -> dict | None:
     return record if isinstance(record, dict) and record.get("state") in STATES else None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def writer(run_dir: Path) -> int | None:
+    """The pid of another live process on this host that recorded the run as running, or None.
+
+    ``status.json`` names its writer (pid, host); a run marked running whose process is gone
+    was killed and is resumable. A process on another host cannot be checked: it counts as
+    gone, as does this process itself."""
+    status = read_status(run_dir)
+    if status is None or status["state"] != "running":
+        return None
+    pid = status.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid() or status.get("host") != socket.gethostname():
+        return None
+    return pid if _alive(pid) else None
+
+
+def check_not_in_use(run_dir: Path) -> None:
+    """Raises FileExistsError (one line) when another live process is writing ``run_dir``."""
+    pid = writer(run_dir)
+    if pid is not None:
+        raise FileExistsError(
+            f"{run_dir} is being written by another pneumojax process (pid {pid}, running); "
+            "wait for it to finish, stop it, or choose another --out"
+        )
+
+
 def run_state(run_dir: Path) -> str:
     """``new`` (no config.json), ``finished``, ``failed`` or ``interrupted``.
 
-    A run recorded as running is one whose process was killed (or, with no lock yet, one that
-    is still going): interrupted, resumable. A folder without ``status.json`` (made by an older
+    A run recorded as running is one whose process was killed, or one still going (which
+    :func:`writer` tells apart, and :func:`check_not_in_use` refuses): interrupted, resumable. A folder without ``status.json`` (made by an older
     pneumojax, or killed before it was written) is finished when it holds metrics.json and
     model/manifest.json, else interrupted."""
     run_dir = Path(run_dir)

@@ -367,3 +367,33 @@ def test_a_seed_ensemble_with_tta_is_explained_as_predict_scores_it(tiny_data, t
     predicted = predict_paths(run, files, log=lambda m: None)
     assert [float(r["p_pneumonia"]) for r in rows] == [p["p_pneumonia"] for p in predicted]
     assert [r["label"] for r in rows] == [p["label"] for p in predicted]
+
+
+def test_overlay_is_blended_in_float32_rows_and_matches_matplotlib():
+    """Finding 9 of the faults issue: the overlay of a huge image was made in float64 RGBA
+    (a 12000 x 12000 DICOM: about 8 GB). It is the same picture, within one grey level, made in
+    float32 a few rows at a time."""
+    import tracemalloc  # noqa: PLC0415
+
+    from matplotlib import colormaps  # noqa: PLC0415
+
+    from pneumojax.explain import heat_to_image, overlay_pixels  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (301, 257), dtype=np.uint8)
+    heat = rng.random((7, 7)).astype(np.float32)
+    colour = colormaps["inferno"](heat_to_image(heat, 257, 301))[..., :3] * 255.0
+    reference = np.clip(np.rint(0.6 * gray[..., None].astype(np.float64) + 0.4 * colour), 0, 255)
+    ours = overlay_pixels(gray, heat, 0.4)
+    assert ours.dtype == np.uint8 and ours.shape == (301, 257, 3)
+    assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1
+    assert (ours == reference).mean() > 0.999
+
+    big = np.zeros((3000, 3000), np.uint8)
+    tracemalloc.start()
+    overlay_pixels(big, heat)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    # float64 RGBA of the whole image alone would be 288 MB; ours holds the uint8 result
+    # (27 MB), the float32 map (36 MB), its colour index (9 MB) and a few rows
+    assert peak < 120e6, peak

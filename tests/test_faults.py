@@ -327,6 +327,44 @@ def test_a_replacement_that_fails_before_its_first_checkpoint_puts_the_old_run_b
 # --- 3: a run folder says whether it finished, failed or was interrupted ----------------------
 
 
+# --- 7: two processes never write one run folder -------------------------------------------
+
+
+def test_a_run_being_written_by_another_process_is_refused(workspace, tmp_path):
+    import socket  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    run = _copy_run(workspace, tmp_path)
+    other = subprocess.Popen(["sleep", "60"])  # stands for a train still writing the folder
+    try:
+        record = {
+            "state": "running",
+            "error": None,
+            "pid": other.pid,
+            "host": socket.gethostname(),
+            "time": "2026-01-01T00:00:00+00:00",
+        }
+        (run / "status.json").write_text(json.dumps(record))
+        before = _tree(run)
+        for args in (
+            ["train", "--out", run, "--resume"],
+            tiny_train_args(workspace.data, run, "--overwrite"),
+            tiny_train_args(workspace.data, run),
+        ):
+            result = _cli(*args)
+            assert result.exit_code == 2, (args, result.output)
+            assert f"another pneumojax process (pid {other.pid}" in result.output, result.output
+        assert _tree(run) == before
+    finally:
+        other.kill()
+        other.wait()
+    # its process gone, the same folder is an interrupted run again, resumable
+    assert run_state(run) == "interrupted"
+    from pneumojax.runfolder import writer  # noqa: PLC0415
+
+    assert writer(run) is None
+
+
 def test_a_finished_run_says_so(workspace):
     assert _status(workspace.run)["state"] == "finished"
     assert run_state(workspace.run) == "finished"
