@@ -108,29 +108,17 @@ class GraphBuilder:
     def zero_pad(self, x, pad, name=None):
         return self._add("ZeroPadding2D", [x], name, dict(padding=(_pair(pad), _pair(pad))))
 
-    def max_pool(self, x, pool, strides=None, padding="valid", name=None):
+    def _pool(self, kind, x, pool, strides, padding, name):
+        strides = strides if strides is not None else pool  # Keras: strides default to pool
         return self._add(
-            "MaxPooling2D",
-            [x],
-            name,
-            dict(
-                pool=_pair(pool),
-                strides=_pair(strides if strides is not None else pool),
-                padding=padding,
-            ),
+            kind, [x], name, dict(pool=_pair(pool), strides=_pair(strides), padding=padding)
         )
 
+    def max_pool(self, x, pool, strides=None, padding="valid", name=None):
+        return self._pool("MaxPooling2D", x, pool, strides, padding, name)
+
     def avg_pool(self, x, pool, strides=None, padding="valid", name=None):
-        return self._add(
-            "AveragePooling2D",
-            [x],
-            name,
-            dict(
-                pool=_pair(pool),
-                strides=_pair(strides if strides is not None else pool),
-                padding=padding,
-            ),
-        )
+        return self._pool("AveragePooling2D", x, pool, strides, padding, name)
 
     def add(self, xs, name=None):
         return self._add("Add", xs, name, {})
