@@ -44,6 +44,7 @@ import click
 
 from pneumojax.config import TrainConfig
 from pneumojax.io import write_text_atomic
+from pneumojax.options import train_parameters
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 SEED_STUDY = CONFIGS_DIR / "seed_study.toml"
@@ -355,10 +356,8 @@ def _read_toml(path: Path, what: str) -> dict:
 def _train_options() -> dict:
     """The ``pneumojax train`` command's click parameters that are TrainConfig fields, in the
     command's order: the one definition of each option's type, range and choices."""
-    from pneumojax.cli import train  # noqa: PLC0415 (the CLI imports this module lazily)
-
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {p.name: p for p in train.params if p.name in fields}
+    return {p.name: p for p in train_parameters() if p.name in fields}
 
 
 @functools.cache

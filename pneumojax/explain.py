@@ -46,6 +46,7 @@ from pneumojax.inference import (
     read_predictions,
     run_intensity,
     run_resize,
+    score_run,
     scoring_tta,
 )
 from pneumojax.io import write_text_atomic
@@ -506,3 +507,13 @@ def plot_error_sheet(false_pos: list[dict], false_neg: list[dict], folder: Path,
     title = "Most confident errors at the run's threshold; heat maps of the PNEUMONIA logit"
     fig.suptitle(textwrap.fill(title, 26 * columns))  # a narrow sheet wraps it, not crops it
     return _save(fig, out)
+
+
+def evaluate_and_explain(run_dir, explain: tuple[int, str, str | None], log=print, **evaluate):
+    """``pneumojax evaluate --explain N``: :func:`pneumojax.inference.evaluate_run`, then heat
+    maps of the N most confident false positives and false negatives, labelled at the
+    thresholds the evaluation used (re-derived for another TTA)."""
+    metrics, run, folder = score_run(run_dir, log=log, **evaluate)
+    if explain[0]:
+        explain_errors(run, folder, *explain, log=log)
+    return metrics

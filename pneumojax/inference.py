@@ -409,7 +409,6 @@ def evaluate_run(
     log=print,
     strict: bool = False,
     precision: str | None = None,
-    explain: tuple[int, str, str | None] = (0, "gradcam", None),
     tta: int | None = None,
     tta_augment: str | None = None,
 ) -> dict:
@@ -419,9 +418,25 @@ def evaluate_run(
     split this reproduces its metrics.json exactly (same precision, same scoring path, the
     run's own test-time augmentation). ``tta``/``tta_augment`` (``--tta N``,
     ``--tta-augment``) score with another TTA: see :func:`scoring_tta`.
-    ``explain`` = (N, method, layer): heat maps of the N most confident false positives and
-    false negatives (:func:`pneumojax.explain.explain_errors`).
+    :func:`score_run` also returns the run and thresholds it used (for
+    :func:`pneumojax.explain.evaluate_and_explain`).
     """
+    return score_run(run_dir, data, split, out, log, strict, precision, tta, tta_augment)[0]
+
+
+def score_run(
+    run_dir,
+    data=None,
+    split="test",
+    out=None,
+    log=print,
+    strict=False,
+    precision=None,
+    tta=None,
+    tta_augment=None,
+) -> tuple[dict, LoadedRun, Path]:
+    """:func:`evaluate_run`'s work: (metrics, the run with the thresholds this evaluation
+    used (re-derived for another TTA), the folder it wrote)."""
     run = load_run(run_dir, precision, log)
     setting, thresholds, tta_record = scoring_tta(run, tta, tta_augment, log)
     size, resize = run.config["image_size"], run_resize(run.config)
@@ -460,14 +475,7 @@ def evaluate_run(
     write_predictions(out.parent / "predictions.csv", items, p)
     log(format_metrics(metrics))
     log(f"wrote {out}")
-    if explain[0]:
-        from pneumojax.explain import explain_errors  # noqa: PLC0415 (explain imports this)
-
-        # its labels at the thresholds this evaluation used (re-derived for another TTA)
-        explain_errors(
-            dataclasses.replace(run, thresholds=thresholds), out.parent, *explain, log=log
-        )
-    return metrics
+    return metrics, dataclasses.replace(run, thresholds=thresholds), out.parent
 
 
 def is_run_data(config: dict, data: str, source) -> bool:
