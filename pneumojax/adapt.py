@@ -54,7 +54,7 @@ from pneumojax.inference import (
     split_probabilities,
     write_predictions,
 )
-from pneumojax.io import remove_stale_staging, write_text_atomic
+from pneumojax.io import file_sha256, remove_stale_staging, write_text_atomic
 from pneumojax.metrics import format_metrics
 from pneumojax.model import build_classifier
 from pneumojax.progress import progress_bar
@@ -80,19 +80,11 @@ def target_images(data: str | os.PathLike, image_size: int, resize: str, log=pri
     """The target folder's images (any layout; never their labels) in content order:
     (uint8 images, [(sha256, path)])."""
     files = gather_image_files([str(data)], log)
-    digests = [_sha256(f) for f in files]
+    digests = [file_sha256(f) for f in files]
     order = sorted(range(len(files)), key=lambda i: (digests[i], files[i]))
     files = [files[i] for i in order]
     images = load_images(files, image_size, progress=len(files) > 50, resize=resize)
     return images, [(digests[i], f) for i, f in zip(order, files)]
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def batchnorm_statistics(run: LoadedRun, images: np.ndarray, batch_size: int) -> dict:

@@ -3,6 +3,7 @@ half of one: write aside, flush to disk, rename, flush the folder."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -143,3 +144,12 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read 1 MiB at a time (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

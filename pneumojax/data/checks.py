@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -28,7 +27,7 @@ from pneumojax.data.decode import (
     open_image,
     to_8bit_rgb_or_gray,
 )
-from pneumojax.io import write_text_atomic
+from pneumojax.io import file_sha256, write_text_atomic
 from pneumojax.progress import progress_bar
 
 # Bump when check_images changes what it calls unreadable.
@@ -166,19 +165,11 @@ def duplicates_across_splits(
         by_digest: dict[str, list[tuple[str, str, int]]] = collections.defaultdict(list)
         for entry in entries:
             try:
-                by_digest[_file_sha256(entry[1])].append(entry)
+                by_digest[file_sha256(entry[1])].append(entry)
             except OSError:
                 continue
         groups += [sorted(g) for g in by_digest.values() if len({n for n, _, _ in g}) > 1]
     return sorted(groups)
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _duplicates_message(groups: list[list[tuple[str, str, int]]], root: str) -> str:
