@@ -394,12 +394,13 @@ def plot_roc_overlay(curves: list[tuple], path, title: str = "ROC on test") -> P
     for label, y, p, auc in curves:
         fpr, tpr, _ = roc_curve(y, p)
         ax.plot(fpr, tpr, lw=1.5, label=f"{label} (AUC {auc:.3f})")
-    ax.plot([0, 1], [0, 1], ":", color="gray")
-    ax.set_xlabel("false positive rate (1 - specificity)")
-    ax.set_ylabel("true positive rate (recall)")
-    ax.set_title(f"{title}, PNEUMONIA positive")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=7)
+    _finish_square(
+        ax,
+        "false positive rate (1 - specificity)",
+        "true positive rate (recall)",
+        f"{title}, PNEUMONIA positive",
+        "lower right",
+    )
     return _save(fig, path)
 
 
@@ -413,10 +414,22 @@ def plot_reliability(curves: list[tuple], path, title: str = "Reliability on tes
         pred = [curve["mean_predicted"][i] for i in keep]
         obs = [curve["observed_frequency"][i] for i in keep]
         ax.plot(pred, obs, "o-", ms=3, lw=1, label=f"{label} (ECE {calibration['ece']:.3f})")
-    ax.plot([0, 1], [0, 1], ":", color="gray", label="perfectly calibrated")
-    ax.set_xlabel("mean predicted P(pneumonia)")
-    ax.set_ylabel("observed fraction PNEUMONIA")
-    ax.set_title(f"{title} (10 bins)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=7)
+    _finish_square(
+        ax,
+        "mean predicted P(pneumonia)",
+        "observed fraction PNEUMONIA",
+        f"{title} (10 bins)",
+        "upper left",
+        diagonal="perfectly calibrated",
+    )
     return _save(fig, path)
+
+
+def _finish_square(ax, xlabel, ylabel, title, legend, diagonal=None):
+    """The unit square's dotted diagonal (labelled ``diagonal``), labels, grid and legend."""
+    ax.plot([0, 1], [0, 1], ":", color="gray", label=diagonal)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc=legend, fontsize=7)
