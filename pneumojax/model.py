@@ -9,7 +9,6 @@ the part before the first trainable layer). The head always trains.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from typing import Any
 
@@ -172,12 +171,8 @@ def _resolve(token: str, info: BackboneInfo, default: int) -> int:
             )
         return i + n if i < 0 else i
     if token not in info.layer_index:
-        close = difflib.get_close_matches(token, list(info.layer_index), n=3, cutoff=0.0)
-        hint = f" Nearest {info.name} layers: {', '.join(close)}." if close else ""
-        raise TrainableSpecError(
-            f"--trainable: {info.name} has no layer {token!r}.{hint} "
-            f"List them with: pneumojax layers --backbone {info.name}"
-        )
+        nearest = f"Nearest {info.name} layers"
+        raise TrainableSpecError(f"--trainable: {info.no_layer(token, 0.0, nearest)}")
     return info.layer_index[token]
 
 

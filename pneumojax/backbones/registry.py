@@ -39,13 +39,18 @@ class BackboneInfo:
     def check_layer(self, name: str) -> str:
         """Returns ``name`` if it is a layer of this backbone; otherwise a clear KeyError."""
         if name not in self.layer_index:
-            close = difflib.get_close_matches(name, list(self.layer_index), n=3, cutoff=0.5)
-            hint = f" Nearest: {', '.join(close)}." if close else ""
-            raise KeyError(
-                f"{self.name} has no layer {name!r}.{hint} "
-                f"List them with: pneumojax layers --backbone {self.name}"
-            )
+            raise KeyError(self.no_layer(name))
         return name
+
+    def no_layer(self, name: str, cutoff: float = 0.5, nearest: str = "Nearest") -> str:
+        """The message for a layer name this backbone lacks: the nearest names (difflib, at
+        ``cutoff``) and the command that lists them all."""
+        close = difflib.get_close_matches(name, list(self.layer_index), n=3, cutoff=cutoff)
+        hint = f" {nearest}: {', '.join(close)}." if close else ""
+        return (
+            f"{self.name} has no layer {name!r}.{hint} "
+            f"List them with: pneumojax layers --backbone {self.name}"
+        )
 
 
 REGISTRY: dict[str, BackboneInfo] = {
