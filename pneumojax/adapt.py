@@ -276,6 +276,8 @@ def adapt_run(
         log(f"BatchNorm statistics re-estimated on the {len(images)} target images")
         run = _with_variables(run, variables)
     p_before = run.model.probabilities_of_images(images, tta=run.tta)
+    if options.bn:
+        check_not_saturated(p_before)
     if options.prior:
         prior = em_prior(p_before, training_prior(config))
         record["prior_shift"] = prior
@@ -306,6 +308,25 @@ def adapt_run(
     record["thresholds"] = thresholds
     record["target_mean_probability"] = float(p_target.mean())
     return _write_adapted(run, variables, thresholds, record, files, p_target, out, overwrite, log)
+
+
+SATURATED = 0.5  # share of target probabilities at exactly 0 or 1 that AdaBN may not leave
+
+
+def check_not_saturated(p: np.ndarray) -> None:
+    """Raises ValueError when the target's probabilities after AdaBN carry no ranking: all
+    equal, or more than half exactly 0 or 1 in float32. A head trained on a frozen backbone's
+    activations can meet activations of another scale once the backbone's BatchNorm layers
+    are re-estimated, and its logits saturate."""
+    p = np.asarray(p, np.float32)
+    share = float(np.mean((p <= 0.0) | (p >= 1.0)))
+    if share > SATURATED or float(np.ptp(p)) == 0.0:
+        raise ValueError(
+            f"BatchNorm statistics re-estimated on the target saturate this model: "
+            f"{share:.0%} of the target's probabilities are exactly 0 or 1 (min "
+            f"{float(p.min()):.3g}, max {float(p.max()):.3g}), so they cannot rank the images; "
+            "adapt it with --no-bn (class prior and threshold only)"
+        )
 
 
 def _is_adapted_run(folder: Path) -> bool:

@@ -239,3 +239,36 @@ def test_adapt_usage_errors(tiny_run, target, tmp_path):
     )
     assert r.exit_code == 1 and "did not finish" in r.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+def test_adabn_that_saturates_the_model_is_refused_with_what_to_do(
+    tiny_run, target, tmp_path, monkeypatch
+):
+    """A frozen backbone's head can meet re-estimated activations of another scale: every
+    target probability 1.0 (a study's random_features run did). That is an error naming
+    --no-bn, not an adapted run whose AUC is 0.5 by ties."""
+    from pneumojax import adapt  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match="saturate"):
+        adapt.check_not_saturated(np.ones(50, np.float32))
+    with pytest.raises(ValueError, match="saturate"):
+        adapt.check_not_saturated(np.full(50, 0.3, np.float32))
+    adapt.check_not_saturated(np.linspace(0.0, 1.0, 50))  # two ends exactly 0 and 1: fine
+
+    real = adapt.batchnorm_statistics
+
+    def exploding(run, images, batch_size):  # variances a million times too small
+        v = real(run, images, batch_size)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: x * 1e-12 if "var" in jax.tree_util.keystr(path) else x, v
+        )
+
+    monkeypatch.setattr(adapt, "batchnorm_statistics", exploding)
+    out = tmp_path / "adapted"
+    r = CliRunner().invoke(
+        main, ["adapt", "--run", str(tiny_run), "--data", str(target), "--out", str(out)]
+    )
+    assert r.exit_code == 1, r.output
+    assert "saturate this model" in r.output and "--no-bn" in r.output, r.output
+    assert "Traceback" not in r.output and not out.exists()
+    _adapt(tiny_run, target, out, "--no-bn")  # the way out it names works
