@@ -405,6 +405,7 @@ def test_each_lever_experiment_adds_one_lever_to_the_one_before():
     scratch = dict(
         configs[1],
         seed_ensemble=recipe.seed_ensemble,
+        epochs=8,
         intensity="equalize",
         device_augment="blur=1.5,sharpen=1.5,noise=6",
     )
