@@ -90,7 +90,14 @@ def run_study(
         t0 = time.perf_counter()
         quiet = lambda message: None  # noqa: E731  (one line per experiment, not the run's log)
         try:
-            if state != "finished":
+            changed = changed_options(run_dir, cfg) if state in ("finished", "interrupted") else []
+            if changed:
+                # the study file (or the command line) asks for another run than the folder
+                # holds: train it anew, replacing the old one once the new one has started
+                check_plan(cfg)
+                train(cfg, resume=False, overwrite=True, log=quiet)
+                record_experiment(run_dir, experiment)
+            elif state != "finished":
                 check_plan(cfg)
                 # a failed run starts again with today's config (its folder is replaced)
                 train(cfg, resume=state == "interrupted", log=quiet)
@@ -104,6 +111,9 @@ def run_study(
                 "new": "done",
                 "failed": "restarted",
             }[state]
+            if changed:
+                more = f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
+                status = f"rerun, its options changed: {'; '.join(changed[:3])}{more}"
             outcomes.append(
                 Outcome(experiment.name, status, time.perf_counter() - t0, None, failures)
             )
@@ -117,6 +127,35 @@ def run_study(
         detail += "".join(f" (not scored on {e})" for e in o.external_errors)
         log(f"[{i}/{len(chosen)}] {o.name}: {o.status} in {o.seconds:.1f} s{detail}")
     return outcomes
+
+
+# Options that do not change what a run computes.
+_NOT_COMPARED = frozenset({"out", "log_every", "strict"})
+
+
+def changed_options(run_dir: Path, cfg: TrainConfig) -> list[str]:
+    """What the experiment asks for now that the run in ``run_dir`` was not made with
+    (``name stored -> now``), after resolving both the way ``train`` does; empty when they
+    match or the folder has no readable config.json. The data folder is compared by where it
+    is (its resolved path)."""
+    from pneumojax.run import resolved_config  # noqa: PLC0415
+
+    try:
+        stored = json.loads((Path(run_dir) / "config.json").read_text())
+        now, _ = resolved_config(cfg, Path(run_dir), resume=False)
+    except (OSError, ValueError):
+        return []
+    changed = []
+    for field in dataclasses.fields(TrainConfig):
+        name = field.name
+        if name in _NOT_COMPARED or name not in stored:
+            continue
+        then, value = stored[name], json.loads(json.dumps(getattr(now, name)))
+        if name == "data" and "demo" not in (then, value):
+            then, value = str(Path(then).resolve()), str(Path(value).resolve())
+        if then != value:
+            changed.append(f"{name} {then!r} -> {value!r}")
+    return changed
 
 
 def check_plan(cfg) -> None:

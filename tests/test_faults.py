@@ -455,6 +455,39 @@ def test_a_study_restarts_a_failed_experiment_with_its_config_of_now(tmp_path, m
     assert config["seed"] == 4 and config["experiment"]["name"] == "plain"
 
 
+# --- 8: a study reruns a finished experiment whose options changed since -------------------
+
+
+def test_a_study_reruns_a_finished_experiment_whose_options_changed(tmp_path, monkeypatch):
+    from test_study import _study
+
+    from pneumojax.experiments import load_study
+    from pneumojax.study import changed_options, run_study
+
+    monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))
+    data = make_demo_dataset(tmp_path / "xray", n_per_class=30, image_size=48, seed=1)
+    spec, out = load_study(_study(tmp_path)), tmp_path / "study"
+    quiet = lambda m: None  # noqa: E731
+    first = run_study(spec, out, {"data": str(data)}, only=["plain"], log=quiet)
+    assert [o.status for o in first] == ["done"], first
+    same = run_study(spec, out, {"data": str(data)}, only=["plain"], log=quiet)
+    assert [o.status for o in same] == ["skipped"], same  # nothing changed: nothing retrained
+    changed = run_study(spec, out, {"data": str(data), "seed": 4}, only=["plain"], log=quiet)
+    assert [o.status for o in changed] == ["rerun, its options changed: seed 0 -> 4"], changed
+    config = json.loads((out / "plain" / "config.json").read_text())
+    assert config["seed"] == 4 and config["experiment"]["name"] == "plain"
+    assert run_state(out / "plain") == "finished"
+    assert not list(tmp_path.glob("study/.plain.old-*"))  # the old run went once replaced
+    from pneumojax.config import TrainConfig  # noqa: PLC0415
+
+    cfg = TrainConfig(**{k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__})
+    assert changed_options(out / "plain", cfg) == []
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(data, moved)
+    cfg.data = str(moved)
+    assert changed_options(out / "plain", cfg) == [f"data {str(data)!r} -> {str(moved)!r}"]
+
+
 # --- 4: --resume takes --epochs and --patience, and refuses every other option by name --------
 
 
