@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 import subprocess
 import sys
 import threading
@@ -325,6 +326,37 @@ def test_a_replacement_that_fails_before_its_first_checkpoint_puts_the_old_run_b
 
 
 # --- 3: a run folder says whether it finished, failed or was interrupted ----------------------
+
+
+# --- 5: a damaged image cache is rebuilt with a warning, never used -------------------------
+
+
+def test_a_truncated_or_zeroed_image_cache_is_rebuilt_with_a_warning(tmp_path):
+    from pneumojax.data import DataWarning, load_images  # noqa: PLC0415
+
+    data = make_demo_dataset(tmp_path / "xray", n_per_class=6, image_size=40, seed=2)
+    files = sorted(str(p) for p in data.rglob("*.jpeg"))
+    cache = tmp_path / "cache"
+    fresh = np.array(load_images(files, 32, cache_dir=cache, progress=False))
+    (cache_file,) = cache.glob("images-*.npy")
+    assert fresh.any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a whole cache is used without a word
+        np.testing.assert_array_equal(load_images(files, 32, cache_dir=cache, progress=False), fresh)
+    whole = cache_file.read_bytes()
+    damages = {
+        "unreadable": whole[: len(whole) // 2],  # truncated: numpy's mmap would fail for ever
+        "do not match": whole[:128] + bytes(len(whole) - 128),  # pixels zeroed: black images
+    }
+    for reason, damaged in damages.items():
+        cache_file.write_bytes(damaged)
+        with pytest.warns(DataWarning, match=f"image cache .* is damaged .*{reason}"):
+            again = load_images(files, 32, cache_dir=cache, progress=False)
+        np.testing.assert_array_equal(again, fresh)
+        assert cache_file.read_bytes() == whole  # rebuilt in place
+    cache_file.with_name(cache_file.name + ".sha256").unlink()
+    with pytest.warns(DataWarning, match="no checksum beside it"):
+        np.testing.assert_array_equal(load_images(files, 32, cache_dir=cache, progress=False), fresh)
 
 
 # --- 7: two processes never write one run folder -------------------------------------------

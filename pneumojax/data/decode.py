@@ -22,8 +22,9 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from pneumojax.data._common import DataError, Item, _item_path
+from pneumojax.data._common import DataError, Item, _default_warn, _item_path
 from pneumojax.data.resize import RESIZE_METHODS, resize_image
+from pneumojax.io import write_text_atomic
 from pneumojax.progress import progress_bar
 
 # DICOM (.dcm, .dicom) is read with pydicom, see pneumojax.data.dicom; any file that holds DICOM
@@ -252,11 +253,43 @@ def load_images(
     cache_file = cache_dir / f"images-{image_size}px-{resize}-{len(paths)}-{key}.npy"
     expected_shape = (len(paths), image_size, image_size, 3)
     if cache_file.exists():
-        cached = np.load(cache_file, mmap_mode="r")
-        if cached.shape == expected_shape and cached.dtype == np.uint8:
+        cached, problem = _open_cache(cache_file, expected_shape)
+        if cached is not None:
             return cached
+        _default_warn(f"image cache {cache_file} is damaged ({problem}): decoding the images again")
     _write_cache(cache_file, expected_shape, paths, image_size, progress, workers, resize)
     return np.load(cache_file, mmap_mode="r")
+
+
+def _digest_file(cache_file: Path) -> Path:
+    return cache_file.with_name(cache_file.name + ".sha256")
+
+
+def _array_digest(array: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    flat = array.reshape(len(array), -1) if len(array) else array.reshape(0, 1)
+    for start in range(0, len(flat), 256):  # a few MB at a time: never the whole set in RAM
+        digest.update(np.ascontiguousarray(flat[start : start + 256]).data)
+    return digest.hexdigest()
+
+
+def _open_cache(cache_file: Path, shape: tuple) -> tuple[np.ndarray | None, str]:
+    """The cached array, memory-mapped, if it is whole: the expected shape and dtype, and the
+    SHA-256 of its pixels equal to the one written beside it when it was complete (a
+    truncated, zero-filled or overwritten file fails one of these). Else (None, why)."""
+    try:
+        cached = np.load(cache_file, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as error:
+        return None, f"unreadable: {error}"
+    if cached.shape != shape or cached.dtype != np.uint8:
+        return None, f"holds {cached.dtype} {cached.shape}, expected uint8 {shape}"
+    try:
+        expected = _digest_file(cache_file).read_text().strip()
+    except OSError:
+        return None, "no checksum beside it (written by an older pneumojax, or cut short)"
+    if _array_digest(cached) != expected:
+        return None, "its pixels do not match the checksum written with it"
+    return cached, ""
 
 
 def image_set_key(paths: Sequence[str], image_size: int, resize: str = "antialias") -> str:
@@ -302,7 +335,10 @@ def _write_cache(
         out = np.lib.format.open_memmap(tmp_name, mode="w+", dtype=np.uint8, shape=shape)
         _decode_into(out, paths, image_size, progress, workers, resize)
         out.flush()
+        digest = _array_digest(out)
         del out
+        # the checksum first, then the array: a cache file is only ever used with its own
+        write_text_atomic(_digest_file(cache_file), digest + "\n")
         os.replace(tmp_name, cache_file)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
