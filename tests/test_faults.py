@@ -342,7 +342,9 @@ def test_a_truncated_or_zeroed_image_cache_is_rebuilt_with_a_warning(tmp_path):
     assert fresh.any()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a whole cache is used without a word
-        np.testing.assert_array_equal(load_images(files, 32, cache_dir=cache, progress=False), fresh)
+        np.testing.assert_array_equal(
+            load_images(files, 32, cache_dir=cache, progress=False), fresh
+        )
     whole = cache_file.read_bytes()
     damages = {
         "unreadable": whole[: len(whole) // 2],  # truncated: numpy's mmap would fail for ever
@@ -356,7 +358,9 @@ def test_a_truncated_or_zeroed_image_cache_is_rebuilt_with_a_warning(tmp_path):
         assert cache_file.read_bytes() == whole  # rebuilt in place
     cache_file.with_name(cache_file.name + ".sha256").unlink()
     with pytest.warns(DataWarning, match="no checksum beside it"):
-        np.testing.assert_array_equal(load_images(files, 32, cache_dir=cache, progress=False), fresh)
+        np.testing.assert_array_equal(
+            load_images(files, 32, cache_dir=cache, progress=False), fresh
+        )
 
 
 # --- 7: two processes never write one run folder -------------------------------------------
