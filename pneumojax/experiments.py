@@ -34,7 +34,6 @@ import difflib
 import functools
 import json
 import re
-import shlex
 import tomllib
 import typing
 from pathlib import Path
@@ -44,7 +43,7 @@ import click
 
 from pneumojax.config import TrainConfig
 from pneumojax.io import write_text_atomic
-from pneumojax.options import train_parameters
+from pneumojax.options import command_line, config_options  # noqa: F401 (command_line: re-exported)
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 SEED_STUDY = CONFIGS_DIR / "seed_study.toml"
@@ -132,7 +131,7 @@ def load_study(path: str | Path = SEED_STUDY) -> Study:
         if key not in _STUDY_KEYS:
             hint = (
                 "; train options go in [shared] or in an experiment"
-                if key in _train_options()
+                if key in config_options()
                 else _nearest(key, _STUDY_KEYS)
             )
             raise ExperimentError(f"{path}: unknown key {key!r}{hint}")
@@ -216,7 +215,7 @@ def check_options(
     """Checks ``pneumojax train`` options given under their TrainConfig names, with the
     command line's own types, ranges and choices; returns them converted (an integer given for
     a float option becomes a float). ``where`` starts each error message."""
-    params, hints, out = _train_options(), _field_types(), {}
+    params, hints, out = config_options(), _field_types(), {}
     for key, value in values.items():
         if key not in params:
             hint = _option_hint(key, other_keys)
@@ -227,33 +226,6 @@ def check_options(
         except click.BadParameter as e:  # out of range, not one of the choices
             raise ExperimentError(f"{where}: {key} = {_toml(value)}: {e.message}") from None
     return out
-
-
-def command_line(config: TrainConfig, always: tuple[str, ...] = ("backbone",)) -> str:
-    """The ``pneumojax train ...`` line that reproduces ``config``: the options that differ
-    from TrainConfig's defaults (and those in ``always``: the backbone, so that a line says
-    what it trains), in the command's own order, shell-quoted."""
-    defaults, parts = TrainConfig(), ["pneumojax", "train"]
-    for f in dataclasses.fields(TrainConfig):
-        if f.name not in _train_options() and getattr(config, f.name) != getattr(defaults, f.name):
-            raise ValueError(f"{f.name} is not a pneumojax train option: no line sets it")
-    for name, param in _train_options().items():
-        value = getattr(config, name)
-        if value == getattr(defaults, name) and name not in always:
-            continue
-        if param.is_flag:
-            flag = param.opts[0] if value else (param.secondary_opts or [None])[0]
-            if flag is None:
-                raise ValueError(f"{name}={value!r} has no command-line form")
-            parts.append(flag)
-        elif value is None:
-            raise ValueError(f"{name}=None has no command-line form (its default is not None)")
-        else:
-            parts += [
-                param.opts[0],
-                shlex.quote(repr(value) if isinstance(value, float) else str(value)),
-            ]
-    return " ".join(parts)
 
 
 def record_experiment(run_dir: str | Path, experiment: Experiment) -> bool:
@@ -353,14 +325,6 @@ def _read_toml(path: Path, what: str) -> dict:
 
 
 @functools.cache
-def _train_options() -> dict:
-    """The ``pneumojax train`` command's click parameters that are TrainConfig fields, in the
-    command's order: the one definition of each option's type, range and choices."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {p.name: p for p in train_parameters() if p.name in fields}
-
-
-@functools.cache
 def _field_types() -> dict[str, tuple[type, ...]]:
     hints = typing.get_type_hints(TrainConfig)
     return {
@@ -388,13 +352,13 @@ def _option_hint(key: str, other_keys: tuple[str, ...]) -> str:
     # The command line's spelling (image-size, --lr) gets its key; otherwise the nearest name.
     by_flag = {
         opt.lstrip("-"): name
-        for name, p in _train_options().items()
+        for name, p in config_options().items()
         for opt in (*p.opts, *p.secondary_opts)
     }
     if key.lstrip("-") in by_flag:
         return f"; the key for --{key.lstrip('-')} is {by_flag[key.lstrip('-')]!r}"
-    hint = _nearest(key, [*_train_options(), *other_keys])
-    return hint or f" (pneumojax train options: {', '.join(_train_options())})"
+    hint = _nearest(key, [*config_options(), *other_keys])
+    return hint or f" (pneumojax train options: {', '.join(config_options())})"
 
 
 def _nearest(key: str, choices) -> str:

@@ -8,8 +8,10 @@ against :func:`train_parameters`, so the library never imports the command line.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import shlex
 
 import click
 
@@ -336,3 +338,38 @@ def train_options(fn):
 def train_parameters() -> tuple[click.Parameter, ...]:
     """The train command's click parameters (names, types, ranges, choices), without the CLI."""
     return tuple(click.command()(train_options(lambda **_: None)).params)
+
+
+@functools.cache
+def config_options() -> dict:
+    """The ``pneumojax train`` command's click parameters that are TrainConfig fields, in the
+    command's order: the one definition of each option's type, range and choices."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {p.name: p for p in train_parameters() if p.name in fields}
+
+
+def command_line(config: TrainConfig, always: tuple[str, ...] = ("backbone",)) -> str:
+    """The ``pneumojax train ...`` line that reproduces ``config``: the options that differ
+    from TrainConfig's defaults (and those in ``always``: the backbone, so that a line says
+    what it trains), in the command's own order, shell-quoted."""
+    defaults, parts = TrainConfig(), ["pneumojax", "train"]
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in config_options() and getattr(config, f.name) != getattr(defaults, f.name):
+            raise ValueError(f"{f.name} is not a pneumojax train option: no line sets it")
+    for name, param in config_options().items():
+        value = getattr(config, name)
+        if value == getattr(defaults, name) and name not in always:
+            continue
+        if param.is_flag:
+            flag = param.opts[0] if value else (param.secondary_opts or [None])[0]
+            if flag is None:
+                raise ValueError(f"{name}={value!r} has no command-line form")
+            parts.append(flag)
+        elif value is None:
+            raise ValueError(f"{name}=None has no command-line form (its default is not None)")
+        else:
+            parts += [
+                param.opts[0],
+                shlex.quote(repr(value) if isinstance(value, float) else str(value)),
+            ]
+    return " ".join(parts)
