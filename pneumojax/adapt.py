@@ -55,6 +55,7 @@ from pneumojax.inference import (
     write_predictions,
 )
 from pneumojax.io import file_sha256, remove_stale_staging, write_text_atomic
+from pneumojax.modelcard import write_model_card
 from pneumojax.metrics import format_metrics
 from pneumojax.model import build_classifier
 from pneumojax.progress import progress_bar
@@ -406,6 +407,7 @@ def _write_adapted(run, variables, thresholds, record, files, p_target, out, ove
     if out.exists() and overwrite:
         shutil.rmtree(out)
     os.replace(staging, out)
+    write_model_card(out)
     log(format_metrics(metrics) + "  (the run's own test split, adapted model)")
     log(f"adapted run: {out}")
     return metrics

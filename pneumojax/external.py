@@ -23,6 +23,7 @@ from typing import Callable
 from pneumojax import stats
 from pneumojax.io import write_text_atomic
 from pneumojax.metrics import binary_metrics, choose_threshold
+from pneumojax.predictions import read_predictions
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # it names the folder eval-<name>/
 _KEYS = ("name", "path", "adapt", "description")
@@ -206,8 +207,6 @@ def external_section(sets, rows: list[dict], reference: str, out: Path, target_r
 
 
 def _entry(name: str, experiment: str, adapted: bool, folder: Path, target_recall) -> dict:
-    from pneumojax.inference import read_predictions  # noqa: PLC0415 (JAX: only for the report)
-
     metrics = json.loads((folder / "metrics.json").read_text())
     paths, y, member_p = read_predictions(folder / "predictions.csv")
     p = member_p.mean(1)

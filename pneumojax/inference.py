@@ -20,7 +20,6 @@ import optax
 
 from pneumojax import balance
 from pneumojax.data import (
-    CLASS_NAMES,
     IMAGE_EXTENSIONS,
     Splits,
     check_images,
@@ -38,8 +37,10 @@ from pneumojax.features import (
     suffix_variables,
     variables_digest,
 )
-from pneumojax.io import existing_folder, write_text_atomic
+from pneumojax.io import existing_folder
 from pneumojax.metrics import choose_threshold, combined_metrics, format_metrics
+from pneumojax.modelcard import write_model_card
+from pneumojax.predictions import read_predictions, write_predictions  # noqa: F401 (read_: re-exported)
 from pneumojax.model import (
     build_classifier,
     compute_dtype,
@@ -238,29 +239,6 @@ def score_split(
             threshold=thresholds[0] if len(thresholds) == 1 else None,
         )
     return metrics
-
-
-def write_predictions(path: Path, items, member_p: np.ndarray):
-    """Per image: path, label, P(pneumonia) (the members' mean) and each member's, exactly
-    (float32 values written in full), so that a run's figures can be recomputed from it."""
-    k = member_p.shape[1]
-    header = "path,label,p_pneumonia" + (
-        "".join(f",p_member{i + 1}" for i in range(k)) if k > 1 else ""
-    )
-    mean = balance.mean_probability(member_p.T)
-    lines = [header] + [
-        ",".join(
-            [_csv_field(str(item[0])), CLASS_NAMES[item[1]], repr(float(m))]
-            + ([repr(float(v)) for v in row] if k > 1 else [])
-        )
-        for item, m, row in zip(items, mean, member_p)
-    ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, "\n".join(lines) + "\n")
-
-
-def _csv_field(text: str) -> str:
-    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
 
 
 def stack_members(member_variables: list[dict]) -> dict:
@@ -473,6 +451,8 @@ def score_run(
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, metrics)
     write_predictions(out.parent / "predictions.csv", items, p)
+    if (run.run_dir / "metrics.json").exists():  # the card lists every set the run was scored on
+        write_model_card(run.run_dir)
     log(format_metrics(metrics))
     log(f"wrote {out}")
     return metrics, dataclasses.replace(run, thresholds=thresholds), out.parent
@@ -565,21 +545,6 @@ def prediction_rows(
         }
         for f, q, lab in zip(files, balance.mean_probability(member_p.T), labels)
     ]
-
-
-def read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """What :func:`write_predictions` wrote: paths, labels (0/1) and P(pneumonia) per image and
-    member, (n, members)."""
-    import csv  # noqa: PLC0415
-
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return [], np.zeros(0, np.int32), np.zeros((0, 1), np.float32)
-    members = [k for k in rows[0] if k.startswith("p_member")] or ["p_pneumonia"]
-    p = np.array([[float(r[k]) for k in members] for r in rows], np.float32)
-    labels = np.array([CLASS_NAMES.index(r["label"]) for r in rows], np.int32)
-    return [r["path"] for r in rows], labels, p
 
 
 def predicted_labels(member_p: np.ndarray, thresholds: list[float]) -> np.ndarray:

@@ -32,6 +32,7 @@ from pneumojax.inference import (
     write_predictions,
 )
 from pneumojax.io import write_text_atomic
+from pneumojax.modelcard import write_model_card
 from pneumojax.metrics import format_metrics
 from pneumojax.model import (
     build_classifier,
@@ -282,8 +283,9 @@ def _train_in_folder(
     }
     write_json(run_dir / "metrics.json", metrics)
     plot_history(progress.history, run_dir / "plots" / "history.png")
+    write_model_card(run_dir)
     log(format_metrics(metrics))
-    log(f"run folder: {run_dir}")
+    log(f"run folder: {run_dir} (its model card: MODEL_CARD.md)")
     return metrics
 
 

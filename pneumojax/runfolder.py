@@ -26,8 +26,19 @@ from pneumojax.io import fsync_path, write_text_atomic
 
 STATUS = "status.json"
 STATES = ("running", "finished", "failed", "interrupted")
+MODEL_CARD_MD, MODEL_CARD_JSON = "MODEL_CARD.md", "MODEL_CARD.json"  # pneumojax.modelcard
 # What a run writes at its top level (evaluate, explain and adapt add theirs).
-RUN_FILES = frozenset({"config.json", "splits.json", "history.jsonl", "metrics.json", STATUS})
+RUN_FILES = frozenset(
+    {
+        "config.json",
+        "splits.json",
+        "history.jsonl",
+        "metrics.json",
+        STATUS,
+        MODEL_CARD_MD,
+        MODEL_CARD_JSON,
+    }
+)
 RUN_FOLDERS = frozenset(
     {"checkpoints", "model", "predictions", "plots", "explain", "tensorboard", "adapt"}
 )
