@@ -16,11 +16,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The main job: train + evaluate on the built-in synthetic demo set; ImageNet weights when a
-# ported checkpoint exists (pneumojax port --backbone densenet121 --weights imagenet), else none.
+# The main job: train + evaluate on the real X-ray sample shipped in the package (400 Kermany
+# images, CC BY 4.0); ImageNet weights when a ported checkpoint exists
+# (pneumojax port --backbone densenet121 --weights imagenet), else none.
 DEMO_WEIGHTS := $(if $(wildcard checkpoints/densenet121-imagenet/manifest.json),imagenet,none)
 demo: $(VENV)/.installed
-	$(VENV)/bin/pneumojax train --data demo --backbone densenet121 --weights $(DEMO_WEIGHTS) \
+	$(VENV)/bin/pneumojax train --data sample --backbone densenet121 --weights $(DEMO_WEIGHTS) \
 	  --image-size 128 --epochs 10 --out runs/demo --overwrite
 
 # The formatter and pyflakes' checks first (seconds), then the suite.

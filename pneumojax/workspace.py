@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from pneumojax import data
+from pneumojax.data.sample import SAMPLE_DIR
 from pneumojax.checkpoint import load_variables
 from pneumojax.io import write_text_atomic
 
@@ -34,7 +35,8 @@ def warn_via(log: Callable[[str], None]) -> Callable[[str], None]:
 def resolve_data(
     spec: str, log: Callable[[str], None] = print, strict: bool = False, one_class: bool = False
 ) -> data.DataSource:
-    """``demo`` makes (once) and uses the synthetic set; anything else is a data folder.
+    """``demo`` makes (once) and uses the synthetic set; ``sample`` is the real X-ray sample
+    shipped inside pneumojax (:mod:`pneumojax.data.sample`); anything else is a data folder.
 
     Unreadable images are skipped with one warning (or stop the run with ``strict``);
     ``one_class`` accepts a flat folder of one class (scoring only)."""
@@ -47,6 +49,12 @@ def resolve_data(
             f"data: SYNTHETIC demo images ({folder}), not real X-rays: for trying the pipeline only"
         )
         return data.find_images(folder, **kwargs)
+    if spec == "sample":
+        log(
+            f"data: the real chest X-ray sample shipped with pneumojax ({SAMPLE_DIR}: 400 Kermany "
+            "images at 128 px, CC BY 4.0, see its ATTRIBUTION.md): for trying pneumojax only"
+        )
+        return data.find_images(SAMPLE_DIR, **kwargs)
     return data.find_images(spec, **kwargs)
 
 
