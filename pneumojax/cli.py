@@ -432,6 +432,10 @@ def _check_train_options(options, distributed, coordinator, num_processes, proce
 def _describe_os_error(e: OSError) -> str:
     import errno  # noqa: PLC0415
 
+    from pneumojax.io import NoSpaceError  # noqa: PLC0415
+
+    if isinstance(e, NoSpaceError):  # a cache that does not fit: its partial files removed
+        return str(e)
     if e.errno == errno.ENOSPC:
         return (
             f"disk full while writing {e.filename or 'the run folder'}: free space (or choose "

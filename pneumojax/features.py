@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -31,7 +32,7 @@ from pneumojax.backbones import (
     preprocess,
 )
 from pneumojax.intensity import normalize_intensity
-from pneumojax.io import remove_stale_staging
+from pneumojax.io import allocate, check_space, remove_stale_staging
 
 
 class Prefix(nn.Module):
@@ -152,19 +153,21 @@ def cached_activations(
     arrays: dict[str, np.ndarray] = {}
 
     def sink(start, stop, outputs):
+        if not arrays:  # the first batch: every output's shape is known, so the space needed
+            _allocate(
+                arrays, tmp, on_disk, {n: (len(images),) + v.shape[1:] for n, v in outputs.items()}
+            )
         for name, value in outputs.items():
-            if name not in arrays:
-                arrays[name] = np.lib.format.open_memmap(
-                    tmp / f"{name}.npy",
-                    mode="w+",
-                    dtype=on_disk,
-                    shape=(len(images),) + value.shape[1:],
-                )
             arrays[name][start:stop] = np.asarray(value).astype(storage).view(on_disk)
 
-    run_batches(prefix.apply, prefix_vars, images, batch_size, sink)
-    for a in arrays.values():
-        a.flush()
+    try:
+        run_batches(prefix.apply, prefix_vars, images, batch_size, sink)
+        for a in arrays.values():
+            a.flush()
+    except BaseException:
+        arrays.clear()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     (tmp / "done").write_text("")
     try:
         os.replace(tmp, folder)
@@ -174,6 +177,17 @@ def cached_activations(
             os.replace(tmp, folder)
         shutil.rmtree(tmp, ignore_errors=True)
     return {n: _open(folder / f"{n}.npy", storage) for n in prefix.backbone.outputs}
+
+
+def _allocate(arrays: dict, folder: Path, dtype: np.dtype, shapes: dict) -> None:
+    """Memory-mapped ``.npy`` files in ``folder`` for activations of ``shapes``, their disk
+    blocks allocated up front (:func:`pneumojax.io.allocate`): a full disk is a
+    :class:`~pneumojax.io.NoSpaceError` here, not a SIGBUS while the prefix runs."""
+    check_space(folder, sum(math.prod(s) for s in shapes.values()) * dtype.itemsize)
+    for name, shape in shapes.items():
+        path = folder / f"{name}.npy"
+        arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        allocate(path)
 
 
 def suffix_variables(full: dict, suffix_template: dict) -> dict:

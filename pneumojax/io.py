@@ -153,3 +153,54 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class NoSpaceError(OSError):
+    """A cache that does not fit on its disk; raised before it is used, its partial files
+    removed. An OSError with errno ENOSPC, so callers that handle a full disk handle it."""
+
+    def __init__(self, folder: Path, needed: int, free: int):
+        import errno  # noqa: PLC0415
+
+        super().__init__(
+            errno.ENOSPC,
+            f"not enough space in {folder}: {_size(needed)} needed, {_size(free)} free; free "
+            "some space there, or point PNEUMOJAX_CACHE at a folder on a larger disk",
+        )
+        self.folder, self.needed, self.free = folder, needed, free
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def check_space(folder: str | os.PathLike, needed: int) -> None:
+    """Raises :class:`NoSpaceError` unless ``folder``'s disk has ``needed`` bytes free."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise NoSpaceError(Path(folder), needed, free)
+
+
+def allocate(path: str | os.PathLike, needed_in: str | os.PathLike | None = None) -> None:
+    """Gives the file at ``path`` (already at its final length, e.g. made by ``open_memmap``)
+    its disk blocks now, so that writing it through a memory map cannot meet a full disk: a
+    store into a page the disk has no room for kills the process with SIGBUS, while
+    ``posix_fallocate`` reports ENOSPC here, as :class:`NoSpaceError`. File systems that cannot
+    preallocate are left as they are (the caller checked the space with :func:`check_space`)."""
+    import errno  # noqa: PLC0415
+
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, max(size, 1))
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            folder = Path(needed_in or Path(path).parent)
+            raise NoSpaceError(folder, size, shutil.disk_usage(folder).free) from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)

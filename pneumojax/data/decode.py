@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import math
 import os
 import struct
 import sys
@@ -24,7 +25,7 @@ from PIL import Image
 
 from pneumojax.data._common import DataError, Item, _default_warn, _item_path
 from pneumojax.data.resize import RESIZE_METHODS, resize_image
-from pneumojax.io import write_text_atomic
+from pneumojax.io import allocate, check_space, write_text_atomic
 from pneumojax.progress import progress_bar
 
 # DICOM (.dcm, .dicom) is read with pydicom, see pneumojax.data.dicom; any file that holds DICOM
@@ -326,13 +327,16 @@ def _write_cache(
     resize: str,
 ) -> None:
     # Decode straight into a memory-mapped temp file (no second copy in RAM), then publish it
-    # with an atomic rename so a reader never sees a half-written cache.
+    # with an atomic rename so a reader never sees a half-written cache. Its blocks are
+    # allocated first: a full disk is an error now, not a SIGBUS in the middle of decoding.
+    check_space(cache_file.parent, math.prod(shape) + 4096)
     fd, tmp_name = tempfile.mkstemp(
         prefix=cache_file.name + ".", suffix=".tmp", dir=cache_file.parent
     )
     os.close(fd)
     try:
         out = np.lib.format.open_memmap(tmp_name, mode="w+", dtype=np.uint8, shape=shape)
+        allocate(tmp_name)
         _decode_into(out, paths, image_size, progress, workers, resize)
         out.flush()
         digest = _array_digest(out)
