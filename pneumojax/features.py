@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import flax.linen as nn
@@ -32,7 +33,14 @@ from pneumojax.backbones import (
     preprocess,
 )
 from pneumojax.intensity import normalize_intensity
-from pneumojax.io import allocate, check_space, remove_stale_staging
+from pneumojax.data import DataWarning
+from pneumojax.io import (
+    allocate,
+    array_digest,
+    check_space,
+    remove_stale_staging,
+    write_text_atomic,
+)
 
 
 class Prefix(nn.Module):
@@ -73,6 +81,31 @@ def storage_dtype(storage: str | None, compute) -> np.dtype:
             f"unknown feature cache dtype {storage!r}; choose auto, float32 or bfloat16"
         )
     return STORAGE[storage]
+
+
+DIGESTS = "sha256.json"  # beside a cache's arrays: the SHA-256 of each, written with it
+
+
+def _whole(folder: Path, names, n: int, dtype: np.dtype) -> tuple[dict | None, str]:
+    """A finished cache folder's activations, memory-mapped, if each file is whole: readable,
+    ``n`` rows, and the SHA-256 of its bytes the one written with it (a truncated, zero-filled
+    or overwritten file fails one of these). Else (None, why)."""
+    try:
+        digests = json.loads((folder / DIGESTS).read_text())
+    except (OSError, ValueError):
+        return None, "no checksum in it (written by an older pneumojax, or cut short)"
+    arrays = {}
+    for name in names:
+        try:
+            raw = np.load(folder / f"{name}.npy", mmap_mode="r")  # as stored (bfloat16: uint16)
+        except (ValueError, OSError, EOFError) as error:
+            return None, f"{name}.npy is unreadable: {error}"
+        if len(raw) != n:
+            return None, f"{name}.npy holds {len(raw)} rows, expected {n}"
+        if array_digest(raw) != digests.get(name):
+            return None, f"{name}.npy does not match the checksum written with it"
+        arrays[name] = raw.view(dtype) if dtype == STORAGE["bfloat16"] else raw
+    return arrays, ""
 
 
 def _open(path: Path, dtype: np.dtype) -> np.ndarray:
@@ -144,7 +177,14 @@ def cached_activations(
     ).hexdigest()[:24]
     folder = Path(cache_dir) / key
     if (folder / "done").exists():
-        return {n: _open(folder / f"{n}.npy", storage) for n in prefix.backbone.outputs}
+        cached, problem = _whole(folder, prefix.backbone.outputs, len(images), storage)
+        if cached is not None:
+            return cached
+        warnings.warn(
+            f"activation cache {folder} is damaged ({problem}): computing the activations again",
+            DataWarning,
+            stacklevel=2,
+        )
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     # any activations a killed process left half-written (its process gone): removed
     remove_stale_staging(folder.parent, r"[0-9a-f]{24}\.tmp(?P<pid>\d+)")
@@ -168,11 +208,14 @@ def cached_activations(
         arrays.clear()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    digests = {name: array_digest(a) for name, a in arrays.items()}
+    write_text_atomic(tmp / DIGESTS, json.dumps(digests, indent=1) + "\n")
     (tmp / "done").write_text("")
     try:
         os.replace(tmp, folder)
     except OSError:  # the folder exists: another process (same cache) finished it first,
-        if not (folder / "done").exists():  # or an unfinished copy of an older version
+        if _whole(folder, prefix.backbone.outputs, len(images), storage)[0] is None:
+            # or an unfinished or damaged copy
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -204,3 +204,15 @@ def allocate(path: str | os.PathLike, needed_in: str | os.PathLike | None = None
             raise
     finally:
         os.close(fd)
+
+
+def array_digest(array) -> str:
+    """SHA-256 of an array's bytes, read a few MB at a time (a memory-mapped cache is never
+    read into RAM whole)."""
+    import numpy as np  # noqa: PLC0415
+
+    digest = hashlib.sha256()
+    flat = array.reshape(len(array), -1) if len(array) else array.reshape(0, 1)
+    for start in range(0, len(flat), 256):  # a few MB at a time: never the whole set in RAM
+        digest.update(np.ascontiguousarray(flat[start : start + 256]).data)
+    return digest.hexdigest()

@@ -363,6 +363,52 @@ def test_a_truncated_or_zeroed_image_cache_is_rebuilt_with_a_warning(tmp_path):
         )
 
 
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_a_truncated_or_zeroed_activation_cache_is_rebuilt_with_a_warning(tmp_path, storage):
+    from pneumojax.data import DataWarning  # noqa: PLC0415
+    from pneumojax.features import DIGESTS, cached_activations  # noqa: PLC0415
+
+    prefix = SimpleNamespace(
+        backbone=SimpleNamespace(dtype=np.float32, outputs=("x",)),
+        preprocess_mode="torch",
+        intensity="none",
+        apply=None,
+    )
+    runs = []
+
+    def run_batches(fn, variables, inputs, batch_size, sink):
+        runs.append(1)
+        sink(0, len(inputs), {"x": inputs.astype(np.float32) + 1.5})
+
+    images = np.arange(4 * 64, dtype=np.uint8).reshape(4, 8, 8)
+    cache = tmp_path / "features"
+
+    def scored():
+        got = cached_activations(prefix, {}, images, "k", cache, 4, run_batches, storage)
+        return np.array(got["x"], np.float32)  # a copy: the test overwrites the file
+
+    fresh = scored()
+    (folder,) = cache.iterdir()
+    whole = (folder / "x.npy").read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a whole cache is used without a word, not recomputed
+        np.testing.assert_array_equal(scored(), fresh)
+    assert len(runs) == 1
+    damages = {
+        "unreadable": whole[: len(whole) // 2],  # truncated: numpy's mmap fails for ever
+        "does not match": whole[:128] + bytes(len(whole) - 128),  # zeroed: trains on zeros
+    }
+    for reason, damaged in damages.items():
+        (folder / "x.npy").write_bytes(damaged)
+        with pytest.warns(DataWarning, match=f"activation cache .* is damaged .*{reason}"):
+            np.testing.assert_array_equal(scored(), fresh)
+        assert (folder / "x.npy").read_bytes() == whole  # rebuilt in place
+    (folder / DIGESTS).unlink()
+    with pytest.warns(DataWarning, match="no checksum in it"):
+        np.testing.assert_array_equal(scored(), fresh)
+    assert len(runs) == 4 and [p.name for p in cache.iterdir()] == [folder.name]
+
+
 # --- 7: two processes never write one run folder -------------------------------------------
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 from pneumojax.data._common import DataError, Item, _default_warn, _item_path
 from pneumojax.data.resize import RESIZE_METHODS, resize_image
-from pneumojax.io import allocate, check_space, write_text_atomic
+from pneumojax.io import allocate, array_digest, check_space, write_text_atomic
 from pneumojax.progress import progress_bar
 
 # DICOM (.dcm, .dicom) is read with pydicom, see pneumojax.data.dicom; any file that holds DICOM
@@ -266,14 +266,6 @@ def _digest_file(cache_file: Path) -> Path:
     return cache_file.with_name(cache_file.name + ".sha256")
 
 
-def _array_digest(array: np.ndarray) -> str:
-    digest = hashlib.sha256()
-    flat = array.reshape(len(array), -1) if len(array) else array.reshape(0, 1)
-    for start in range(0, len(flat), 256):  # a few MB at a time: never the whole set in RAM
-        digest.update(np.ascontiguousarray(flat[start : start + 256]).data)
-    return digest.hexdigest()
-
-
 def _open_cache(cache_file: Path, shape: tuple) -> tuple[np.ndarray | None, str]:
     """The cached array, memory-mapped, if it is whole: the expected shape and dtype, and the
     SHA-256 of its pixels equal to the one written beside it when it was complete (a
@@ -288,7 +280,7 @@ def _open_cache(cache_file: Path, shape: tuple) -> tuple[np.ndarray | None, str]
         expected = _digest_file(cache_file).read_text().strip()
     except OSError:
         return None, "no checksum beside it (written by an older pneumojax, or cut short)"
-    if _array_digest(cached) != expected:
+    if array_digest(cached) != expected:
         return None, "its pixels do not match the checksum written with it"
     return cached, ""
 
@@ -339,7 +331,7 @@ def _write_cache(
         allocate(tmp_name)
         _decode_into(out, paths, image_size, progress, workers, resize)
         out.flush()
-        digest = _array_digest(out)
+        digest = array_digest(out)
         del out
         # the checksum first, then the array: a cache file is only ever used with its own
         write_text_atomic(_digest_file(cache_file), digest + "\n")
