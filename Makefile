@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY312 := $(shell pyenv which python3.12 2>/dev/null || command -v python3.12 2>/dev/null)
 
-.PHONY: demo test setup clean-venv clean-cache
+.PHONY: demo test fuzz setup clean-venv clean-cache
 
 $(VENV)/.installed: pyproject.toml
 	@if [ -z "$(PY312)" ]; then \
@@ -29,6 +29,12 @@ test: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check --select F .
 	$(VENV)/bin/python -m pytest
+
+# The command-line fuzz (tests/test_fuzz_cli.py) longer and random: random file trees and options
+# for train, evaluate, predict and explain; every case must end in exit 0/1/2 with no traceback.
+fuzz: $(VENV)/.installed
+	PNEUMOJAX_FUZZ_EXAMPLES=300 PNEUMOJAX_FUZZ_RANDOM=1 $(VENV)/bin/python -m pytest \
+	  tests/test_fuzz_cli.py --hypothesis-show-statistics -p no:cacheprovider
 
 clean-venv:
 	rm -rf $(VENV)

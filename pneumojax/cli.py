@@ -108,6 +108,13 @@ def _check_input_size(backbone: str, size: int, option: str) -> None:
 )
 def main():
     """Chest X-ray pneumonia classifiers by transfer learning, in JAX/Flax."""
+    import logging  # noqa: PLC0415
+
+    import pydicom.config  # noqa: PLC0415, F401  (it sets its logger's level when imported)
+
+    # pydicom logs every frame it cannot decode as an ERROR with its traceback; pneumojax says
+    # in one line which file it skipped and why, so the command shows only that.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 
 
 @main.command()
