@@ -113,7 +113,8 @@ TRAIN_OPTIONS = (
         show_default=True,
         type=click.Choice(INTENSITY_METHODS),
         help="Per-image grey-level normalisation inside the model, before the backbone's "
-        "preprocessing: equalize (histogram equalisation, as cv2.equalizeHist) or standardize "
+        "preprocessing: equalize (histogram equalisation, as cv2.equalizeHist), clahe (adaptive, "
+        "as cv2.createCLAHE(2.0)) or standardize "
         "(zero mean, unit deviation). evaluate, predict and explain normalise as the run did.",
     ),
     click.option("--epochs", default=DEFAULTS.epochs, show_default=True, type=POSITIVE),

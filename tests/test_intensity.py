@@ -36,6 +36,24 @@ def test_equalize_is_opencvs_equalize_hist():
     assert np.asarray(normalize_intensity(constant, "equalize")).max() == 7
 
 
+@pytest.mark.parametrize("size", [64, 50, 128])
+def test_clahe_is_opencvs_clahe(size):
+    """Every pixel as cv2.createCLAHE(2.0, (g, g)).apply gives it, also where the size is not a
+    whole number of tiles (OpenCV pads by reflection) and on a constant image."""
+    from pneumojax.intensity import clahe_tiles  # noqa: PLC0415
+
+    grey = _grey_images(size=size)
+    constant = np.full((1, size, size), 90, np.uint8)
+    ramp = np.tile(np.linspace(0, 255, size).astype(np.uint8), (size, 1))[None]
+    grey = np.concatenate([grey, constant, ramp])
+    out = np.asarray(normalize_intensity(np.repeat(grey[..., None], 3, -1), "clahe"))
+    clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(clahe_tiles(size),) * 2)
+    for g, o in zip(grey, out):
+        np.testing.assert_array_equal(o[..., 0], clahe.apply(g))
+        np.testing.assert_array_equal(o[..., 0], o[..., 1])
+    assert clahe_tiles(64) == 4 and clahe_tiles(224) == 8 and clahe_tiles(16) == 1
+
+
 def test_equalize_takes_out_exposure_and_contrast():
     # Any strictly increasing remapping of the grey levels (here darker and twice the
     # contrast) leaves the equalised image exactly as it was.
@@ -62,7 +80,7 @@ def test_standardize_gives_each_image_the_same_mean_and_spread():
 
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown intensity method"):
-        normalize_intensity(np.zeros((1, 4, 4, 3), np.uint8), "clahe")
+        normalize_intensity(np.zeros((1, 4, 4, 3), np.uint8), "clahe2")
 
 
 def test_the_classifier_sees_normalised_images():
