@@ -22,6 +22,7 @@ importing TensorFlow would cost the training process about 5 s.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -37,7 +38,7 @@ from tensorboard.plugins.scalar.summary_v2 import scalar_pb
 from tensorboard.summary.writer.record_writer import RecordWriter
 from tensorboard.util import tensor_util
 
-# history.jsonl's keys -> (run, tag); member_<key> holds each member's value of <key>.
+# history.jsonl's keys -> the runs' tags; member_<key> holds each member's value of <key>.
 TRAIN_SCALARS = {"loss": "epoch_loss", "accuracy": "epoch_accuracy", "lr": "epoch_learning_rate"}
 VALIDATION_SCALARS = {
     "val_loss": "epoch_loss",
@@ -112,7 +113,7 @@ class EventLog:
             if (plots / f"{name}.png").exists():
                 test.append(_event(step, _image_pb(name, (plots / f"{name}.png").read_bytes())))
         _write_file(self.root / "test", test)
-        session = hparams_pb(hparam_values(options), trial_id=self.root.parent.name)
+        session = hparams_pb(hparam_values(options))  # one group per options (out among them)
         _write_file(self.root, [_event(0, session)])
 
     def close(self) -> None:
@@ -175,7 +176,7 @@ def _image_pb(tag: str, png: bytes) -> summary_pb2.Summary:
     return summary
 
 
-_sequence = iter(range(1 << 62))
+_sequence = itertools.count()
 
 
 def _event_file_name() -> str:

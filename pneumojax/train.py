@@ -763,7 +763,12 @@ def fit(
             if interrupted:
                 _save_and_raise(ckpt, state, progress, stop.signal, epoch, run_dir)
             row, val_losses = _validate(steps, _weights(state), val, opts.batch_size)
-            row = {"epoch": epoch + 1, "lr": lr, **_train_figures(progress, k), **row}
+            row = {
+                "epoch": epoch + 1,
+                "lr": lr,
+                **_train_figures(progress, steps_per_epoch, k),
+                **row,
+            }
             _record_epoch(progress, row, epochs, opts.epochs, k, log)
             improved = _end_epoch(progress, val_losses, epoch, opts, log)
             best = _save_epoch(ckpt, state, best, improved, progress)
@@ -903,19 +908,17 @@ def _add_metrics(progress: Progress, metrics: list[dict], epoch: int, first_step
             progress.sums[key] += float(np.mean(m[key]))
         if progress.member_sums is not None:
             for key in progress.sums:
-                sums = progress.member_sums.setdefault(key, [0.0] * np.size(m[key]))
-                for j, value in enumerate(np.ravel(m[key])):
-                    sums[j] += float(value)
+                old = progress.member_sums.get(key, [0.0] * np.size(m[key]))
+                progress.member_sums[key] = [s + float(v) for s, v in zip(old, np.ravel(m[key]))]
 
 
 def _train_means(progress: Progress, batches: int) -> dict:
     return {key: total / batches for key, total in progress.sums.items()}
 
 
-def _train_figures(progress: Progress, k: int) -> dict:
-    """The history row's training figures: means over the epoch's batches (and members), and
-    with several members each member's own (where the epoch's sums of them are known)."""
-    n = progress.steps_per_epoch
+def _train_figures(progress: Progress, n: int, k: int) -> dict:
+    """The history row's training figures: means over the epoch's ``n`` batches (and members),
+    and with several members each member's own (where the epoch's sums of them are known)."""
     row = _train_means(progress, n)
     if k > 1 and progress.member_sums:
         row.update({f"member_{key}": [s / n for s in v] for key, v in progress.member_sums.items()})

@@ -127,7 +127,7 @@ def test_test_figures_images_and_hparams_are_there(members_run):
         if v.tag == hp_metadata.SESSION_START_INFO_TAG
     ]
     info = hp_metadata.parse_session_start_info_plugin_data(session.metadata.plugin_data.content)
-    assert info.group_name == "members"
+    assert info.hparams["out"].string_value == str(members_run)
     assert info.hparams["seed_ensemble"].number_value == 2
     assert info.hparams["backbone"].string_value == "densenet121"
     assert info.hparams["cut"].string_value == TINY_CUT
