@@ -93,7 +93,9 @@ class EventLog:
         for row in history[len(self._rows) :]:
             for run, values in epoch_scalars(row).items():
                 for tag, value in values.items():
-                    self._writer(run).write(_event(row["epoch"], scalar_pb(tag, value)))
+                    self._writer(run, row["epoch"]).write(
+                        _event(row["epoch"], scalar_pb(tag, value))
+                    )
             self._rows.append(row)
         for writer in self._files.values():
             writer.flush()
@@ -132,12 +134,22 @@ class EventLog:
                         _remove_event_files(run)
         self._rows = []
 
-    def _writer(self, run: str) -> RecordWriter:
+    def _writer(self, run: str, step: int) -> RecordWriter:
+        """The run's file of this process, opened at its first event, ``step``. The file
+        begins with a session (re)start at that step, by which TensorBoard's Python loader
+        drops the steps from there on that it read from an earlier file (its fast loader does
+        so when a step repeats)."""
         if run not in self._files:
             folder = self.root / run
             folder.mkdir(parents=True, exist_ok=True)
             writer = RecordWriter(open(folder / _event_file_name(), "wb"))
             writer.write(_file_version())
+            start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            writer.write(
+                event_pb2.Event(
+                    wall_time=time.time(), step=step, session_log=start
+                ).SerializeToString()
+            )
             self._files[run] = writer
         return self._files[run]
 

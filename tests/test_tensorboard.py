@@ -164,6 +164,9 @@ def test_an_interrupted_run_keeps_its_curves_and_a_resumed_one_has_each_epoch_on
 
 
 def test_curves_append_live_and_are_rewritten_when_history_differs(tmp_path):
+    from tensorboard.backend.event_processing import plugin_event_accumulator as pea
+    from tensorboard.util import tensor_util
+
     rows = [
         {"epoch": e, "lr": 0.1, "loss": 1.0 / e, "accuracy": 0.5, "val_loss": 2.0 / e}
         for e in (1, 2, 3)
@@ -173,17 +176,22 @@ def test_curves_append_live_and_are_rewritten_when_history_differs(tmp_path):
     log.epochs(rows[:2])  # appended to the same file, flushed: a live reader sees epoch 2
     [file] = (tmp_path / "tensorboard" / "train").glob("*tfevents*")
     assert scalars(file.parent)["epoch_loss"] == [(1, 1.0), (2, 0.5)]
+    live = pea.EventAccumulator(str(file.parent))  # TensorBoard's Python loader, watching
+    live.Reload()
     log.close()
     again = EventLog(tmp_path)  # another process (a resume) whose history has moved on
     changed = [rows[0], {**rows[1], "loss": 0.25}, rows[2]]
     again.epochs(changed)
     again.close()
-    assert scalars(file.parent)["epoch_loss"] == [
-        (1, 1.0),
-        (2, 0.25),
-        (3, float(np.float32(1 / 3))),
-    ]
+    third = float(np.float32(1 / 3))
+    assert scalars(file.parent)["epoch_loss"] == [(1, 1.0), (2, 0.25), (3, third)]
     assert not file.exists()
+    live.Reload()  # it drops what it had read from the old file: each step once
+    seen = [
+        (t.step, float(tensor_util.make_ndarray(t.tensor_proto)))
+        for t in live.Tensors("epoch_loss")
+    ]
+    assert seen == [(1, 1.0), (2, 0.25), (3, third)]
     assert "epoch_auc" not in scalars(tmp_path / "tensorboard" / "validation")  # not recorded
 
 
