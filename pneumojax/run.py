@@ -2,7 +2,7 @@
 
 A run folder holds everything the run did: ``config.json`` (all resolved), ``splits.json``,
 ``history.jsonl``, ``checkpoints/{last,best}``, ``model/``, ``metrics.json``,
-``predictions/test.csv`` and ``plots/``.
+``predictions/test.csv``, ``plots/`` and ``tensorboard/`` (:mod:`pneumojax.tensorboard`).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from pneumojax.model import (
     resolve_precision,
 )
 from pneumojax.plots import plot_history
+from pneumojax.tensorboard import EventLog
 from pneumojax.runfolder import (
     Replacement,
     check_not_in_use,
@@ -243,6 +244,7 @@ def _train_in_folder(
     if summary:
         log(summary)
     inputs = training_inputs(cfg, splits, balanced, arrays, run_model, frontier, log)
+    events = EventLog(run_dir) if writes else None
     best, progress = fit(
         run_model.steps,
         [run_model.own_variables(v) for v in member_vars],
@@ -254,7 +256,7 @@ def _train_in_folder(
         resume=resume,
         log=log,
         stop_after_steps=stop_after_steps,
-        on_saved=on_saved,
+        on_saved=_after_epoch(on_saved, events),
     )
     t_fit = time.perf_counter() - t0 - t_data
     run_model.variables = stack_members(best)
@@ -283,10 +285,23 @@ def _train_in_folder(
     }
     write_json(run_dir / "metrics.json", metrics)
     plot_history(progress.history, run_dir / "plots" / "history.png")
+    events.finish(progress.history, metrics, dataclasses.asdict(cfg), run_dir / "plots")
     write_model_card(run_dir)
     log(format_metrics(metrics))
     log(f"run folder: {run_dir} (its model card: MODEL_CARD.md)")
     return metrics
+
+
+def _after_epoch(on_saved: Callable[[], None] | None, events: EventLog | None):
+    """What follows each epoch's checkpoint: ``on_saved``, then the TensorBoard curves."""
+
+    def after():
+        if on_saved is not None:
+            on_saved()
+        if events is not None:
+            events.epochs()
+
+    return after
 
 
 def calibrated(run_model: RunModel, best: list[dict], val_inputs, y_val, log) -> tuple:

@@ -37,6 +37,7 @@ from pneumojax.augment import AugmentSpec, augment
 from pneumojax.checkpoint import CheckpointError
 from pneumojax.config import LR_SCHEDULES, FitOptions, resolve_optimisation
 from pneumojax.io import fsync_path, fsync_tree, write_text_atomic
+from pneumojax.metrics import rank_auc
 from pneumojax.model import Classifier, pneumonia_probability
 from pneumojax.progress import progress_bar
 
@@ -451,6 +452,9 @@ class Progress:
     finished: bool = False
     steps_per_epoch: int = 0
     best_save: int | None = None  # which ``best`` checkpoint holds the weights of best_epoch
+    # Each member's sums of ``sums``' figures (lists); None: unknown for this epoch (resumed
+    # mid-epoch from a checkpoint that predates them).
+    member_sums: dict | None = dataclasses.field(default_factory=dict)
 
     @property
     def best_epoch(self) -> list[int]:
@@ -472,6 +476,8 @@ class Progress:
     def from_json(cls, record: dict) -> Progress:
         """The inverse of :meth:`to_json`."""
         record = dict(record)
+        if "member_sums" not in record:
+            record["member_sums"] = None if record.get("batch") else {}
         stopping = EarlyStopping(
             **{
                 f.name: record.pop(f.name)
@@ -757,7 +763,12 @@ def fit(
             if interrupted:
                 _save_and_raise(ckpt, state, progress, stop.signal, epoch, run_dir)
             row, val_losses = _validate(steps, _weights(state), val, opts.batch_size)
-            row = {"epoch": epoch + 1, "lr": lr, **_train_means(progress, steps_per_epoch), **row}
+            row = {
+                "epoch": epoch + 1,
+                "lr": lr,
+                **_train_figures(progress, steps_per_epoch, k),
+                **row,
+            }
             _record_epoch(progress, row, epochs, opts.epochs, k, log)
             improved = _end_epoch(progress, val_losses, epoch, opts, log)
             best = _save_epoch(ckpt, state, best, improved, progress)
@@ -895,10 +906,23 @@ def _add_metrics(progress: Progress, metrics: list[dict], epoch: int, first_step
             )
         for key in progress.sums:
             progress.sums[key] += float(np.mean(m[key]))
+        if progress.member_sums is not None:
+            for key in progress.sums:
+                old = progress.member_sums.get(key, [0.0] * np.size(m[key]))
+                progress.member_sums[key] = [s + float(v) for s, v in zip(old, np.ravel(m[key]))]
 
 
 def _train_means(progress: Progress, batches: int) -> dict:
     return {key: total / batches for key, total in progress.sums.items()}
+
+
+def _train_figures(progress: Progress, n: int, k: int) -> dict:
+    """The history row's training figures: means over the epoch's ``n`` batches (and members),
+    and with several members each member's own (where the epoch's sums of them are known)."""
+    row = _train_means(progress, n)
+    if k > 1 and progress.member_sums:
+        row.update({f"member_{key}": [s / n for s in v] for key, v in progress.member_sums.items()})
+    return row
 
 
 def _save_and_raise(
@@ -922,17 +946,28 @@ def _save_and_raise(
 def _validate(
     steps: Steps, member_weights: dict, val: tuple, batch_size: int
 ) -> tuple[dict, list[float]]:
-    """The history row's validation figures (means over members) and each member's loss."""
+    """The history row's validation figures (means over members; with several members each
+    member's too) and each member's loss. The AUC is None where validation has one class."""
     logits = member_logits(steps, member_weights, val[0], batch_size)
     scores = [evaluate_loss(logits[:, i], val[1]) for i in range(logits.shape[1])]
     losses = [loss for loss, _ in scores]
+    accuracies = [acc for _, acc in scores]
+    p = np.asarray(pneumonia_probability(jnp.asarray(logits))).T  # (members, n)
+    aucs = [float(a) for a in rank_auc(np.broadcast_to(np.asarray(val[1]) == 1, p.shape), p)]
     row = {
         "val_loss": float(np.mean(losses)),
-        "val_accuracy": float(np.mean([acc for _, acc in scores])),
+        "val_accuracy": float(np.mean(accuracies)),
+        "val_auc": _finite_or_none(float(np.mean(aucs))),
     }
     if len(scores) > 1:
         row["member_val_loss"] = losses
+        row["member_val_accuracy"] = accuracies
+        row["member_val_auc"] = [_finite_or_none(a) for a in aucs]
     return row, losses
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def _record_epoch(
@@ -964,6 +999,7 @@ def _end_epoch(
     improved = progress.stopping.update(epoch + 1, val_losses)
     progress.epoch, progress.batch = epoch + 1, 0
     progress.sums = {key: 0.0 for key in progress.sums}
+    progress.member_sums = {}
     if all(progress.stopping.stopped(opts.patience)):
         progress.stopped_early = progress.finished = True
         log(

@@ -102,6 +102,7 @@ def test_progress_record_keeps_the_flat_format_of_earlier_checkpoints():
         "finished",
         "steps_per_epoch",
         "best_save",
+        "member_sums",
     ]
     assert record["best_epoch"] == [1, 2] and record["wait"] == [1, 0]
     assert Progress.from_json(json.loads(json.dumps(record))) == progress
