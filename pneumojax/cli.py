@@ -637,6 +637,79 @@ def explain(run_dir, paths, out, layer, method, precision):
         _fail(_text(e))
 
 
+def _batch_sizes(_ctx, _param, value):
+    if value is None:
+        return None
+    try:
+        sizes = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected sizes like 1,4,8") from None
+    if min(sizes) < 1:
+        raise click.BadParameter(f"{value!r}: every size must be at least 1")
+    return sizes
+
+
+@main.command()
+@RUN_OPTION
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--max-batch",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Images per device call [default: the largest batch size].",
+)
+@click.option(
+    "--batch-window-ms",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="How long a request waits for others to share its device call.",
+)
+@click.option(
+    "--batch-sizes",
+    default=None,
+    callback=_batch_sizes,
+    help="Padded batch sizes compiled at start, e.g. 1,4,8 [default: the run's batch size, "
+    "which gives predict's probabilities bit for bit].",
+)
+@click.option(
+    "--max-upload-mb",
+    default=32.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="The largest request body.",
+)
+@click.option(
+    "--max-files", default=16, show_default=True, type=click.IntRange(min=1), help="Per request."
+)
+@click.option("--no-explain", is_flag=True, help="No heat maps (nothing to compile for them).")
+def serve(
+    run_dir,
+    host,
+    port,
+    max_batch,
+    batch_window_ms,
+    batch_sizes,
+    max_upload_mb,
+    max_files,
+    no_explain,
+):
+    """A web page and API scoring images with a run: POST /predict, GET /model, GET /."""
+    from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
+    from pneumojax.data import DataError  # noqa: PLC0415
+
+    try:
+        from pneumojax.serve import ServeOptions, serve_run  # noqa: PLC0415
+    except ImportError as e:
+        _fail(f"pneumojax serve needs {e.name or 'FastAPI'}: pip install 'pneumojax[serve]'")
+    options = ServeOptions(max_batch, batch_window_ms, max_upload_mb, max_files)
+    try:
+        serve_run(run_dir, host, port, options, batch_sizes, not no_explain, log=click.echo)
+    except (ValueError, OSError, CheckpointError, DataError) as e:
+        _fail(_text(e))
+
+
 @main.command()
 @click.argument("runs", nargs=-1, required=True)
 @click.option("--out", default="comparison.png", show_default=True, help="Bar chart PNG.")

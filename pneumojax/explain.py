@@ -153,14 +153,18 @@ class Explainer:
         self._variables = jax.device_put((shared, differ), self._steps.replicated)
         self.members = int(jax.tree.leaves(self.variables)[0].shape[0])
 
-    def maps(self, images: np.ndarray, desc: str | None = None) -> np.ndarray:
-        """(n, S, S) float32 maps (>= 0; ensembles: the members' mean), for uint8 (n, S, S, 3)."""
+    def maps(
+        self, images: np.ndarray, desc: str | None = None, batch_size: int | None = None
+    ) -> np.ndarray:
+        """(n, S, S) float32 maps (>= 0; ensembles: the members' mean), for uint8 (n, S, S, 3),
+        in padded batches of ``batch_size`` (default: the explainer's own)."""
         out = np.zeros(images.shape[:3], np.float32)
 
         def sink(start, stop, maps):
             out[start:stop] = maps
 
-        self._steps.map(self._batch_maps, self._variables, images, self.batch_size, sink, desc)
+        size = batch_size or self.batch_size
+        self._steps.map(self._batch_maps, self._variables, images, size, sink, desc)
         return out
 
     @functools.cached_property

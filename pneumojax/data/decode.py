@@ -121,6 +121,18 @@ def decode_image(path: str | os.PathLike, image_size: int, resize: str = "antial
     return np.repeat(array[..., None], 3, axis=-1) if array.ndim == 2 else array
 
 
+def decode_image_or_reason(
+    path: str | os.PathLike, image_size: int, resize: str = "antialias"
+) -> tuple[np.ndarray | None, str | None]:
+    """:func:`decode_image` of ``path``, or ``(None, reason)`` with a short, plain reason
+    (``"empty file (0 bytes)"``, ``"corrupt or truncated image data: ..."``) when it does not
+    decode: what a server answers for a bad upload."""
+    try:
+        return decode_image(path, image_size, resize), None
+    except _DECODE_ERRORS as error:
+        return None, _reason(error, path)
+
+
 def to_8bit_rgb_or_gray(image: Image.Image) -> Image.Image:
     """``image`` as 8-bit ``L`` or ``RGB``, whatever mode it was stored in.
 
