@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from pneumojax.serve.batcher import Batcher
@@ -155,8 +156,9 @@ async def _uploads(request: Request, options: ServeOptions, limit: int) -> list:
         form = await request.form(max_files=options.max_files, max_fields=options.max_files)
     except BodyTooLarge:
         raise HTTPException(413, too_large(limit)) from None
-    except MultiPartException as e:
-        raise HTTPException(400, f"cannot read the form: {_line(e.message)}") from None
+    except (MultiPartException, StarletteHTTPException) as e:  # Starlette turns the first
+        message = e.message if isinstance(e, MultiPartException) else e.detail  # into the second
+        raise HTTPException(400, f"cannot read the form: {_line(message)}") from None
     files = [(k, v) for k, v in form.multi_items() if k == "file"]
     if any(not isinstance(v, UploadFile) for _, v in files):
         await form.close()
