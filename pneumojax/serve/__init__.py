@@ -12,6 +12,7 @@ python-multipart); nothing else in pneumojax imports this package.
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -45,4 +46,18 @@ def serve_run(
     config = uvicorn.Config(
         app, host=host, port=port, log_level="info", timeout_graceful_shutdown=60
     )
-    uvicorn.Server(config).run()
+    # uvicorn handles SIGINT and SIGTERM itself (stop accepting, finish what is in flight,
+    # shut the app down) and then raises the signal again for the handlers it found: these
+    # make that a normal end (exit 0) instead of a KeyboardInterrupt or a death by SIGTERM.
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda n, _f: caught.append(n)) for s in _STOP_SIGNALS}
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if caught:
+        log(f"stopped ({signal.Signals(caught[0]).name})")
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
