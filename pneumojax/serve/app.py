@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import tempfile
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
+from pneumojax.modelcard import model_card
 from pneumojax.serve.batcher import Batcher
 from pneumojax.serve.limits import BodyLimit, BodyTooLarge, too_large
 from pneumojax.serve.scorer import Scorer, UnreadableUpload
@@ -43,27 +43,9 @@ class ServeOptions:
     max_files: int = 16  # the most images in one request
 
 
-def model_card(run_dir: Path) -> dict:
-    """``GET /model``: the run's model card. The one place the server reads it from."""
-    try:
-        from pneumojax.modelcard import model_card as card  # noqa: PLC0415
-    except ImportError:  # interim, until pneumojax.modelcard is on main
-        return _interim_card(run_dir)
-    return card(run_dir)
-
-
-def _interim_card(run_dir: Path) -> dict:
-    config = json.loads((run_dir / "config.json").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {
-        "model": {k: config.get(k) for k in ("backbone", "cut", "weights", "image_size")},
-        "training_data": {"summary": str(config.get("data"))},
-        "threshold": {"value": metrics.get("threshold"), "rule": "validation"},
-        "evaluations": [],
-        "intended_use": "",
-        "limits": [],
-        "command": "",
-    }
+def run_card(run_dir: Path) -> dict:
+    """``GET /model``: the run's model card (:func:`pneumojax.modelcard.model_card`)."""
+    return model_card(run_dir)
 
 
 def create_app(scorer: Scorer, options: ServeOptions = ServeOptions(), log=print) -> FastAPI:
@@ -112,7 +94,7 @@ def create_app(scorer: Scorer, options: ServeOptions = ServeOptions(), log=print
     @app.get("/model")
     async def model():
         try:
-            return await run_in_threadpool(model_card, scorer.run_dir)
+            return await run_in_threadpool(run_card, scorer.run_dir)
         except (OSError, ValueError, KeyError) as e:
             raise HTTPException(500, f"cannot read the model card: {_line(e)}") from None
 
