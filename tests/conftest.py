@@ -109,17 +109,15 @@ def run_figures(run):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """A tiny finished run (tiny_train_args on 80 synthetic images), trained once per session
-    for the tests that only score with a run (serve)."""
+    """A tiny finished run (tiny_train_args on the packaged real X-ray sample, ``--data
+    sample``), trained once per session for the tests that only score with a run (serve)."""
     from click.testing import CliRunner  # noqa: PLC0415
 
-    from pneumojax import data as pj_data  # noqa: PLC0415
     from pneumojax.cli import main  # noqa: PLC0415
 
     root = tmp_path_factory.mktemp("tiny_run")
-    images = pj_data.make_demo_dataset(root / "demo", n_per_class=40, image_size=48, seed=4)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PNEUMOJAX_CACHE", str(root / "cache"))
-        result = CliRunner().invoke(main, tiny_train_args(images, root / "run"))
+        result = CliRunner().invoke(main, tiny_train_args("sample", root / "run"))
     assert result.exit_code == 0, result.output
     return root / "run"

@@ -17,12 +17,13 @@ async function showCard() {
     const card = await response.json();
     const m = card.model || {};
     $("card-model").textContent =
-      `${m.backbone} cut at ${m.cut}, ${m.weights} weights, ${m.image_size} px` +
-      (m.trainable_params ? `, ${Number(m.trainable_params).toLocaleString()} trainable parameters` : "");
+      `${m.backbone} up to ${m.cut}; weights: ${m.weights}; ${m.image_size} px` +
+      (m.trainable_params ? `; ${Number(m.trainable_params).toLocaleString()} trainable parameters` : "");
     $("card-data").textContent = "Trained on: " + ((card.training_data || {}).summary || "unknown");
     const t = card.threshold || {};
     $("card-threshold").textContent = `Threshold ${fixed(t.value)}: ${t.rule || ""}`;
     const body = $("card-evaluations").querySelector("tbody");
+    $("card-evaluations").hidden = !(card.evaluations || []).length;
     for (const e of card.evaluations || []) {
       const row = document.createElement("tr");
       const ci = e.auc_ci ? ` [${fixed(e.auc_ci[0])}, ${fixed(e.auc_ci[1])}]` : "";
