@@ -79,17 +79,7 @@ def create_app(scorer: Scorer, options: ServeOptions = ServeOptions(), log=print
 
     @app.get("/health")
     async def health():
-        stats = batcher.stats
-        return {
-            "status": "ok",
-            "run": str(scorer.run_dir),
-            "batch_sizes": list(scorer.batch_sizes),
-            "max_batch": batcher.max_batch,
-            "window_ms": options.window_ms,
-            "explain": scorer.explainer is not None,
-            "device_calls": stats.calls,
-            "images": stats.items,
-        }
+        return _health(scorer, batcher, options)
 
     @app.get("/model")
     async def model():
@@ -105,24 +95,43 @@ def create_app(scorer: Scorer, options: ServeOptions = ServeOptions(), log=print
         if explain and scorer.explainer is None:
             raise HTTPException(400, "heat maps are off on this server (started with --no-explain)")
         uploads = await _uploads(request, options, limit)
-        with tempfile.TemporaryDirectory(prefix="pneumojax-serve-") as folder:
-            try:
-                paths = await run_in_threadpool(_save, uploads, Path(folder))
-                images = await asyncio.gather(
-                    *(run_in_threadpool(_decoded, scorer, name, path) for name, path in paths)
-                )
-            finally:
-                for _, upload in uploads:
-                    await upload.close()
-            scored = await asyncio.gather(*(batcher.submit((im, explain)) for im in images))
-            rows = scorer.rows([name for name, _ in paths], list(scored))
-            if explain:
-                for row, (_, path), s in zip(rows, paths, scored):
-                    row["overlay_png"] = await run_in_threadpool(scorer.overlay, path, s.heat)
-                    row["heat_map"] = f"Grad-CAM at {scorer.layer}"
-        return rows
+        return await _answer(uploads, explain, scorer, batcher)
 
     return app
+
+
+def _health(scorer: Scorer, batcher: Batcher, options: ServeOptions) -> dict:
+    return {
+        "status": "ok",
+        "run": str(scorer.run_dir),
+        "batch_sizes": list(scorer.batch_sizes),
+        "max_batch": batcher.max_batch,
+        "window_ms": options.window_ms,
+        "explain": scorer.explainer is not None,
+        "device_calls": batcher.stats.calls,
+        "images": batcher.stats.items,
+    }
+
+
+async def _answer(uploads: list, explain: bool, scorer: Scorer, batcher: Batcher) -> list[dict]:
+    """The rows for ``uploads``: saved, decoded (a 422 naming the first that does not decode),
+    scored through the batcher, overlays drawn when asked."""
+    with tempfile.TemporaryDirectory(prefix="pneumojax-serve-") as folder:
+        try:
+            paths = await run_in_threadpool(_save, uploads, Path(folder))
+            images = await asyncio.gather(
+                *(run_in_threadpool(_decoded, scorer, name, path) for name, path in paths)
+            )
+        finally:
+            for _, upload in uploads:
+                await upload.close()
+        scored = await asyncio.gather(*(batcher.submit((im, explain)) for im in images))
+        rows = scorer.rows([name for name, _ in paths], list(scored))
+        if explain:
+            for row, (_, path), s in zip(rows, paths, scored):
+                row["overlay_png"] = await run_in_threadpool(scorer.overlay, path, s.heat)
+                row["heat_map"] = f"Grad-CAM at {scorer.layer}"
+    return rows
 
 
 async def _uploads(request: Request, options: ServeOptions, limit: int) -> list:
