@@ -13,6 +13,7 @@ The functions here also drive the suite's bounded load test (tests/test_serve_pr
 from __future__ import annotations
 
 import argparse
+import json
 import concurrent.futures
 import os
 import re
@@ -73,7 +74,14 @@ class Server:
 def payloads(folder: Path, count: int) -> list[tuple[str, bytes]]:
     """(name, bytes) of the first ``count`` images under ``folder``, sorted by path."""
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpeg", ".jpg"))
-    return [(p.name, p.read_bytes()) for p in files[:count]]
+    return [(str(p.relative_to(folder)), p.read_bytes()) for p in files[:count]]
+
+
+def predict_answers(run_dir, files: list[Path]) -> list[float]:
+    """``pneumojax predict --json``'s probabilities for ``files``."""
+    command = [sys.executable, "-m", "pneumojax", "predict", "--run", str(run_dir), "--json"]
+    done = subprocess.run(command + [str(f) for f in files], check=True, capture_output=True)
+    return [row["p_pneumonia"] for row in json.loads(done.stdout)]
 
 
 def post(client, url: str, name: str, data: bytes) -> float:
@@ -131,16 +139,20 @@ def measure(server: Server, images, clients: int, requests: int, rounds: int = 2
 
     alone = single_answers(server.url, images)
     rss = {"before_mb": round(server.rss_mb(), 1), "after_round_mb": []}
-    mismatches = 0
+    mismatches, worst = 0, 0.0
     for _ in range(rounds):
         figures = load(server.url, images, clients, requests)
-        mismatches += sum(p != alone[i] for i, p in figures.pop("answers"))
+        answers = figures.pop("answers")
+        mismatches += sum(p != alone[i] for i, p in answers)
+        worst = max(worst, max(abs(p - alone[i]) for i, p in answers))
         rss["after_round_mb"].append(round(server.rss_mb(), 1))
     rss["peak_mb"] = round(server.rss_mb("VmHWM"), 1)
     health = httpx.get(f"{server.url}/health").json()
     figures.update(
+        alone=alone,
         answers_equal_single=mismatches == 0,
         mismatches=mismatches,
+        max_diff_from_alone=worst,
         rss=rss,
         device_calls=health["device_calls"],
         images_scored=health["images"],
@@ -151,6 +163,15 @@ def measure(server: Server, images, clients: int, requests: int, rounds: int = 2
 SETTINGS = {  # name -> pneumojax serve options
     "batching": ["--batch-window-ms", "10"],
     "no batching": ["--max-batch", "1", "--batch-window-ms", "0"],
+    "no batching, padded to 1": [
+        "--batch-sizes",
+        "1",
+        "--max-batch",
+        "1",
+        "--batch-window-ms",
+        "0",
+    ],
+    "batching, sizes 1,2,4,8": ["--batch-sizes", "1,2,4,8", "--batch-window-ms", "10"],
 }
 
 
@@ -170,20 +191,26 @@ def main(argv=None) -> None:
     parser.add_argument("--data", type=Path, default=MINI_TEST, help="JPEGs to send")
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=25, help="per client and round")
+    parser.add_argument("--requests", type=int, default=10, help="per client and round")
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/serve-load-cpu.json")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pneumojax-serve-load-") as tmp:
         run_dir = args.run or train_small_run(Path(tmp) / "run")
         images = payloads(args.data, args.images)
+        predicted = predict_answers(run_dir, [args.data / name for name, _ in images])
         results = {}
         for name, options in SETTINGS.items():
             server = Server(run_dir, Path(tmp) / f"{name}.log", "--no-explain", *options)
             try:
-                results[name] = measure(server, images, args.clients, args.requests)
+                results[name] = measure(server, images, args.clients, args.requests, args.rounds)
             finally:
                 server.stop()
-            print(name, {k: v for k, v in results[name].items() if k != "rss"}, flush=True)
+            results[name]["max_diff_from_predict"] = float(
+                np.abs(np.array(results[name]["alone"]) - predicted).max()
+            )
+            shown = {k: v for k, v in results[name].items() if k not in ("rss", "alone")}
+            print(name, shown, flush=True)
     payload = {
         "run": str(args.run or "DenseNet121, default cut, random init, 128 px, batch 8 (demo)"),
         "images": len(images),
@@ -200,20 +227,36 @@ def main(argv=None) -> None:
             f"{r['p50_ms']:.0f}",
             f"{r['p99_ms']:.0f}",
             f"{r['images_scored'] / max(1, r['device_calls']):.2f}",
-            "yes" if r["answers_equal_single"] else f"no ({r['mismatches']})",
+            "yes"
+            if r["answers_equal_single"]
+            else f"no: {r['mismatches']}, by <= {r['max_diff_from_alone']:.1e}",
+            f"{r.get('max_diff_from_predict', 0.0):.1e}",
             f"{r['rss']['before_mb']:.0f} -> {' -> '.join(f'{m:.0f}' for m in r['rss']['after_round_mb'])}",
         ]
         for name, r in results.items()
     ]
     table = markdown_table(
-        ["setting", "requests", "req/s", "p50 ms", "p99 ms", "images/call", "= alone", "RSS MiB"],
+        [
+            "setting",
+            "requests",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "images/call",
+            "= alone",
+            "max diff from predict",
+            "RSS MiB",
+        ],
         rows,
     )
     markdown = (
         f"# pneumojax serve under load ({cpu_model()}, {os.cpu_count()} cores)\n\n"
         f"{payload['run']}; {args.clients} concurrent clients on localhost, {args.requests} "
-        f"one-image requests each per round, two rounds (figures: the second); {len(images)} "
-        f"JPEGs from {args.data.name}. RSS: the server's after warm-up, then after each round.\n\n"
+        f"one-image requests each per round, {args.rounds} rounds (figures: the last); {len(images)} "
+        f'JPEGs from {args.data.name}. "= alone": every answer under load equals the image\'s answer '
+        'scored alone by the same server; "max diff from predict": the largest difference of '
+        "those lone answers from `pneumojax predict`'s (which pads to the run's batch size). RSS: the server's after warm-up, then after each round. Load average "
+        f"{os.getloadavg()[0]:.1f} at the end (other processes shared the CPU).\n\n"
         f"{table}\n"
     )
     print(markdown)

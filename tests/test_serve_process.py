@@ -110,8 +110,8 @@ def test_load_with_and_without_batching_answers_as_alone_in_bounded_memory(
     )
     try:
         figures = {
-            "batching": serve_load.measure(server, images, clients=6, requests=8),
-            "no batching": serve_load.measure(unbatched, images, clients=6, requests=8),
+            "batching": serve_load.measure(server, images, clients=6, requests=8, rounds=3),
+            "no batching": serve_load.measure(unbatched, images, clients=6, requests=8, rounds=3),
         }
     finally:
         assert unbatched.stop() == 0
@@ -119,9 +119,9 @@ def test_load_with_and_without_batching_answers_as_alone_in_bounded_memory(
     for name, f in figures.items():
         assert f["answers_equal_single"], name
         assert f["requests"] == 48
-        rounds = f["rss"]["after_round_mb"]
-        assert rounds[1] - rounds[0] < 40, (name, f["rss"])  # no growth from round to round
-        assert rounds[1] - f["rss"]["before_mb"] < 300, (name, f["rss"])
+        rounds = f["rss"]["after_round_mb"]  # allocators settle in the first rounds, then
+        assert rounds[2] - rounds[1] < 25, (name, f["rss"])  # no growth round to round
+        assert f["rss"]["peak_mb"] - f["rss"]["before_mb"] < 300, (name, f["rss"])
     assert figures["no batching"]["device_calls"] == figures["no batching"]["images_scored"]
     batched = figures["batching"]
     assert batched["device_calls"] < batched["images_scored"]  # concurrent clients shared calls
