@@ -193,6 +193,7 @@ def main(argv=None) -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=10, help="per client and round")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--only", action="append", choices=list(SETTINGS), help="these settings")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/serve-load-cpu.json")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pneumojax-serve-load-") as tmp:
@@ -201,6 +202,8 @@ def main(argv=None) -> None:
         predicted = predict_answers(run_dir, [args.data / name for name, _ in images])
         results = {}
         for name, options in SETTINGS.items():
+            if args.only and name not in args.only:
+                continue
             server = Server(run_dir, Path(tmp) / f"{name}.log", "--no-explain", *options)
             try:
                 results[name] = measure(server, images, args.clients, args.requests, args.rounds)
