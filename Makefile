@@ -23,6 +23,7 @@ DEMO_WEIGHTS := $(if $(wildcard checkpoints/densenet121-imagenet/manifest.json),
 demo: $(VENV)/.installed
 	$(VENV)/bin/pneumojax train --data sample --backbone densenet121 --weights $(DEMO_WEIGHTS) \
 	  --image-size 128 --epochs 10 --out runs/demo --overwrite
+	@echo "Try the model in a browser: $(VENV)/bin/pneumojax serve --run runs/demo  (then open http://127.0.0.1:8000/)"
 
 # The formatter and pyflakes' checks first (seconds), then the suite.
 test: $(VENV)/.installed
