@@ -89,8 +89,12 @@ def scoring_function(run: LoadedRun):
         if prefix is not None:  # what the feature cache holds: activations in their storage
             x = jax.tree.map(lambda a: a.astype(storage), prefix.apply(params["prefix"], images))
         logits = predict_members_step(suffix, params["members"], x).astype(jnp.float32)
-        p = jax.nn.sigmoid(logits[..., 1])  # (n, members), as member_logits -> probability
-        return p[:, 0] if p.shape[1] == 1 else p.mean(axis=1)
+        # (n, members), as member_logits -> pneumonia_probability; index_in_dim, not [..., 1]:
+        # under a symbolic batch, indexing becomes a gather, which the ONNX path lacks
+        p = jax.nn.sigmoid(jax.lax.index_in_dim(logits, 1, axis=2, keepdims=False))
+        if p.shape[1] == 1:
+            return jax.lax.index_in_dim(p, 0, axis=1, keepdims=False)
+        return p.mean(axis=1)
 
     return params, apply
 
@@ -349,8 +353,9 @@ def _rename_io(model) -> None:
     for node in model.graph.node:
         node.input[:] = [renames.get(n, n) for n in node.input]
         node.output[:] = [renames.get(n, n) for n in node.output]
-    model.graph.input[0].name = INPUT_NAME
-    model.graph.output[0].name = OUTPUT_NAME
+    for end, name in ((model.graph.input[0], INPUT_NAME), (model.graph.output[0], OUTPUT_NAME)):
+        end.name = name
+        end.type.tensor_type.shape.dim[0].dim_param = "N"  # the dynamic batch
 
 
 def load_onnx(path: Path):
