@@ -335,9 +335,12 @@ def write_onnx(params, apply, size: int, path: Path) -> None:
     import tensorflow as tf  # noqa: PLC0415
     import tf2onnx  # noqa: PLC0415
 
-    from pneumojax.jaxpr_tf import tf_function_of  # noqa: PLC0415
+    from pneumojax.jaxpr_tf import UnsupportedPrimitive, tf_function_of  # noqa: PLC0415
 
-    fn = tf_function_of(lambda images: apply(params, images), _symbolic_images(size))
+    try:
+        fn = tf_function_of(lambda images: apply(params, images), _symbolic_images(size))
+    except UnsupportedPrimitive as e:
+        raise ExportError(f"{e}; export this run as --format savedmodel or stablehlo") from None
     spec = [tf.TensorSpec([None, size, size, 3], tf.uint8, name=INPUT_NAME)]
     graph = tf.function(lambda images: tf.identity(fn(images), name=OUTPUT_NAME), autograph=False)
     model, _ = tf2onnx.convert.from_function(
