@@ -50,6 +50,7 @@ INPUT_NAME, OUTPUT_NAME = "images", "p_pneumonia"
 CHECK_IMAGES = 32  # validation images the written model is checked on at export
 FLOAT32_TOLERANCE = 1e-5  # |exported - predict| allowed for a float32 run, else not written
 ONNX_OPSET = 17
+STABLEHLO_PLATFORMS = ("cpu", "cuda")  # lowered for both; the runtime picks its own
 TF_STABLEHLO = "1.13.0"  # a StableHLO version TF 2.21's XlaCallModule reads
 NEEDS = {  # module -> package, per format
     "savedmodel": {"tensorflow": "tensorflow-cpu"},
@@ -186,6 +187,7 @@ def export_metadata(run: LoadedRun, own: LoadedRun, fmt: str, thresholds: list[f
             else "the run uses no test-time augmentation",
         },
         "batch": "dynamic",
+        "platforms": list(STABLEHLO_PLATFORMS) if fmt != "onnx" else None,
         "run": str(Path(run.run_dir).resolve()),
         "pneumojax_version": _version("pneumojax"),
         "exported_with": {m: _version(m) for m in ("jax", "tensorflow", "tf2onnx", "onnx")},
@@ -250,9 +252,9 @@ def _symbolic_images(size: int):
 
 
 def write_stablehlo(params, apply, size: int, path: Path) -> None:
-    exported = jax.export.export(jax.jit(lambda images: apply(params, images)))(
-        _symbolic_images(size)
-    )
+    exported = jax.export.export(
+        jax.jit(lambda images: apply(params, images)), platforms=STABLEHLO_PLATFORMS
+    )(_symbolic_images(size))
     path.write_bytes(exported.serialize())
 
 
@@ -280,6 +282,7 @@ def write_savedmodel(params, apply, size: int, path: Path) -> None:
         apply,
         polymorphic_shapes=[None, f"(N, {size}, {size}, 3)"],
         with_gradient=False,
+        native_serialization_platforms=STABLEHLO_PLATFORMS,
     )
     module = tf.Module()
     module.params = _tf_variables(params)

@@ -46,6 +46,7 @@ def workdir(tmp_path_factory):
 
 _RUNS: dict = {}
 _EXPORTS: dict = {}
+_PREDICTED: dict = {}
 
 
 def _run(workdir, mode):
@@ -57,7 +58,7 @@ def _run(workdir, mode):
                 data, out, "--backbone", "inception_v3", cut="mixed0", image_size=75, epochs=1
             )
         else:
-            args = tiny_train_args(data, out, *MODES[mode])
+            args = tiny_train_args(data, out, *MODES[mode], epochs=1)
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 0, r.output
         _RUNS[mode] = out
@@ -72,6 +73,13 @@ def _export(workdir, mode, fmt):
         assert r.exit_code == 0, r.output
         _EXPORTS[mode, fmt] = out
     return _EXPORTS[mode, fmt]
+
+
+def _predicted(workdir, mode, files):
+    """``predict``'s rows for ``files``, once per run."""
+    if mode not in _PREDICTED:
+        _PREDICTED[mode] = predict_paths(_run(workdir, mode), files, log=lambda m: None)
+    return _PREDICTED[mode]
 
 
 def real_images() -> list[str]:
@@ -115,7 +123,7 @@ def test_exported_model_scores_real_images_as_predict_does(workdir, mode, fmt):
     folder = _export(workdir, mode, fmt)
     meta = json.loads((folder / "pneumojax-export.json").read_text())
     config = json.loads((run / "config.json").read_text())
-    rows = predict_paths(run, files, log=lambda m: None)
+    rows = _predicted(workdir, mode, files)
     assert [r["path"] for r in rows] == files  # every image readable: one row each
     images = pj_data.load_images(files, config["image_size"], resize=run_resize(config))
     assert images.dtype == np.uint8 and images.shape[1:] == (32, 32, 3)
@@ -123,6 +131,7 @@ def test_exported_model_scores_real_images_as_predict_does(workdir, mode, fmt):
     want = np.array([r["p_pneumonia"] for r in rows], np.float32)
     assert got.dtype == np.float32 and got.shape == (len(files),)
     diff = float(np.max(np.abs(got - want)))
+    print(f"parity {mode} {fmt}: max |exported - predict| = {diff:.3g} on {len(files)} images")
     threshold = meta["threshold"]
     assert threshold == rows[0]["threshold"]
     labels = np.where(got >= threshold, "PNEUMONIA", "NORMAL")
@@ -261,3 +270,22 @@ def test_a_model_onnx_cannot_express_is_refused_naming_the_other_formats(workdir
     line = _one_error_line(_invoke("--run", run, "--format", "onnx", "--out", out), 1)
     assert "savedmodel" in line and "stablehlo" in line and not out.exists()
     _no_staging(tmp_path)
+
+
+def test_a_tta_run_exports_its_plain_path_which_is_predict_with_tta_0(workdir, tmp_path):
+    files = real_images()[:8]
+    run = tmp_path / "tta"
+    shutil.copytree(_run(workdir, "head"), run)
+    config = json.loads((run / "config.json").read_text())
+    config.update(tta=2, tta_augment="light")
+    (run / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    r = _invoke("--run", run, "--format", "stablehlo", "--out", out)
+    assert r.exit_code == 0, r.output
+    meta = json.loads((out / "pneumojax-export.json").read_text())
+    assert meta["tta"]["run"]["views"] == 2 and meta["tta"]["exported"] is None
+    assert "--tta 0" in meta["tta"]["note"]
+    rows = predict_paths(run, files, tta=0, log=lambda m: None)
+    got = run_in_own_runtime("stablehlo", out, pj_data.load_images(files, 32))
+    np.testing.assert_allclose(got, [r["p_pneumonia"] for r in rows], atol=1e-5)
+    assert meta["threshold"] == rows[0]["threshold"]
