@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -85,7 +87,9 @@ def prepare(job: dict) -> dict:
         export_run(runs["float32"], fmt, exports[fmt], log=lambda m: None)
     bf16 = work / "export-bf16-stablehlo"
     export_run(runs["bfloat16"], "stablehlo", bf16, log=lambda m: None)
-    return {"runs": runs, "exports": exports, "bf16_parity": bf16_parity(runs["bfloat16"], bf16)}
+    cut = json.loads((Path(runs["float32"]) / "config.json").read_text())["cut"]
+    parity = bf16_parity(runs["bfloat16"], bf16)
+    return {"runs": runs, "exports": exports, "cut": cut, "bf16_parity": parity}
 
 
 def bf16_parity(run: str, folder: Path) -> dict:
@@ -175,6 +179,7 @@ def main(argv=None) -> int:
             print(prepared["log_tail"], file=sys.stderr)
             raise SystemExit(f"preparing the runs failed: {prepared['error']}")
         payload["bf16_parity"] = prepared["bf16_parity"]
+        payload["setting"]["cut"] = prepared["cut"]
         for runtime in RUNTIMES:
             job = {
                 "name": runtime,
@@ -187,6 +192,7 @@ def main(argv=None) -> int:
             payload["results"][runtime] = common.run_worker(SCRIPT, job, work, env)
             print(f"{runtime}: {_rates(payload['results'][runtime])}", flush=True)
     payload["score_max_abs_diff_vs_predict"] = score_differences(payload["results"])
+    payload["load_average_at_end"] = list(os.getloadavg())
     md = common.write_outputs(args.out, payload, markdown(payload))
     print(md.read_text())
     return 0
@@ -244,7 +250,9 @@ def markdown(payload: dict) -> str:
             f"DenseNet121 to its cut `{s['cut']}`, {s['image_size']} px, random init, "
             f"float32, uint8 images in, P(pneumonia) out; decoding outside the timing. "
             f"CPU: {hw['cpu']}, {hw['usable_cores']} usable cores "
-            f"(load average {hw['load_average'][0]:.1f} at the start). Median of "
+            f"(load average {hw['load_average'][0]:.1f} at the start, "
+            f"{payload['load_average_at_end'][0]:.1f} at the end: other work shared the "
+            "cores, so read the ratios rather than the rates). Median of "
             f"{s['steps'][1]} calls at batch 1 and {s['steps'][32]} at batch 32 after one "
             "warm-up; `predict` runs fixed batches of the run's batch size (32), so batch 1 "
             "pays for a padded batch of 32.",

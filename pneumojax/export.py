@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -39,7 +40,7 @@ from pneumojax.inference import (
     run_resize,
     scoring_tta,
 )
-from pneumojax.io import fsync_tree, remove_stale_staging, write_text_atomic
+from pneumojax.io import remove_stale_staging, replace_folder, write_text_atomic
 from pneumojax.train import predict_members_step
 from pneumojax.workspace import load_split_arrays
 
@@ -109,8 +110,7 @@ def export_run(
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
+    _check_out(Path(run_dir), out, overwrite)
     check_converters(fmt)
     own = load_run(run_dir, log=lambda m: None)
     if combine_rule(own.config) == "vote":
@@ -125,7 +125,7 @@ def export_run(
     params, apply = scoring_function(run)
     size = run.config["image_size"]
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out.parent, rf"\.{_escaped(out.name)}\.export(?P<pid>\d+)")
+    remove_stale_staging(out.parent, rf"\.{re.escape(out.name)}\.export(?P<pid>\d+)")
     staging = out.with_name(f".{out.name}.export{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -134,10 +134,7 @@ def export_run(
         meta = export_metadata(run, own, fmt, thresholds)
         meta["check"] = check_export(staging, fmt, own, meta, log)
         write_text_atomic(staging / METADATA, json.dumps(meta, indent=1) + "\n")
-        fsync_tree(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        replace_folder(staging, out)  # a previous export stays whole until this one is
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -145,10 +142,21 @@ def export_run(
     return meta
 
 
-def _escaped(name: str) -> str:
-    import re  # noqa: PLC0415
-
-    return re.escape(name)
+def _check_out(run_dir: Path, out: Path, overwrite: bool) -> None:
+    """``--out`` may be replaced only when asked, and only if it is a previous export (or an
+    empty folder), never the run folder or a folder holding it."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
+    target, run = out.resolve(), run_dir.resolve()
+    if target == run or target in run.parents:
+        raise FileExistsError(f"--out {out} holds the run folder {run_dir}; choose another --out")
+    if not out.is_dir() or (any(out.iterdir()) and not (out / METADATA).exists()):
+        raise FileExistsError(
+            f"{out} is not a pneumojax export (no {METADATA}); --overwrite replaces only a "
+            "previous export: choose another --out"
+        )
 
 
 def export_metadata(run: LoadedRun, own: LoadedRun, fmt: str, thresholds: list[float]) -> dict:

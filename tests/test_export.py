@@ -31,6 +31,7 @@ MODES = {  # name -> extra train arguments
     "bf16": ["--precision", "bfloat16"],
 }
 FORMATS = pj_export.FORMATS
+METADATA = pj_export.METADATA
 BF16_TOLERANCE = 2e-2  # measured: see docs/export.md
 PER_SITE = 24  # real images per site scored by both sides
 
@@ -215,9 +216,17 @@ def test_an_existing_out_is_refused_unless_overwrite(workdir, tmp_path):
     run = _run(workdir, "head")
     line = _one_error_line(_invoke("--run", run, "--format", "stablehlo", "--out", out), 2)
     assert "--overwrite" in line and (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces a previous export only: not a folder of other files, not the run
     r = _invoke("--run", run, "--format", "stablehlo", "--out", out, "--overwrite")
-    assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in out.iterdir()) == ["model.stablehlo", "pneumojax-export.json"]
+    assert "not a pneumojax export" in _one_error_line(r, 2)
+    assert (out / "keep.txt").read_text() == "mine"
+    r = _invoke("--run", run, "--format", "stablehlo", "--out", run.parent, "--overwrite")
+    assert "holds the run folder" in _one_error_line(r, 2) and (run / "config.json").exists()
+    (out / "keep.txt").unlink()
+    for _ in range(2):  # into the empty folder, then over that export
+        r = _invoke("--run", run, "--format", "stablehlo", "--out", out, "--overwrite")
+        assert r.exit_code == 0, r.output
+        assert sorted(p.name for p in out.iterdir()) == ["model.stablehlo", METADATA]
     _no_staging(tmp_path)
 
 
