@@ -176,7 +176,7 @@ def export_metadata(run: LoadedRun, own: LoadedRun, fmt: str, thresholds: list[f
         },
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N"]},
         "threshold": thresholds[0],
-        "member_thresholds": thresholds if len(thresholds) > 1 else [thresholds[0]],
+        "member_thresholds": list(thresholds),  # one: the members' mean is thresholded
         "label_rule": "PNEUMONIA if p_pneumonia >= threshold else NORMAL",
         "combine_rule": combine_rule(config),
         "members": int(jax.tree.leaves(run.model.variables)[0].shape[0]),
