@@ -711,6 +711,34 @@ def serve(
 
 
 @main.command()
+@RUN_OPTION
+@click.option(
+    "--format",
+    "fmt",
+    required=True,
+    type=click.Choice(["savedmodel", "onnx", "stablehlo"]),  # pneumojax.export.FORMATS
+    help="TensorFlow SavedModel, ONNX, or serialized StableHLO (jax.export).",
+)
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Folder to write (new)."
+)
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def export(run_dir, fmt, out, overwrite):
+    """The run's whole scoring path as one model file: uint8 images [N, S, S, 3] ->
+    P(pneumonia) [N], with the threshold in pneumojax-export.json beside it."""
+    from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
+    from pneumojax.data import DataError  # noqa: PLC0415
+    from pneumojax.export import export_run  # noqa: PLC0415
+
+    try:
+        export_run(run_dir, fmt, out, overwrite, log=click.echo)
+    except FileExistsError as e:
+        _fail(_text(e), 2)
+    except (ValueError, OSError, CheckpointError, DataError) as e:
+        _fail(_text(e))
+
+
+@main.command()
 @click.argument("runs", nargs=-1, required=True)
 @click.option("--out", default="comparison.png", show_default=True, help="Bar chart PNG.")
 @click.option(

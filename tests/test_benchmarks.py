@@ -528,3 +528,22 @@ def test_site_statistics_on_two_demo_sites(tmp_path):
         assert all(0.0 <= x <= 1.0 for x in v.values())
     x = np.arange(16, dtype=float).reshape(1, 4, 4)
     np.testing.assert_array_equal(site_statistics.thumbnails(x, 2) * 255, [[2.5, 4.5, 10.5, 12.5]])
+
+
+@pytest.mark.tensorflow
+@pytest.mark.slow
+def test_export_speed_quick_times_every_runtime(tmp_path):
+    import export_speed  # noqa: PLC0415
+
+    out = tmp_path / "export-speed.json"
+    _run("export_speed.py", "--quick", "--out", str(out), timeout=600)
+    payload = json.loads(out.read_text())
+    assert payload["hardware"]["cpu"]
+    assert set(payload["results"]) == set(export_speed.RUNTIMES)
+    for name, result in payload["results"].items():
+        assert "error" not in result, (name, result)
+        for batch in export_speed.BATCHES:
+            assert result["batches"][str(batch)]["images_per_s"] > 0
+    for diff in payload["score_max_abs_diff_vs_predict"].values():
+        assert diff <= 1e-5  # the same float32 model in every runtime
+    assert "vs predict" in out.with_suffix(".md").read_text()
