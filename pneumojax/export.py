@@ -41,6 +41,7 @@ from pneumojax.inference import (
     scoring_tta,
 )
 from pneumojax.io import remove_stale_staging, replace_folder, write_text_atomic
+from pneumojax.modelcard import write_model_card
 from pneumojax.train import predict_members_step
 from pneumojax.workspace import load_split_arrays
 
@@ -134,11 +135,15 @@ def export_run(
         meta = export_metadata(run, own, fmt, thresholds)
         meta["check"] = check_export(staging, fmt, own, meta, log)
         write_text_atomic(staging / METADATA, json.dumps(meta, indent=1) + "\n")
+        write_model_card(run_dir, staging, export=meta)  # what the model is, beside it
         replace_folder(staging, out)  # a previous export stays whole until this one is
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log(f"exported {run_dir} as {fmt}: {out / FILES[fmt]} (metadata {out / METADATA})")
+    log(
+        f"exported {run_dir} as {fmt}: {out / FILES[fmt]} (metadata {out / METADATA}, model "
+        f"card {out / 'MODEL_CARD.md'})"
+    )
     return meta
 
 

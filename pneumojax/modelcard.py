@@ -63,10 +63,16 @@ def model_card(run_dir: str | Path) -> dict:
     return card
 
 
-def write_model_card(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+def write_model_card(
+    run_dir: str | Path, out_dir: str | Path | None = None, export: dict | None = None
+) -> Path:
     """Writes MODEL_CARD.md and MODEL_CARD.json of ``run_dir`` into ``out_dir`` (default: the
-    run folder itself), each atomically; returns the Markdown file's path."""
+    run folder itself), each atomically; returns the Markdown file's path. ``export``: the
+    metadata of an exported copy of the model (``pneumojax export``), which the card then
+    describes too."""
     card = model_card(run_dir)
+    if export is not None:
+        card["export"] = export
     out = Path(out_dir) if out_dir is not None else Path(run_dir)
     write_text_atomic(out / MODEL_CARD_JSON, json.dumps(card, indent=1) + "\n")
     write_text_atomic(out / MODEL_CARD_MD, render_markdown(card))
@@ -300,6 +306,23 @@ def _count(e: dict) -> str:
     return f"{e['n']} ({e['normal']} / {e['pneumonia']})"
 
 
+def _export_section(e: dict) -> list[str]:
+    check = e.get("check", {})
+    shape = " x ".join(str(d) for d in e["input"]["shape"])
+    return [
+        "",
+        "## This export",
+        "",
+        f"`{e['file']}` ({e['format']}): input `{e['input']['name']}` uint8 [{shape}] "
+        f"({e['input']['meaning']}); output `{e['output']['name']}` float32 [N], P(pneumonia)"
+        f" of the {e['members']} member(s) combined by their {e['combine_rule']}. Label: "
+        f"{e['label_rule']}, threshold {_fmt(e['threshold'], 4)}. Computed in float32 (trained "
+        f"in {e['precision']['trained']}); {e['tta']['note']}. Checked at export against "
+        f"`pneumojax predict` on {check.get('images', '?')} validation images: max difference "
+        f"{check.get('max_abs_diff', float('nan')):.1e}. Metadata: `pneumojax-export.json`.",
+    ]
+
+
 def render_markdown(card: dict) -> str:
     m, d, t = card["model"], card["training_data"], card["threshold"]
     weights = m["weights"] + (
@@ -355,5 +378,7 @@ def render_markdown(card: dict) -> str:
             f"{_fmt(e['brier'])} |"
         )
     lines += ["", "## Known limits", ""] + [f"- {x}" for x in card["limits"]]
+    if "export" in card:
+        lines += _export_section(card["export"])
     lines += ["", "## Reproduce", "", "```", card["command"], "```", ""]
     return "\n".join(lines)

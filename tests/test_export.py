@@ -152,9 +152,11 @@ def test_exported_model_scores_real_images_as_predict_does(workdir, mode, fmt):
 
 
 def test_metadata_names_what_labelling_needs(workdir):
-    meta = json.loads(
-        (_export(workdir, "seeds", "stablehlo") / "pneumojax-export.json").read_text()
-    )
+    folder = _export(workdir, "seeds", "stablehlo")
+    meta = json.loads((folder / "pneumojax-export.json").read_text())
+    card = json.loads((folder / "MODEL_CARD.json").read_text())  # the card travels with it
+    assert card["export"] == meta and card["threshold"]["value"] == meta["threshold"]
+    assert "## This export" in (folder / "MODEL_CARD.md").read_text()
     assert meta["members"] == 2 and meta["combine_rule"] == "mean"
     assert meta["input"]["shape"] == ["N", 32, 32, 3] and meta["input"]["dtype"] == "uint8"
     assert meta["output"] == {"name": "p_pneumonia", "dtype": "float32", "shape": ["N"]}
@@ -226,7 +228,8 @@ def test_an_existing_out_is_refused_unless_overwrite(workdir, tmp_path):
     for _ in range(2):  # into the empty folder, then over that export
         r = _invoke("--run", run, "--format", "stablehlo", "--out", out, "--overwrite")
         assert r.exit_code == 0, r.output
-        assert sorted(p.name for p in out.iterdir()) == ["model.stablehlo", METADATA]
+        names = sorted(p.name for p in out.iterdir())
+        assert names == ["MODEL_CARD.json", "MODEL_CARD.md", "model.stablehlo", METADATA]
     _no_staging(tmp_path)
 
 
