@@ -25,11 +25,12 @@ demo: $(VENV)/.installed
 	  --image-size 128 --epochs 10 --out runs/demo --overwrite
 	@echo "Try the model in a browser: $(VENV)/bin/pneumojax serve --run runs/demo  (then open http://127.0.0.1:8000/)"
 
-# The formatter and pyflakes' checks first (seconds), then the suite.
+# The formatter and pyflakes' checks first (seconds), then the suite on two worker processes
+# (pytest-xdist; each test file stays on one worker, so its module fixtures are made once).
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check --select F .
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
 
 # The command-line fuzz (tests/test_fuzz_cli.py) longer and random: random file trees and options
 # for train, evaluate, predict and explain; every case must end in exit 0/1/2 with no traceback.

@@ -76,8 +76,14 @@ def _history(run: Path) -> list[dict]:
 
 def _files(run: Path) -> set[str]:
     """The run folder's files, down to orbax's folders (checkpoints/last/N, model/variables),
-    whose own files are named by content and by how many processes orbax was told about."""
-    names = {p.relative_to(run).parts for p in run.rglob("*")}
+    whose own files are named by content and by how many processes orbax was told about;
+    TensorBoard's event files by their folder (their names hold the time and the process id)."""
+    names = {
+        p.relative_to(run).parts[:-1] + ("events",)
+        if p.name.startswith("events.out.tfevents.")
+        else p.relative_to(run).parts
+        for p in run.rglob("*")
+    }
     return {
         "/".join(n)
         for n in names
