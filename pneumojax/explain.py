@@ -52,7 +52,7 @@ from pneumojax.inference import (
 from pneumojax.io import write_text_atomic
 from pneumojax.model import build_classifier
 from pneumojax.progress import progress_bar
-from pneumojax.train import Steps, make_mesh
+from pneumojax.step import Steps, make_mesh
 
 METHODS = ("gradcam", "gradcam++", "saliency")
 _SUFFIX = {"gradcam": "gradcam", "gradcam++": "gradcampp", "saliency": "saliency"}

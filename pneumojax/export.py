@@ -42,7 +42,7 @@ from pneumojax.inference import (
 )
 from pneumojax.io import remove_stale_staging, replace_folder, write_text_atomic
 from pneumojax.modelcard import write_model_card
-from pneumojax.train import predict_members_step
+from pneumojax.step import predict_members_step
 from pneumojax.workspace import load_split_arrays
 
 FORMATS = ("savedmodel", "onnx", "stablehlo")

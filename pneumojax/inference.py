@@ -48,7 +48,7 @@ from pneumojax.model import (
     resolve_precision,
 )
 from pneumojax.plots import plot_confusion_matrix, plot_roc
-from pneumojax.train import Steps, make_mesh, member_logits
+from pneumojax.step import Steps, make_mesh, member_logits
 from pneumojax.tta import TTA, image_ids, mean_over_views, resolve_tta, run_tta, view_images
 from pneumojax.workspace import cache_dir, load_split_arrays, resolve_data, write_json
 

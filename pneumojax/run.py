@@ -38,10 +38,10 @@ from pneumojax.model import (
     build_classifier,
     compute_dtype,
     init_variables,
-    make_optimizer,
     make_plan,
     resolve_precision,
 )
+from pneumojax.optim import make_optimizer
 from pneumojax.plots import plot_history
 from pneumojax.tensorboard import EventLog
 from pneumojax.runfolder import (
@@ -52,7 +52,8 @@ from pneumojax.runfolder import (
     status_error,
     write_status,
 )
-from pneumojax.train import Interrupted, fit, make_mesh
+from pneumojax.step import make_mesh
+from pneumojax.train import Interrupted, fit
 from pneumojax.tta import resolve_tta, run_tta
 from pneumojax.workspace import (
     cache_dir,
@@ -307,7 +308,7 @@ def _after_epoch(on_saved: Callable[[], None] | None, events: EventLog | None):
 def calibrated(run_model: RunModel, best: list[dict], val_inputs, y_val, log) -> tuple:
     """``--calibrate temperature``: each member's head scaled by the T fitted on validation."""
     from pneumojax.calibration import fit_temperature, scale_head  # noqa: PLC0415
-    from pneumojax.train import member_logits  # noqa: PLC0415
+    from pneumojax.step import member_logits  # noqa: PLC0415
 
     z = member_logits(run_model.steps, run_model.variables, val_inputs, run_model.batch_size)
     temperature = fit_temperature(z[..., 1], y_val)

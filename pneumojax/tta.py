@@ -83,7 +83,7 @@ def image_ids(images) -> np.ndarray:
 
 @functools.cache
 def _view_fn(spec: AugmentSpec):
-    """``fn(view_key_data, batch)`` for :meth:`pneumojax.train.Steps.map`: each image of the
+    """``fn(view_key_data, batch)`` for :meth:`pneumojax.step.Steps.map`: each image of the
     batch augmented with ``fold_in(view key, its id)``; one function (one compile) per spec."""
     import jax  # noqa: PLC0415
 
@@ -107,7 +107,7 @@ def view_key_data(tta: TTA, view: int) -> np.ndarray:
 
 def view_images(steps, images, ids: np.ndarray, tta: TTA, view: int, batch_size: int):
     """View ``view`` of every image (uint8, same shape), computed on the devices in
-    fixed-size batches (``steps``: a :class:`pneumojax.train.Steps`)."""
+    fixed-size batches (``steps``: a :class:`pneumojax.step.Steps`)."""
     out = np.empty(np.shape(images), np.uint8)
 
     def sink(start, stop, views):
