@@ -22,15 +22,9 @@ from pneumojax.backbones import get_backbone
 from pneumojax.checkpoint import save_variables
 from pneumojax.config import TrainConfig, optimisation_summary, resolve_optimisation
 from pneumojax.features import cacheable_frontier, merge_variables, storage_dtype
-from pneumojax.inference import (
-    RunModel,
-    combine_rule,
-    score_split,
-    split_probabilities,
-    stack_members,
-    validation_thresholds,
-    write_predictions,
-)
+from pneumojax.runmodel import RunModel, split_probabilities, stack_members
+from pneumojax.scoring import combine_rule, score_split, validation_thresholds
+from pneumojax.predictions import write_predictions
 from pneumojax.io import write_text_atomic
 from pneumojax.modelcard import write_model_card
 from pneumojax.metrics import format_metrics
@@ -476,7 +470,7 @@ def finish_run(
 
     With ``--tta N`` both validation and test are scored with the same test-time
     augmentation, so the thresholds are chosen on the probabilities they are applied to. The
-    members combine by the run's rule (:func:`pneumojax.inference.combine_rule`)."""
+    members combine by the run's rule (:func:`pneumojax.scoring.combine_rule`)."""
     tta = run_tta(dataclasses.asdict(cfg))
     if tta is None:
         p_val = run_model.member_probabilities(inputs["val"])

@@ -5,7 +5,7 @@ the view's number and the image's own content (a CRC-32 of its uint8 pixels), so
 image is the same whatever batch, split or file list it is scored in: ``predict`` on one
 image gives exactly what ``evaluate`` gave it among 624. The frozen prefix sees every view
 (no activation cache: the views are new inputs), through the same scoring path as un-augmented
-images (:meth:`pneumojax.inference.RunModel.inputs`), so TTA with the identity spec equals no
+images (:meth:`pneumojax.runmodel.RunModel.inputs`), so TTA with the identity spec equals no
 TTA exactly.
 
 The views' **probabilities** are averaged (not their logits), per member, the same way the
