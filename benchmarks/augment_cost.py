@@ -58,9 +58,10 @@ def build(args):
     from pneumojax.augment import augment, parse_augment  # noqa: PLC0415
     from pneumojax.backbones import get_backbone  # noqa: PLC0415
     from pneumojax.features import cacheable_frontier  # noqa: PLC0415
-    from pneumojax.inference import RunModel  # noqa: PLC0415
-    from pneumojax.model import build_classifier, init_variables, make_optimizer, make_plan  # noqa: PLC0415
-    from pneumojax.train import Steps, make_mesh  # noqa: PLC0415
+    from pneumojax.runmodel import RunModel  # noqa: PLC0415
+    from pneumojax.model import build_classifier, init_variables, make_plan  # noqa: PLC0415
+    from pneumojax.optim import make_optimizer
+    from pneumojax.step import Steps, make_mesh  # noqa: PLC0415
 
     spec = parse_augment(args.augment)
     info = get_backbone(args.backbone)

@@ -141,7 +141,7 @@ def time_runtime(job: dict) -> dict:
 
 def scorer(job: dict):
     if job["runtime"] == "predict":
-        from pneumojax.inference import combined_probability, load_run  # noqa: PLC0415
+        from pneumojax.scoring import combined_probability, load_run  # noqa: PLC0415
 
         model = load_run(job["run"], log=lambda m: None).model
         return lambda x: combined_probability(model.probabilities_of_images(x))

@@ -39,7 +39,7 @@ def lever_of(name: str) -> tuple[str, int | None]:
 def collect(studies: list[Path], external: str) -> dict[str, list[dict]]:
     """Per lever, one record per seed: the carve's figures and the external set's, with the
     external probabilities (for paired tests)."""
-    from pneumojax.inference import read_predictions  # noqa: PLC0415
+    from pneumojax.predictions import read_predictions  # noqa: PLC0415
 
     levers: dict[str, list[dict]] = defaultdict(list)
     for study in studies:
@@ -97,7 +97,7 @@ def temperature_effect(run: Path, y_external, p_external) -> dict:
     validation probabilities, applied to its test and external ones (a monotone map: AUC and
     ranking unchanged), and the ECE there."""
     from pneumojax.calibration import fit_temperature  # noqa: PLC0415
-    from pneumojax.inference import read_predictions  # noqa: PLC0415
+    from pneumojax.predictions import read_predictions  # noqa: PLC0415
     from pneumojax.stats import expected_calibration_error  # noqa: PLC0415
 
     def logit(p):

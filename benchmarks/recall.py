@@ -588,7 +588,8 @@ def run_pneumojax(job: dict) -> dict:
         rows = (run_dir / "predictions" / "test.csv").read_text().splitlines()[1:]
         extra["test_p"] = [float(row.rsplit(",", 1)[1]) for row in rows]
     if job.get("external"):  # every image of another folder, at the validation threshold
-        from pneumojax.inference import evaluate_run, read_predictions  # noqa: PLC0415
+        from pneumojax.inference import evaluate_run  # noqa: PLC0415
+        from pneumojax.predictions import read_predictions  # noqa: PLC0415
 
         folder = run_dir / "eval-external"
         ext = evaluate_run(run_dir, job["external"], "all", folder / "metrics.json", log=log)

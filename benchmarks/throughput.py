@@ -724,13 +724,9 @@ def pneumojax_step(
     backbone and head from ``weights`` (as ``prepare_weights`` saves them) or, without them,
     Keras-style random ones (a step's speed does not depend on the values)."""
     from pneumojax.backbones import get_backbone  # noqa: PLC0415
-    from pneumojax.model import (
-        build_classifier,
-        init_variables,
-        make_optimizer,  # noqa: PLC0415
-        make_plan,
-    )
-    from pneumojax.train import Steps, make_mesh  # noqa: PLC0415
+    from pneumojax.model import build_classifier, init_variables, make_plan
+    from pneumojax.optim import make_optimizer
+    from pneumojax.step import Steps, make_mesh  # noqa: PLC0415
     from ports.keras_port import port_keras_weights  # noqa: PLC0415
 
     info = get_backbone(backbone)
@@ -757,7 +753,7 @@ def measure_pneumojax(job: dict) -> dict:
 
     from pneumojax.backbones import get_backbone  # noqa: PLC0415
     from pneumojax.explain import Explainer, default_layer  # noqa: PLC0415
-    from pneumojax.train import predict_logits  # noqa: PLC0415
+    from pneumojax.step import predict_logits  # noqa: PLC0415
 
     rss_after_import = common.peak_rss_mb()
     images, labels, weights = fixed_batch(job)

@@ -43,17 +43,17 @@ import numpy as np
 from pneumojax.backbones import get_backbone
 from pneumojax.checkpoint import save_variables
 from pneumojax.data import Splits, load_images
-from pneumojax.inference import (
+from pneumojax.scoring import (
     LoadedRun,
     combine_rule,
-    gather_image_files,
     load_run,
     run_intensity,
     run_resize,
     score_split,
-    split_probabilities,
-    write_predictions,
 )
+from pneumojax.inference import gather_image_files
+from pneumojax.runmodel import split_probabilities
+from pneumojax.predictions import write_predictions
 from pneumojax.io import file_sha256, remove_stale_staging, write_text_atomic
 from pneumojax.modelcard import write_model_card
 from pneumojax.metrics import format_metrics

@@ -56,7 +56,7 @@ class TrainConfig(FitOptions):
     seed_ensemble: int = 1  # K members on the same train set, differing only in their seed
     tta: int = 0  # test-time augmentation: views per image (0: none); pneumojax.tta
     tta_augment: str | None = None  # the views' spec [default: device_augment, else light]
-    # Optimisation (pneumojax.model.make_optimizer, pneumojax.train.train_step): the defaults
+    # Optimisation (pneumojax.model.make_optimizer, pneumojax.step.train_step): the defaults
     # are the study's Keras Adam, unsmoothed targets, no clipping and no EMA.
     optimizer: str = "adam"
     weight_decay: float | None = None  # adamw only; None: ADAMW_WEIGHT_DECAY

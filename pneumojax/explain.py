@@ -37,22 +37,21 @@ from pneumojax.backbones import ancestors, get_backbone, preprocess
 from pneumojax.backbones.registry import BackboneInfo
 from pneumojax.data import load_images
 from pneumojax.data.decode import open_image, to_8bit_rgb_or_gray
-from pneumojax.inference import (
+from pneumojax.scoring import (
     LoadedRun,
-    gather_image_files,
     load_run,
     predicted_labels,
     prediction_rows,
-    read_predictions,
     run_intensity,
     run_resize,
-    score_run,
     scoring_tta,
 )
+from pneumojax.inference import gather_image_files, score_run
+from pneumojax.predictions import read_predictions
 from pneumojax.io import write_text_atomic
 from pneumojax.model import build_classifier
 from pneumojax.progress import progress_bar
-from pneumojax.train import Steps, make_mesh
+from pneumojax.step import Steps, make_mesh
 
 METHODS = ("gradcam", "gradcam++", "saliency")
 _SUFFIX = {"gradcam": "gradcam", "gradcam++": "gradcampp", "saliency": "saliency"}

@@ -5,7 +5,7 @@ One contract for every format: the input is uint8 images ``[N, S, S, 3]`` (S: th
 size; a grey image repeated over the three channels), which is what ``predict`` hands the
 network after decoding and resizing; the output is float32 ``[N]``, P(pneumonia). Inside: the
 run's intensity normalisation and Keras preprocessing, the frozen prefix with its activations
-rounded to the feature cache's storage dtype exactly as :class:`~pneumojax.inference.RunModel`
+rounded to the feature cache's storage dtype exactly as :class:`~pneumojax.runmodel.RunModel`
 does, the trainable suffix and head, and a seed ensemble's members averaged as ``predict``
 averages them. The threshold and everything needed to label goes in ``pneumojax-export.json``.
 
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pneumojax.data import Splits
-from pneumojax.inference import (
+from pneumojax.scoring import (
     LoadedRun,
     combine_rule,
     combined_probability,
@@ -42,7 +42,7 @@ from pneumojax.inference import (
 )
 from pneumojax.io import remove_stale_staging, replace_folder, write_text_atomic
 from pneumojax.modelcard import write_model_card
-from pneumojax.train import predict_members_step
+from pneumojax.step import predict_members_step
 from pneumojax.workspace import load_split_arrays
 
 FORMATS = ("savedmodel", "onnx", "stablehlo")

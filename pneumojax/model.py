@@ -16,7 +16,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from pneumojax.backbones import (
     BackboneInfo,
@@ -26,7 +25,6 @@ from pneumojax.backbones import (
     init_shapes,
     preprocess,
 )
-from pneumojax.config import ADAMW_WEIGHT_DECAY
 from pneumojax.intensity import normalize_intensity
 
 HEAD = ("dense", "dense_1")  # Keras's auto-names for the head's two Dense layers
@@ -256,108 +254,6 @@ def trainable_labels(params: dict, trainable: frozenset[str]) -> dict:
         return "train" if keys[1] in trainable else "freeze"
 
     return jax.tree_util.tree_map_with_path(label, params)
-
-
-def scale_by_keras_adam(
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7
-) -> optax.GradientTransformation:
-    """Adam's direction as ``keras.optimizers.Adam`` computes it.
-
-    Keras bias-corrects the step, ``sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)`` with
-    the uncorrected ``v``; optax adds ``eps`` to the corrected ``sqrt(v_hat)``, an epsilon
-    ``sqrt(1 - b2^t)`` times Keras's (32x smaller at step 1), so gradients below ~3e-6 moved
-    nearly a full step where Keras moves them a fraction of one
-    (tests/test_keras_training_oracle.py). Same state as ``optax.scale_by_adam``.
-    """
-
-    def update(grads, state, params=None):
-        del params
-        mu = jax.tree.map(lambda g, m: m + (g - m) * (1 - b1), grads, state.mu)
-        nu = jax.tree.map(lambda g, v: v + (g * g - v) * (1 - b2), grads, state.nu)
-        count = optax.safe_increment(state.count)
-        t = count.astype(jnp.float32)
-        alpha = jnp.sqrt(1 - b2**t) / (1 - b1**t)
-        return (
-            jax.tree.map(lambda m, v: m * alpha / (jnp.sqrt(v) + eps), mu, nu),
-            optax.ScaleByAdamState(count=count, mu=mu, nu=nu),
-        )
-
-    return optax.GradientTransformation(optax.scale_by_adam(b1, b2, eps).init, update)
-
-
-def keras_adam(
-    learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7
-) -> optax.GradientTransformation:
-    """``keras.optimizers.Adam`` with its defaults (epsilon 1e-7, where Keras adds it)."""
-    return optax.chain(
-        scale_by_keras_adam(b1, b2, eps), optax.scale_by_learning_rate(learning_rate)
-    )
-
-
-def keras_adamw(
-    learning_rate,
-    weight_decay: float,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-7,
-    mask=None,
-) -> optax.GradientTransformation:
-    """AdamW: :func:`keras_adam`'s direction plus decoupled weight decay, both scaled by the
-    rate, as ``optax.adamw`` chains them (and ``keras.optimizers.AdamW`` and PyTorch apply it):
-    ``p <- p - lr * (adam(g) + weight_decay * p)``, on the leaves ``mask(params)`` marks."""
-    return optax.chain(
-        scale_by_keras_adam(b1, b2, eps),
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
-    )
-
-
-def decayed_leaves(params) -> Any:
-    """AdamW's rule: weight decay on kernels (Dense and Conv weights) only; biases and
-    BatchNorm's scale and offset are not decayed (BatchNorm statistics are not parameters)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) == "kernel", params
-    )
-
-
-def make_optimizer(
-    params: dict,
-    trainable: frozenset[str],
-    learning_rate,
-    optimizer: str = "adam",
-    weight_decay: float | None = None,
-    clip_grad_norm: float | None = None,
-) -> optax.GradientTransformation:
-    """Keras's Adam (or AdamW, :func:`keras_adamw`) on trainable leaves, zero updates on
-    frozen ones; with ``clip_grad_norm``, the trainable leaves' gradients are first scaled
-    to at most that global norm (``optax.clip_by_global_norm``; frozen leaves take no part:
-    ``multi_transform`` hands the train branch only its own leaves).
-
-    The rate lives in the optimizer state (``inject_hyperparams``) so a schedule changes a
-    value, not the compiled step. The defaults build exactly the optimizer (and state) of
-    runs made before these options existed, so their checkpoints still resume.
-    """
-    if optimizer == "adam":
-        if weight_decay:
-            raise ValueError("weight decay needs the adamw optimizer")
-        train = optax.inject_hyperparams(keras_adam)(learning_rate=learning_rate)
-    elif optimizer == "adamw":
-        # The mask in a closure (inject_hyperparams would take a callable for a schedule);
-        # b1, b2 and eps injected, as for adam, so both compute them in float32 alike.
-        def adamw(learning_rate, weight_decay, b1=0.9, b2=0.999, eps=1e-7):
-            return keras_adamw(learning_rate, weight_decay, b1, b2, eps, mask=decayed_leaves)
-
-        train = optax.inject_hyperparams(adamw)(
-            learning_rate=learning_rate,
-            weight_decay=ADAMW_WEIGHT_DECAY if weight_decay is None else weight_decay,
-        )
-    else:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose adam or adamw")
-    if clip_grad_norm is not None:
-        train = optax.chain(optax.clip_by_global_norm(clip_grad_norm), train)
-    return optax.multi_transform(
-        {"train": train, "freeze": optax.set_to_zero()}, trainable_labels(params, trainable)
-    )
 
 
 def init_variables(

@@ -22,15 +22,9 @@ from pneumojax.backbones import get_backbone
 from pneumojax.checkpoint import save_variables
 from pneumojax.config import TrainConfig, optimisation_summary, resolve_optimisation
 from pneumojax.features import cacheable_frontier, merge_variables, storage_dtype
-from pneumojax.inference import (
-    RunModel,
-    combine_rule,
-    score_split,
-    split_probabilities,
-    stack_members,
-    validation_thresholds,
-    write_predictions,
-)
+from pneumojax.runmodel import RunModel, split_probabilities, stack_members
+from pneumojax.scoring import combine_rule, score_split, validation_thresholds
+from pneumojax.predictions import write_predictions
 from pneumojax.io import write_text_atomic
 from pneumojax.modelcard import write_model_card
 from pneumojax.metrics import format_metrics
@@ -38,10 +32,10 @@ from pneumojax.model import (
     build_classifier,
     compute_dtype,
     init_variables,
-    make_optimizer,
     make_plan,
     resolve_precision,
 )
+from pneumojax.optim import make_optimizer
 from pneumojax.plots import plot_history
 from pneumojax.tensorboard import EventLog
 from pneumojax.runfolder import (
@@ -52,7 +46,8 @@ from pneumojax.runfolder import (
     status_error,
     write_status,
 )
-from pneumojax.train import Interrupted, fit, make_mesh
+from pneumojax.step import make_mesh
+from pneumojax.train import Interrupted, fit
 from pneumojax.tta import resolve_tta, run_tta
 from pneumojax.workspace import (
     cache_dir,
@@ -307,7 +302,7 @@ def _after_epoch(on_saved: Callable[[], None] | None, events: EventLog | None):
 def calibrated(run_model: RunModel, best: list[dict], val_inputs, y_val, log) -> tuple:
     """``--calibrate temperature``: each member's head scaled by the T fitted on validation."""
     from pneumojax.calibration import fit_temperature, scale_head  # noqa: PLC0415
-    from pneumojax.train import member_logits  # noqa: PLC0415
+    from pneumojax.step import member_logits  # noqa: PLC0415
 
     z = member_logits(run_model.steps, run_model.variables, val_inputs, run_model.batch_size)
     temperature = fit_temperature(z[..., 1], y_val)
@@ -475,7 +470,7 @@ def finish_run(
 
     With ``--tta N`` both validation and test are scored with the same test-time
     augmentation, so the thresholds are chosen on the probabilities they are applied to. The
-    members combine by the run's rule (:func:`pneumojax.inference.combine_rule`)."""
+    members combine by the run's rule (:func:`pneumojax.scoring.combine_rule`)."""
     tta = run_tta(dataclasses.asdict(cfg))
     if tta is None:
         p_val = run_model.member_probabilities(inputs["val"])

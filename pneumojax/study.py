@@ -26,7 +26,8 @@ from pneumojax.config import TrainConfig
 from pneumojax.experiments import Study, command_line, record_experiment, resolve_options
 from pneumojax.external import external_section, score_on_externals
 from pneumojax.external import public as public_external
-from pneumojax.inference import predicted_labels, read_predictions
+from pneumojax.scoring import predicted_labels
+from pneumojax.predictions import read_predictions
 from pneumojax.runfolder import run_state
 from pneumojax.train import Interrupted
 

@@ -5,7 +5,7 @@ the view's number and the image's own content (a CRC-32 of its uint8 pixels), so
 image is the same whatever batch, split or file list it is scored in: ``predict`` on one
 image gives exactly what ``evaluate`` gave it among 624. The frozen prefix sees every view
 (no activation cache: the views are new inputs), through the same scoring path as un-augmented
-images (:meth:`pneumojax.inference.RunModel.inputs`), so TTA with the identity spec equals no
+images (:meth:`pneumojax.runmodel.RunModel.inputs`), so TTA with the identity spec equals no
 TTA exactly.
 
 The views' **probabilities** are averaged (not their logits), per member, the same way the
@@ -83,7 +83,7 @@ def image_ids(images) -> np.ndarray:
 
 @functools.cache
 def _view_fn(spec: AugmentSpec):
-    """``fn(view_key_data, batch)`` for :meth:`pneumojax.train.Steps.map`: each image of the
+    """``fn(view_key_data, batch)`` for :meth:`pneumojax.step.Steps.map`: each image of the
     batch augmented with ``fold_in(view key, its id)``; one function (one compile) per spec."""
     import jax  # noqa: PLC0415
 
@@ -107,7 +107,7 @@ def view_key_data(tta: TTA, view: int) -> np.ndarray:
 
 def view_images(steps, images, ids: np.ndarray, tta: TTA, view: int, batch_size: int):
     """View ``view`` of every image (uint8, same shape), computed on the devices in
-    fixed-size batches (``steps``: a :class:`pneumojax.train.Steps`)."""
+    fixed-size batches (``steps``: a :class:`pneumojax.step.Steps`)."""
     out = np.empty(np.shape(images), np.uint8)
 
     def sink(start, stop, views):

@@ -234,7 +234,7 @@ _SHARDED = textwrap.dedent("""
     import numpy as np, jax
     from jax.sharding import NamedSharding, PartitionSpec as P
     from pneumojax.augment import PRESETS, augment
-    from pneumojax.train import make_mesh
+    from pneumojax.step import make_mesh
     assert jax.device_count() == 2
     x = np.random.default_rng(0).integers(0, 256, (4, 24, 24, 3), np.uint8)
     sharded = jax.device_put(x, NamedSharding(make_mesh(), P("data")))
@@ -261,13 +261,14 @@ def test_a_batch_sharded_over_two_devices_augments_as_on_one(tmp_path):
 
 def _tiny_step_inputs(k=2, n=8, size=32):
     from pneumojax.backbones import get_backbone
-    from pneumojax.model import build_classifier, init_variables, make_optimizer
+    from pneumojax.model import build_classifier, init_variables
+    from pneumojax.optim import make_optimizer
 
     info = get_backbone("densenet121")
     model = build_classifier(info, TINY_CUT, frozenset())
     variables = init_variables(model, size, 0)
     tx = make_optimizer(variables["params"], frozenset(), 1e-3)
-    from pneumojax.train import create_train_state
+    from pneumojax.step import create_train_state
 
     state = create_train_state(tx, [variables] * k)
     rng = np.random.default_rng(0)
@@ -281,7 +282,7 @@ def _tiny_step_inputs(k=2, n=8, size=32):
 
 
 def test_the_step_without_augmentation_is_the_plain_step():
-    from pneumojax.train import train_members_step
+    from pneumojax.step import train_members_step
 
     model, tx, state, batch, keys = _tiny_step_inputs(k=1)
     plain = jax.make_jaxpr(lambda *a: train_members_step(model, tx, *a))(state, batch, keys)
@@ -296,7 +297,7 @@ def test_the_step_trains_each_member_on_its_own_augmented_images_with_the_same_l
     """One augmented step equals the plain step on images augmented outside it, with the
     member's key folded with AUGMENT_STREAM and the step number: the labels and weights go
     through untouched, and each member of an ensemble draws its own transforms."""
-    from pneumojax.train import AUGMENT_STREAM, train_members_step
+    from pneumojax.step import AUGMENT_STREAM, train_members_step
 
     model, tx, state, batch, keys = _tiny_step_inputs(k=2)
     state = state.replace(step=state.step + 5)  # a later step draws from its own number
@@ -329,7 +330,7 @@ def test_the_step_trains_each_member_on_its_own_augmented_images_with_the_same_l
 
 
 def test_augmentation_refuses_cached_activations():
-    from pneumojax.train import train_step
+    from pneumojax.step import train_step
 
     model, tx, state, batch, keys = _tiny_step_inputs(k=1)
     one = jax.tree.map(lambda a: a[0], (state, batch))

@@ -11,7 +11,7 @@ from pneumojax.backbones import get_backbone
 from pneumojax.calibration import fit_temperature, scale_head
 from pneumojax.cli import main
 from pneumojax.data import make_demo_dataset
-from pneumojax.inference import read_predictions
+from pneumojax.predictions import read_predictions
 from pneumojax.model import build_classifier
 
 from conftest import RESCORED_METRICS, TINY_CUT, tiny_train_args

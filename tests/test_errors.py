@@ -119,7 +119,7 @@ def test_nan_loss_stops_and_says_where(tmp_path):
 
 
 def test_disk_full_while_saving_is_reported(tiny_data, tmp_path, monkeypatch):
-    from pneumojax import train as train_module
+    from pneumojax import runcheckpoints as train_module
 
     def full(self, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run"))

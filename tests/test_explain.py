@@ -20,7 +20,9 @@ from pneumojax import explain
 from pneumojax.backbones import REGISTRY, get_backbone
 from pneumojax.cli import main
 from pneumojax.data import demo_opacity_masks, load_images, make_demo_dataset
-from pneumojax.inference import load_run, predict_paths, read_predictions
+from pneumojax.scoring import load_run
+from pneumojax.inference import predict_paths
+from pneumojax.predictions import read_predictions
 
 from conftest import MINI_DATA as MINI, TINY_CUT, TINY_MID, tiny_train_args
 

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from pneumojax import data as pj_data
 from pneumojax import export as pj_export
 from pneumojax.cli import main
-from pneumojax.inference import predict_paths, run_resize
+from pneumojax.inference import predict_paths
+from pneumojax.scoring import run_resize
 
 from conftest import MINI_DATA, NIH_DATA, TINY_MID, tiny_train_args
 

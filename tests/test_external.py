@@ -13,7 +13,7 @@ from pneumojax.cli import main
 from pneumojax.data import make_demo_dataset
 from pneumojax.experiments import ExperimentError, load_study
 from pneumojax.external import parse_eval_data
-from pneumojax.inference import read_predictions
+from pneumojax.predictions import read_predictions
 from pneumojax.metrics import binary_metrics, choose_threshold
 from pneumojax.stats import delong_auc_test
 

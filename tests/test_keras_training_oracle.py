@@ -33,8 +33,9 @@ import pytest
 
 from pneumojax.backbones import get_backbone
 from pneumojax.features import cacheable_frontier, prefix_model, suffix_variables
-from pneumojax.model import HEAD, build_classifier, init_variables, make_optimizer, make_plan
-from pneumojax.train import Steps, make_mesh
+from pneumojax.model import HEAD, build_classifier, init_variables, make_plan
+from pneumojax.optim import make_optimizer
+from pneumojax.step import Steps, make_mesh
 from ports import keras_port as kp
 
 pytestmark = pytest.mark.tensorflow

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from pneumojax import stats
 from pneumojax.cli import main, train
 from pneumojax.config import TrainConfig
-from pneumojax.inference import read_predictions
+from pneumojax.predictions import read_predictions
 from pneumojax.modelcard import model_card, render_markdown
 
 from conftest import MINI_DATA, NIH_DATA, tiny_train_args

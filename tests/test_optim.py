@@ -20,19 +20,17 @@ from click.testing import CliRunner
 
 from pneumojax.cli import main
 from pneumojax.config import FitOptions, TrainConfig, resolve_optimisation
-from pneumojax.model import keras_adam, make_optimizer
-from pneumojax.train import (
+from pneumojax.optim import keras_adam, make_optimizer, step_learning_rates
+from pneumojax.runcheckpoints import RunCheckpoints
+from pneumojax.step import (
     EmaTrainState,
-    Interrupted,
-    RunCheckpoints,
     create_train_state,
     evaluate_loss,
-    fit,
     loss_and_accuracy,
     predict_logits,
-    step_learning_rates,
     train_step,
 )
+from pneumojax.train import Interrupted, fit
 
 from conftest import TINY_CUT, TINY_MID, run_figures, tiny_train_args
 from test_train_step import Toy

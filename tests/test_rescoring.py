@@ -114,7 +114,7 @@ def test_the_precision_a_run_used_is_kept_on_another_machine(unequal_data, tmp_p
     """A run trained and thresholded in float32 on a CPU is scored in float32 on a GPU too,
     unless the user asks otherwise (and is told)."""
     from pneumojax import model as model_module
-    from pneumojax.inference import load_run
+    from pneumojax.scoring import load_run
 
     monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"

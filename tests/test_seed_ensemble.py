@@ -18,7 +18,8 @@ from pneumojax import data as pj_data
 from pneumojax.checkpoint import load_variables
 from pneumojax.cli import main
 from pneumojax.config import FitOptions
-from pneumojax.inference import predicted_labels, read_predictions
+from pneumojax.scoring import predicted_labels
+from pneumojax.predictions import read_predictions
 from pneumojax.metrics import choose_threshold
 from pneumojax.train import _epoch_batches, Progress
 

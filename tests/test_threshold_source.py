@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from pneumojax import data as pj_data
 from pneumojax.cli import main
 from pneumojax.metrics import choose_threshold
-from pneumojax.inference import load_run
+from pneumojax.scoring import load_run
 from pneumojax.workspace import load_split_arrays
 
 from conftest import tiny_train_args

@@ -17,11 +17,13 @@ from pneumojax.model import (
     TrainableSpecError,
     build_classifier,
     init_variables,
-    make_optimizer,
     make_plan,
     parse_trainable,
 )
-from pneumojax.train import FitOptions, Interrupted, Steps, epoch_lr_factor, fit, make_mesh
+from pneumojax.optim import make_optimizer
+from pneumojax.step import Steps, make_mesh
+from pneumojax.train import FitOptions, Interrupted, fit
+from pneumojax.optim import epoch_lr_factor
 
 from conftest import REPO, TINY_CUT, TINY_MID, tiny_train_args
 

@@ -9,9 +9,8 @@ import jax
 import numpy as np
 import optax
 
-from pneumojax.train import (
-    EarlyStopping,
-    Progress,
+from pneumojax.runcheckpoints import EarlyStopping, Progress
+from pneumojax.step import (
     create_train_state,
     predict_members_step,
     predict_step,

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from pneumojax import data as pj_data
 from pneumojax.cli import main
-from pneumojax.inference import load_run, read_predictions
+from pneumojax.scoring import load_run
+from pneumojax.predictions import read_predictions
 from pneumojax.metrics import choose_threshold
 from pneumojax.tta import TTA, image_ids, resolve_tta, view_images
 from pneumojax.workspace import load_split_arrays

@@ -21,8 +21,9 @@ import json, re
 import numpy as np
 import pneumojax, jax
 from pneumojax.backbones import get_backbone
-from pneumojax.model import build_classifier, init_variables, make_optimizer, make_plan
-from pneumojax.train import Steps, make_mesh
+from pneumojax.model import build_classifier, init_variables, make_plan
+from pneumojax.optim import make_optimizer
+from pneumojax.step import Steps, make_mesh
 info = get_backbone("densenet121")
 plan = make_plan(info, "{TINY_CUT}", "{TINY_MID}", 32)
 model = build_classifier(info, plan.cut, plan.trainable_layers)
