@@ -302,3 +302,11 @@ def test_a_tta_run_exports_its_plain_path_which_is_predict_with_tta_0(workdir, t
     got = run_in_own_runtime("stablehlo", out, pj_data.load_images(files, 32))
     np.testing.assert_allclose(got, [r["p_pneumonia"] for r in rows], atol=1e-5)
     assert meta["threshold"] == rows[0]["threshold"]
+
+
+def test_the_commands_format_choice_is_the_exporters():
+    from pneumojax.cli import export as command  # noqa: PLC0415
+    from pneumojax.export import FORMATS  # noqa: PLC0415
+
+    (option,) = [p for p in command.params if p.name == "fmt" or "--format" in p.opts]
+    assert tuple(option.type.choices) == FORMATS
