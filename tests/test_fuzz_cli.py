@@ -25,7 +25,6 @@ from PIL import Image
 from pydicom.uid import JPEG2000Lossless
 
 from pneumojax.cli import main
-from pneumojax.data import make_demo_dataset
 
 from conftest import TINY_CUT, TINY_MID, tiny_train_args
 from test_dicom import write_dicom, write_encapsulated
@@ -192,14 +191,9 @@ def test_train_on_any_tree_with_any_options_ends_cleanly(tree, options, monkeypa
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzzrun")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PNEUMOJAX_CACHE", str(root / "cache"))
-        data = make_demo_dataset(root / "xray", n_per_class=24, image_size=40, seed=4)
-        result = CliRunner().invoke(main, tiny_train_args(data, root / "run", epochs=1))
-        assert result.exit_code == 0, result.output
-        yield root / "run"
+def trained(tiny_run):
+    """The session's tiny finished run (tests/conftest.py), scored on every fuzz tree."""
+    return tiny_run
 
 
 SCORING = st.sampled_from(
