@@ -141,10 +141,16 @@ def changed_options(run_dir: Path, cfg: TrainConfig) -> list[str]:
     is (its resolved path)."""
     from pneumojax.run import resolved_config  # noqa: PLC0415
 
+    from pneumojax.backbones import get_backbone  # noqa: PLC0415
+    from pneumojax.model import make_plan  # noqa: PLC0415
+
     try:
         stored = json.loads((Path(run_dir) / "config.json").read_text())
         now, _ = resolved_config(cfg, Path(run_dir), resume=False)
-    except (OSError, ValueError):
+        # a run stores the cut it used: the backbone's default where none was asked for
+        plan = make_plan(get_backbone(now.backbone), now.cut, now.trainable, now.image_size)
+        now = dataclasses.replace(now, cut=plan.cut)
+    except (OSError, ValueError, KeyError):
         return []
     changed = []
     for field in dataclasses.fields(TrainConfig):

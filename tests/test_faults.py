@@ -5,6 +5,7 @@ made twice at once, ``--overwrite`` on folders that are no run, failed runs retr
 ``--resume`` with other options.
 """
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -568,6 +569,17 @@ def test_a_study_reruns_a_finished_experiment_whose_options_changed(tmp_path, mo
     shutil.copytree(data, moved)
     cfg.data = str(moved)
     assert changed_options(out / "plain", cfg) == [f"data {str(data)!r} -> {str(moved)!r}"]
+    # An experiment that names no cut asks for the backbone's default, which the run stored:
+    # no change (every finished experiment of such a study was retrained by each rerun).
+    cfg.data = str(data)
+    stored = out / "plain" / "config.json"
+    default = json.loads(stored.read_text())
+    default["cut"] = "conv5_block15_1_relu"  # densenet121's default cut, as a run stores it
+    stored.write_text(json.dumps(default))
+    assert changed_options(out / "plain", dataclasses.replace(cfg, cut=None)) == []
+    assert changed_options(out / "plain", dataclasses.replace(cfg, cut=TINY_CUT)) == [
+        f"cut 'conv5_block15_1_relu' -> {TINY_CUT!r}"
+    ]
 
 
 # --- 4: --resume takes --epochs and --patience, and refuses every other option by name --------
