@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY312 := $(shell pyenv which python3.12 2>/dev/null || command -v python3.12 2>/dev/null)
 
-.PHONY: demo test fuzz setup clean-venv clean-cache
+.PHONY: demo test test-fast fuzz setup clean-venv clean-cache
 
 $(VENV)/.installed: pyproject.toml
 	@if [ -z "$(PY312)" ]; then \
@@ -31,6 +31,12 @@ test: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check --select F .
 	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
+
+# The inner loop (under a minute on 2 cores): the house, the docs' links, figures and statistics,
+# data layouts and splits, I/O, the sample, the command's usage errors; nothing trains.
+FAST_TESTS := house docs_links metrics stats io data data_errors resize sample cli_usage calibration
+test-fast: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q $(FAST_TESTS:%=tests/test_%.py)
 
 # The command-line fuzz (tests/test_fuzz_cli.py) longer and random: random file trees and options
 # for train, evaluate, predict and explain; every case must end in exit 0/1/2 with no traceback.
