@@ -52,6 +52,7 @@ def test_the_configs_folder_is_the_study_in_its_order():
         "seed_study",
         "no_imagenet",
         "no_imagenet_levers",
+        "no_imagenet_levers_v2",
     }
     assert files == set(SEED)
     study = load_study()  # the default: configs/seed_study.toml
@@ -384,6 +385,24 @@ def test_a_study_target_is_read_as_numbers(tmp_path):
     )
     assert load_study(study).target == {"auc": 0.968, "specificity": 0.8, "minutes": 60.0}
     assert load_study().target == {}  # the seed study states none
+
+
+def test_the_second_lever_screen_changes_one_thing_of_v2_at_a_time():
+    study = load_study(CONFIGS_DIR / "no_imagenet_levers_v2.toml")
+    base = dataclasses.asdict(study.resolve("eq_texture"))
+    recipe = load_study(CONFIGS_DIR / "no_imagenet.toml").resolve("recipe")
+    assert (base["intensity"], base["device_augment"]) == (
+        recipe.intensity,
+        recipe.device_augment,
+    )
+    changed = {
+        name: {k for k, v in dataclasses.asdict(study.resolve(name)).items() if v != base[k]}
+        for name in study.names
+    }
+    assert changed["eq_texture_cosine"] == {"lr_schedule", "warmup_epochs"}
+    assert changed["clahe_texture"] == {"intensity"}
+    assert changed["eq_texture.s1"] == {"seed"} == changed["clahe_texture.s1"] - {"intensity"}
+    assert [s.name for s in study.external] == ["nih"]
 
 
 def test_each_lever_experiment_adds_one_lever_to_the_one_before():
