@@ -53,9 +53,9 @@ def model_card(run_dir: str | Path) -> dict:
         "run": str(run_dir.resolve()),
         "model": _model(config),
         "training": _training(config, metrics),
-        "training_data": _training_data(config, splits),
+        "training_data": (data := _training_data(config, splits)),
         "threshold": _threshold(config, metrics, splits),
-        "evaluations": _evaluations(run_dir, config, metrics, splits),
+        "evaluations": _evaluations(run_dir, config, metrics, data["test_origin"]),
         "intended_use": INTENDED_USE,
         "command": _command(config),
     }
@@ -171,9 +171,8 @@ def _threshold(config: dict, metrics: dict, splits: dict) -> dict:
     }
 
 
-def _evaluations(run_dir: Path, config: dict, metrics: dict, splits: dict) -> list[dict]:
+def _evaluations(run_dir: Path, config: dict, metrics: dict, origin: str) -> list[dict]:
     """The run's own test split first, then every other data set it was scored on."""
-    origin = _training_data(config, splits)["test_origin"]
     found = [_entry(f"test ({origin})", metrics, run_dir / "predictions" / "test.csv", True)]
     for folder in sorted(run_dir.glob("eval-*")):
         path = folder / "metrics.json"
