@@ -85,7 +85,7 @@ def _write_png(path: Path, width: int, height: int, value: int, bits: int = 8) -
 
 
 def test_data_error_is_a_value_error_so_the_cli_prints_it_without_traceback():
-    assert issubclass(DataError, ValueError)  # cli.py reports ValueError as "error: ..."
+    assert issubclass(DataError, ValueError)  # pneumojax.cli reports ValueError as "error: ..."
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from pneumojax.backbones import get_backbone
-from pneumojax.cli import main, train
+from pneumojax.cli import main
+from pneumojax.cli.training import train
 from pneumojax.config import TrainConfig
 from pneumojax.experiments import (
     CONFIGS_DIR,

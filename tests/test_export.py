@@ -305,7 +305,7 @@ def test_a_tta_run_exports_its_plain_path_which_is_predict_with_tta_0(workdir, t
 
 
 def test_the_commands_format_choice_is_the_exporters():
-    from pneumojax.cli import export as command  # noqa: PLC0415
+    from pneumojax.cli.scoring import export as command  # noqa: PLC0415
     from pneumojax.export import FORMATS  # noqa: PLC0415
 
     (option,) = [p for p in command.params if p.name == "fmt" or "--format" in p.opts]

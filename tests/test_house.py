@@ -11,6 +11,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pneumojax"
 ENTRY_POINTS = {"pneumojax.cli", "pneumojax.__main__"}  # may import anything below them
 
 
+def entry_point(name: str) -> bool:
+    """One of ENTRY_POINTS or, the command line being a package, one of its modules."""
+    return name in ENTRY_POINTS or name.startswith("pneumojax.cli.")
+
+
 def modules(root: Path = PACKAGE) -> dict[str, Path]:
     out = {}
     for path in root.rglob("*.py"):
@@ -106,9 +111,9 @@ def test_no_import_cycles_lazy_imports_included():
 
 def test_the_library_never_imports_the_command_line_or_the_benchmarks():
     offenders = {
-        name: sorted(d for d in deps if d in ENTRY_POINTS or d.startswith("benchmarks"))
+        name: sorted(d for d in deps if entry_point(d) or d.startswith("benchmarks"))
         for name, deps in import_graph().items()
-        if name not in ENTRY_POINTS
+        if not entry_point(name)
     }
     assert {k: v for k, v in offenders.items() if v} == {}
 
@@ -134,13 +139,12 @@ def test_the_walk_sees_lazy_imports_and_cycles(tmp_path):
 # module or function that is not listed may not grow past the limit.
 MODULE_LIMIT, FUNCTION_LIMIT = 450, 70
 LARGE_MODULES = {
-    "pneumojax.cli": 860,
     "pneumojax.run": 618,
     "pneumojax.explain": 522,
     "pneumojax.train": 457,
 }
 LONG_FUNCTIONS = {
-    "pneumojax.cli.train": 106,
+    "pneumojax.cli.training.train": 106,
     "pneumojax.run._train_in_folder": 128,
     "pneumojax.features.cached_activations": 96,
     "pneumojax.train.fit": 90,

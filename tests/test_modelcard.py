@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from pneumojax import stats
-from pneumojax.cli import main, train
+from pneumojax.cli import main
+from pneumojax.cli.training import train
 from pneumojax.config import TrainConfig
 from pneumojax.predictions import read_predictions
 from pneumojax.modelcard import model_card, render_markdown

@@ -554,7 +554,7 @@ def test_options_that_mean_nothing_are_usage_errors(extra, message):
 
 
 def test_the_options_are_experiment_keys_and_resolve_into_config(tmp_path):
-    from pneumojax.cli import train
+    from pneumojax.cli.training import train
     from pneumojax.experiments import (
         ExperimentError,
         check_options,
