@@ -144,7 +144,6 @@ LARGE_MODULES = {
     "pneumojax.train": 457,
 }
 LONG_FUNCTIONS = {
-    "pneumojax.cli.training.train": 106,
     "pneumojax.run._train_in_folder": 128,
     "pneumojax.features.cached_activations": 96,
     "pneumojax.train.fit": 90,

@@ -40,60 +40,79 @@ def train(
         _print_stored_plan(options["out"], changes)
         return
     _check_train_options(options, distributed, coordinator, num_processes, process_id)
-    from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
-    from pneumojax.data import DataError  # noqa: PLC0415
-    from pneumojax.model import TrainableSpecError, make_plan  # noqa: PLC0415
-    from pneumojax.run import train_run  # noqa: PLC0415
-    from pneumojax.train import Interrupted, NonFiniteLoss  # noqa: PLC0415
-
     cfg = TrainConfig(**options)
     if distributed:
         import jax  # noqa: PLC0415
 
         jax.distributed.initialize(coordinator, num_processes, process_id)
-    if not resume:  # usage errors first, before any data is touched (exit status 2)
-        try:
-            plan = make_plan(get_backbone(cfg.backbone), cfg.cut, cfg.trainable, cfg.image_size)
-        except (TrainableSpecError, KeyError, ValueError) as e:
-            fail(error_text(e), 2)
-        if cfg.ensemble_size is not None and cfg.balance != "ensemble":
-            fail("--ensemble-size needs --balance ensemble", 2)
-        if cfg.seed_ensemble > 1 and cfg.balance == "ensemble":
-            fail(
-                "--seed-ensemble cannot be combined with --balance ensemble (its members "
-                "already differ in their data); use one or the other",
-                2,
-            )
-        if cfg.tta_augment is not None and not cfg.tta:
-            fail("--tta-augment needs --tta N (the number of views, N >= 1)", 2)
-        if cfg.augment != "cxr":  # a pipeline file: read now, not after the run has started
-            from pneumojax.balance import augment_pipeline  # noqa: PLC0415
-
-            try:
-                augment_pipeline(cfg.augment)
-            except ValueError as e:
-                fail(error_text(e), 2)
-        import jax  # noqa: PLC0415
-
-        if cfg.batch_size % jax.device_count():
-            fail(
-                f"--batch-size {cfg.batch_size} is not a multiple of the {jax.device_count()} "
-                "devices: every device takes an equal share of each batch",
-                2,
-            )
+    if resume:
+        _check_resume_changes(cfg, changes)
+    else:  # usage errors first, before any data is touched (exit status 2)
+        plan = _check_new_run(cfg)
         if dry_run:
             for line in plan.lines():
                 click.echo(line)
             return
-    if resume:
-        from pneumojax.run import check_resume_changes  # noqa: PLC0415
-
-        try:
-            check_resume_changes(Path(cfg.out), changes)
-        except ValueError as e:
-            fail(error_text(e), 2)
     # A run started here (not an existing one refused) gets the experiment's record.
     extra = {"experiment": experiment.record()} if experiment is not None else None
+    _run_training(cfg, resume, overwrite, changes, extra)
+
+
+def _check_new_run(cfg: TrainConfig):
+    """The usage errors of a new run that need the backbone, a file or the devices (exit status
+    2); its plan (the layers it trains) when there are none."""
+    from pneumojax.model import TrainableSpecError, make_plan  # noqa: PLC0415
+
+    try:
+        plan = make_plan(get_backbone(cfg.backbone), cfg.cut, cfg.trainable, cfg.image_size)
+    except (TrainableSpecError, KeyError, ValueError) as e:
+        fail(error_text(e), 2)
+    if cfg.ensemble_size is not None and cfg.balance != "ensemble":
+        fail("--ensemble-size needs --balance ensemble", 2)
+    if cfg.seed_ensemble > 1 and cfg.balance == "ensemble":
+        fail(
+            "--seed-ensemble cannot be combined with --balance ensemble (its members "
+            "already differ in their data); use one or the other",
+            2,
+        )
+    if cfg.tta_augment is not None and not cfg.tta:
+        fail("--tta-augment needs --tta N (the number of views, N >= 1)", 2)
+    if cfg.augment != "cxr":  # a pipeline file: read now, not after the run has started
+        from pneumojax.balance import augment_pipeline  # noqa: PLC0415
+
+        try:
+            augment_pipeline(cfg.augment)
+        except ValueError as e:
+            fail(error_text(e), 2)
+    import jax  # noqa: PLC0415
+
+    if cfg.batch_size % jax.device_count():
+        fail(
+            f"--batch-size {cfg.batch_size} is not a multiple of the {jax.device_count()} "
+            "devices: every device takes an equal share of each batch",
+            2,
+        )
+    return plan
+
+
+def _check_resume_changes(cfg: TrainConfig, changes: dict) -> None:
+    """--resume: the changes asked for are ones the run in --out can take (exit status 2)."""
+    from pneumojax.run import check_resume_changes  # noqa: PLC0415
+
+    try:
+        check_resume_changes(Path(cfg.out), changes)
+    except ValueError as e:
+        fail(error_text(e), 2)
+
+
+def _run_training(cfg: TrainConfig, resume, overwrite, changes, extra) -> None:
+    """The run itself; an interruption says how to continue (exit status 130), any other
+    failure is one line."""
+    from pneumojax.checkpoint import CheckpointError  # noqa: PLC0415
+    from pneumojax.data import DataError  # noqa: PLC0415
+    from pneumojax.run import train_run  # noqa: PLC0415
+    from pneumojax.train import Interrupted, NonFiniteLoss  # noqa: PLC0415
+
     try:
         train_run(
             cfg,
@@ -107,24 +126,26 @@ def train(
         click.echo(f"{e}\ncontinue with: pneumojax train --out {cfg.out} --resume", err=True)
         sys.exit(130)
     except KeyboardInterrupt:  # outside the epochs (reading data, scoring): nothing saved
-        from pneumojax.runfolder import read_status  # noqa: PLC0415
-
-        status = read_status(Path(cfg.out)) or {}
-        ours = status.get("pid") == os.getpid() and status.get("state") == "interrupted"
-        click.echo(
-            "interrupted"
-            + (
-                f"; continue with: pneumojax train --out {cfg.out} --resume"
-                if ours
-                else f" before the run started; {cfg.out} is as it was"
-            ),
-            err=True,
-        )
+        click.echo(_interrupted_outside_the_epochs(cfg.out), err=True)
         sys.exit(130)
     except FileExistsError as e:
         fail(error_text(e), 2)
     except (KeyError, ValueError, OSError, NonFiniteLoss, CheckpointError, DataError) as e:
         fail(describe_os_error(e) if isinstance(e, OSError) else error_text(e))
+
+
+def _interrupted_outside_the_epochs(out: str) -> str:
+    """Ctrl-C while reading data or scoring: whether this process had started the run in --out
+    (it can be continued) or not (the folder is as it was)."""
+    from pneumojax.runfolder import read_status  # noqa: PLC0415
+
+    status = read_status(Path(out)) or {}
+    ours = status.get("pid") == os.getpid() and status.get("state") == "interrupted"
+    return "interrupted" + (
+        f"; continue with: pneumojax train --out {out} --resume"
+        if ours
+        else f" before the run started; {out} is as it was"
+    )
 
 
 def _resume_options(ctx) -> dict:
