@@ -141,7 +141,6 @@ LARGE_MODULES = {
 LONG_FUNCTIONS = {
     "pneumojax.cli.train": 106,
     "pneumojax.run._train_in_folder": 128,
-    "pneumojax.features.cached_activations": 96,
     "pneumojax.train.fit": 90,
     "pneumojax.report.tables": 80,
     "pneumojax.adapt.adapt_run": 77,
