@@ -142,10 +142,8 @@ LONG_FUNCTIONS = {
     "pneumojax.cli.train": 106,
     "pneumojax.run._train_in_folder": 128,
     "pneumojax.train.fit": 90,
-    "pneumojax.report.tables": 80,
     "pneumojax.adapt.adapt_run": 77,
     "pneumojax.run.train_run": 77,
-    "pneumojax.report.external_tables": 74,
     "pneumojax.study.run_study": 73,
 }
 
