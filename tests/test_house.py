@@ -142,7 +142,6 @@ LONG_FUNCTIONS = {
     "pneumojax.cli.train": 106,
     "pneumojax.run._train_in_folder": 128,
     "pneumojax.train.fit": 90,
-    "pneumojax.adapt.adapt_run": 77,
     "pneumojax.run.train_run": 77,
     "pneumojax.study.run_study": 73,
 }
