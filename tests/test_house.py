@@ -143,7 +143,6 @@ LONG_FUNCTIONS = {
     "pneumojax.run._train_in_folder": 128,
     "pneumojax.train.fit": 90,
     "pneumojax.run.train_run": 77,
-    "pneumojax.study.run_study": 73,
 }
 
 
