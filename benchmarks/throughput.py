@@ -613,7 +613,7 @@ def render_markdown(payload: dict) -> str:
         "",
         "### Heat maps: Grad-CAM of one batch of host images (images/s)",
         "",
-        "At the backbone's default layer (pneumojax.explain.default_layer), the gradient of "
+        "At the backbone's default layer (pneumojax.heatmaps.default_layer), the gradient of "
         "the PNEUMONIA logit, maps upsampled to the input size: pneumojax's `Explainer` "
         "(`pneumojax explain`), and for Keras the keras.io recipe (a model that also returns "
         "the layer's output, `tf.GradientTape` in a `tf.function`) or, on JAX, the same model "
@@ -752,7 +752,7 @@ def measure_pneumojax(job: dict) -> dict:
     import jax  # noqa: PLC0415
 
     from pneumojax.backbones import get_backbone  # noqa: PLC0415
-    from pneumojax.explain import Explainer, default_layer  # noqa: PLC0415
+    from pneumojax.heatmaps import Explainer, default_layer  # noqa: PLC0415
     from pneumojax.step import predict_logits  # noqa: PLC0415
 
     rss_after_import = common.peak_rss_mb()
@@ -920,7 +920,7 @@ def measure_keras(job: dict) -> dict:
     import keras  # noqa: PLC0415
 
     from pneumojax.backbones import get_backbone  # noqa: PLC0415
-    from pneumojax.explain import default_layer  # noqa: PLC0415
+    from pneumojax.heatmaps import default_layer  # noqa: PLC0415
     from ports.keras_port import keras_preprocess, set_keras_weights  # noqa: PLC0415
 
     rss_after_import = common.peak_rss_mb()

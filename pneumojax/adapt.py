@@ -243,18 +243,8 @@ def adapt_run(
     """Writes ``out``: ``run_dir`` adapted to the images of ``data`` (never their labels), as
     a run folder (config.json with an ``adaptation`` record, model/, metrics.json and
     predictions of the run's own splits, ``adapt/target.csv``). Returns its metrics."""
-    if options.threshold not in THRESHOLD_RULES:
-        raise ValueError(f"threshold rule {options.threshold!r}: choose {THRESHOLD_RULES}")
     run_dir, out = Path(run_dir), Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
-    if out.resolve() == run_dir.resolve():
-        raise ValueError("--out must be a new folder: the run it adapts stays as it is")
-    if out.exists() and not _is_adapted_run(out):
-        raise FileExistsError(
-            f"{out} exists and is not a run made by pneumojax adapt: --overwrite replaces only "
-            "those; choose another --out"
-        )
+    _check_request(run_dir, out, options, overwrite)
     run = load_run(run_dir, log=log)
     config = run.config
     rule = combine_rule(config)
@@ -280,35 +270,64 @@ def adapt_run(
     if options.bn:
         check_not_saturated(p_before)
     if options.prior:
-        prior = em_prior(p_before, training_prior(config))
+        prior = _target_prior(p_before, config, log)
         record["prior_shift"] = prior
         variables = shift_pneumonia_logit(variables, prior["logit_shift"])
         run = _with_variables(run, variables)
-        log(
-            f"class prior: PNEUMONIA {prior['training_prior']:.3f} in training, estimated "
-            f"{prior['target_prior']:.3f} on the target by EM ({prior['iterations']} "
-            f"iterations); PNEUMONIA logit shifted by {prior['logit_shift']:+.3f}"
-        )
-        if prior["at_bound"]:
-            log(
-                f"warning: EM stopped at its bound {prior['target_prior']:g}: the model is "
-                "too confident on these images for its probabilities to estimate their prior"
-            )
     p_target = run.model.probabilities_of_images(images, tta=run.tta) if options.prior else p_before
     if options.threshold == "keep":
         thresholds = list(run.thresholds)
     else:
-        soft = p_target.mean(1)
-        scores = [soft] if rule == "mean" else [p_target[:, k] for k in range(p_target.shape[1])]
-        thresholds = [label_free_threshold(s, soft, config["target_recall"]) for s in scores]
-        log(
-            f"threshold chosen on the target images without labels (estimated recall >= "
-            f"{config['target_recall']:g}): {', '.join(f'{t:.4f}' for t in thresholds)} "
-            f"(the run's: {', '.join(f'{t:.4f}' for t in record['source_thresholds'])})"
-        )
+        thresholds = _label_free_thresholds(p_target, rule, config["target_recall"], record, log)
     record["thresholds"] = thresholds
     record["target_mean_probability"] = float(p_target.mean())
     return _write_adapted(run, variables, thresholds, record, files, p_target, out, overwrite, log)
+
+
+def _check_request(run_dir: Path, out: Path, options: AdaptOptions, overwrite: bool) -> None:
+    """The usage errors, before anything is read: the threshold rule, and an ``--out`` that
+    would overwrite something other than an earlier adapted run."""
+    if options.threshold not in THRESHOLD_RULES:
+        raise ValueError(f"threshold rule {options.threshold!r}: choose {THRESHOLD_RULES}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    if out.resolve() == run_dir.resolve():
+        raise ValueError("--out must be a new folder: the run it adapts stays as it is")
+    if out.exists() and not _is_adapted_run(out):
+        raise FileExistsError(
+            f"{out} exists and is not a run made by pneumojax adapt: --overwrite replaces only "
+            "those; choose another --out"
+        )
+
+
+def _target_prior(p_before: np.ndarray, config: dict, log) -> dict:
+    """EM's estimate of the target's PNEUMONIA prior (:func:`em_prior`), said in the log."""
+    prior = em_prior(p_before, training_prior(config))
+    log(
+        f"class prior: PNEUMONIA {prior['training_prior']:.3f} in training, estimated "
+        f"{prior['target_prior']:.3f} on the target by EM ({prior['iterations']} "
+        f"iterations); PNEUMONIA logit shifted by {prior['logit_shift']:+.3f}"
+    )
+    if prior["at_bound"]:
+        log(
+            f"warning: EM stopped at its bound {prior['target_prior']:g}: the model is "
+            "too confident on these images for its probabilities to estimate their prior"
+        )
+    return prior
+
+
+def _label_free_thresholds(p_target, rule: str, target_recall: float, record: dict, log):
+    """The thresholds chosen on the target images without labels (:func:`label_free_threshold`):
+    one for the members' mean, or one per member for a vote."""
+    soft = p_target.mean(1)
+    scores = [soft] if rule == "mean" else [p_target[:, k] for k in range(p_target.shape[1])]
+    thresholds = [label_free_threshold(s, soft, target_recall) for s in scores]
+    log(
+        f"threshold chosen on the target images without labels (estimated recall >= "
+        f"{target_recall:g}): {', '.join(f'{t:.4f}' for t in thresholds)} "
+        f"(the run's: {', '.join(f'{t:.4f}' for t in record['source_thresholds'])})"
+    )
+    return thresholds
 
 
 SATURATED = 0.5  # share of target probabilities at exactly 0 or 1 that AdaBN may not leave

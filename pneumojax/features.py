@@ -143,24 +143,51 @@ def cached_activations(
     memory, rounded to ``storage`` exactly as the cache stores them.
     """
     storage = np.dtype(prefix.backbone.dtype if storage is None else storage)
-    on_disk = np.dtype(np.uint16) if storage == STORAGE["bfloat16"] else storage
     backbone_vars = {c: v["backbone"] for c, v in variables.items() if "backbone" in v}
     prefix_vars = {
         "params": {"backbone": backbone_vars.get("params", {})},
         "batch_stats": {"backbone": backbone_vars.get("batch_stats", {})},
     }
+    names, n = prefix.backbone.outputs, len(images)
+
+    def compute(sink):
+        run_batches(prefix.apply, prefix_vars, images, batch_size, sink)
+
     if cache_dir is None:
-        arrays: dict[str, np.ndarray] = {}
+        return _in_memory(compute, names, n, storage)
+    folder = Path(cache_dir) / _cache_key(prefix, image_key, storage, backbone_vars)
+    if (folder / "done").exists():
+        cached, problem = _whole(folder, names, n, storage)
+        if cached is not None:
+            return cached
+        warnings.warn(
+            f"activation cache {folder} is damaged ({problem}): computing the activations again",
+            DataWarning,
+            stacklevel=2,
+        )
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    _compute_into(tmp, compute, n, storage)
+    _publish(tmp, folder, names, n, storage)
+    return {name: _open(folder / f"{name}.npy", storage) for name in names}
 
-        def keep(start, stop, outputs):
-            for name, value in outputs.items():
-                if name not in arrays:
-                    arrays[name] = np.empty((len(images),) + value.shape[1:], storage)
-                arrays[name][start:stop] = np.asarray(value).astype(storage)
 
-        run_batches(prefix.apply, prefix_vars, images, batch_size, keep)
-        return {n: arrays[n] for n in prefix.backbone.outputs}
-    key = hashlib.sha256(
+def _in_memory(compute, names, n: int, storage: np.dtype) -> dict[str, np.ndarray]:
+    """The activations computed into memory, rounded to ``storage`` as the cache would be."""
+    arrays: dict[str, np.ndarray] = {}
+
+    def keep(start, stop, outputs):
+        for name, value in outputs.items():
+            if name not in arrays:
+                arrays[name] = np.empty((n,) + value.shape[1:], storage)
+            arrays[name][start:stop] = np.asarray(value).astype(storage)
+
+    compute(keep)
+    return {name: arrays[name] for name in names}
+
+
+def _cache_key(prefix: Prefix, image_key: str, storage: np.dtype, backbone_vars: dict) -> str:
+    """The cache folder's name: a hash of everything the activations depend on."""
+    return hashlib.sha256(
         json.dumps(
             {
                 "images": image_key,
@@ -175,33 +202,26 @@ def cached_activations(
             }
         ).encode()
     ).hexdigest()[:24]
-    folder = Path(cache_dir) / key
-    if (folder / "done").exists():
-        cached, problem = _whole(folder, prefix.backbone.outputs, len(images), storage)
-        if cached is not None:
-            return cached
-        warnings.warn(
-            f"activation cache {folder} is damaged ({problem}): computing the activations again",
-            DataWarning,
-            stacklevel=2,
-        )
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+
+
+def _compute_into(tmp: Path, compute, n: int, storage: np.dtype) -> None:
+    """The activations computed into memory-mapped files in the staging folder ``tmp``, then
+    their checksums and the ``done`` mark; on any failure the folder is removed."""
+    on_disk = np.dtype(np.uint16) if storage == STORAGE["bfloat16"] else storage
     # any activations a killed process left half-written (its process gone): removed
-    remove_stale_staging(folder.parent, r"[0-9a-f]{24}\.tmp(?P<pid>\d+)")
+    remove_stale_staging(tmp.parent, r"[0-9a-f]{24}\.tmp(?P<pid>\d+)")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     arrays: dict[str, np.ndarray] = {}
 
     def sink(start, stop, outputs):
         if not arrays:  # the first batch: every output's shape is known, so the space needed
-            _allocate(
-                arrays, tmp, on_disk, {n: (len(images),) + v.shape[1:] for n, v in outputs.items()}
-            )
+            _allocate(arrays, tmp, on_disk, {k: (n,) + v.shape[1:] for k, v in outputs.items()})
         for name, value in outputs.items():
             arrays[name][start:stop] = np.asarray(value).astype(storage).view(on_disk)
 
     try:
-        run_batches(prefix.apply, prefix_vars, images, batch_size, sink)
+        compute(sink)
         for a in arrays.values():
             a.flush()
     except BaseException:
@@ -211,15 +231,18 @@ def cached_activations(
     digests = {name: array_digest(a) for name, a in arrays.items()}
     write_text_atomic(tmp / DIGESTS, json.dumps(digests, indent=1) + "\n")
     (tmp / "done").write_text("")
+
+
+def _publish(tmp: Path, folder: Path, names, n: int, storage: np.dtype) -> None:
+    """The finished staging folder ``tmp`` renamed to the cache ``folder``."""
     try:
         os.replace(tmp, folder)
     except OSError:  # the folder exists: another process (same cache) finished it first,
-        if _whole(folder, prefix.backbone.outputs, len(images), storage)[0] is None:
+        if _whole(folder, names, n, storage)[0] is None:
             # or an unfinished or damaged copy
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
         shutil.rmtree(tmp, ignore_errors=True)
-    return {n: _open(folder / f"{n}.npy", storage) for n in prefix.backbone.outputs}
 
 
 def _allocate(arrays: dict, folder: Path, dtype: np.dtype, shapes: dict) -> None:

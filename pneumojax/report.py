@@ -78,49 +78,7 @@ def _p(p) -> str:
 def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     """The report's tables as (title, header, rows), shared by the markdown and the page."""
     rows = report["rows"]
-    main = []
-    for r in rows:
-        m, rep = r["test"], r["seed_reported"]
-        trainable = f"{r['trainable_params']:,}"
-        if "trainable_params" in rep:
-            flag = " (differs)" if r["trainable_params_differ"] else ""
-            trainable += f" (study {rep['trainable_params']:,}{flag})"
-        threshold = "vote" if len(m["member_thresholds"]) > 1 else f"{m['threshold']:.3f}"
-        main.append(
-            [r["name"], trainable, threshold]
-            + [_ci(m[f], m["ci95"].get(f)) for f in FIGURES]
-            + [
-                " / ".join(f"{rep[k]:.2f}" if k in rep else "–" for k in REPORTED),
-                "–" if r["wall_s"] is None else f"{r['wall_s']:.0f}",
-            ]
-        )
-    at_05 = [[r["name"]] + [_ci(r["test"]["at_0_5"].get(f), None) for f in FIGURES] for r in rows]
     point_names = sorted({k for r in rows for k in r["operating_points"]})
-    points = [
-        [r["name"]] + [_operating_point(r["operating_points"].get(k)) for k in point_names]
-        for r in rows
-    ]
-    paired = []
-    for r in rows:
-        v = r["vs_reference"]
-        if v is None:
-            paired.append([r["name"], "(reference)", "–", "–", "–"])
-        elif "error" in v:
-            paired.append([r["name"], v["error"], "–", "–", "–"])
-        else:
-            paired.append(
-                [
-                    r["name"],
-                    _ci(v["auc_delta"], v["auc_delta_ci95"]),
-                    _p(v["delong_p"]),
-                    _p(v["mcnemar_p"]),
-                    "/".join(map(str, v["mcnemar_discordant"])),
-                ]
-            )
-    calibration = [
-        [r["name"], f"{r['calibration']['brier']:.4f}", f"{r['calibration']['ece']:.4f}"]
-        for r in rows
-    ]
     out = [] if report.get("target") is None else [target_table(report)]
     out += [
         (
@@ -133,13 +91,20 @@ def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 "study's accuracy / recall / precision",
                 "wall s",
             ],
-            main,
+            [_main_row(r) for r in rows],
         ),
-        ("The same models at a fixed 0.5 threshold", ["experiment", *FIGURES], at_05),
+        (
+            "The same models at a fixed 0.5 threshold",
+            ["experiment", *FIGURES],
+            [[r["name"]] + [_ci(r["test"]["at_0_5"].get(f), None) for f in FIGURES] for r in rows],
+        ),
         (
             "Operating points (threshold chosen on validation, read on test)",
             ["experiment", *[k.replace("_", " ") for k in point_names]],
-            points,
+            [
+                [r["name"]] + [_operating_point(r["operating_points"].get(k)) for k in point_names]
+                for r in rows
+            ],
         ),
         (
             f"Against the reference ({report['reference']}) on the same test images",
@@ -150,11 +115,52 @@ def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 "McNemar p",
                 "discordant (only this / only reference right)",
             ],
-            paired,
+            [_paired_row(r) for r in rows],
         ),
-        ("Calibration on test", ["experiment", "Brier score", "ECE (10 bins)"], calibration),
+        (
+            "Calibration on test",
+            ["experiment", "Brier score", "ECE (10 bins)"],
+            [
+                [r["name"], f"{r['calibration']['brier']:.4f}", f"{r['calibration']['ece']:.4f}"]
+                for r in rows
+            ],
+        ),
     ]
     return out
+
+
+def _main_row(r: dict) -> list[str]:
+    """One experiment's test figures, with the study's parameter count and figures beside."""
+    m, rep = r["test"], r["seed_reported"]
+    trainable = f"{r['trainable_params']:,}"
+    if "trainable_params" in rep:
+        flag = " (differs)" if r["trainable_params_differ"] else ""
+        trainable += f" (study {rep['trainable_params']:,}{flag})"
+    threshold = "vote" if len(m["member_thresholds"]) > 1 else f"{m['threshold']:.3f}"
+    return (
+        [r["name"], trainable, threshold]
+        + [_ci(m[f], m["ci95"].get(f)) for f in FIGURES]
+        + [
+            " / ".join(f"{rep[k]:.2f}" if k in rep else "–" for k in REPORTED),
+            "–" if r["wall_s"] is None else f"{r['wall_s']:.0f}",
+        ]
+    )
+
+
+def _paired_row(r: dict) -> list[str]:
+    """One experiment against the reference: AUC difference, DeLong and McNemar."""
+    v = r["vs_reference"]
+    if v is None:
+        return [r["name"], "(reference)", "–", "–", "–"]
+    if "error" in v:
+        return [r["name"], v["error"], "–", "–", "–"]
+    return [
+        r["name"],
+        _ci(v["auc_delta"], v["auc_delta_ci95"]),
+        _p(v["delong_p"]),
+        _p(v["mcnemar_p"]),
+        "/".join(map(str, v["mcnemar_discordant"])),
+    ]
 
 
 EXTERNAL_NOTE = (
@@ -174,6 +180,11 @@ def external_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]
     sets = report.get("external") or []
     if not sets:
         return []
+    return [_side_by_side(report, sets)] + [_external_set_table(report, s) for s in sets]
+
+
+def _side_by_side(report: dict, sets: list[dict]) -> tuple[str, list[str], list[list[str]]]:
+    """Each experiment's AUC and specificity (recall) on the carve and on every set."""
     header = ["experiment", "carve AUC [95% CI]", "carve specificity (recall)"]
     for s in sets:
         header += [f"{s['name']} AUC [95% CI]", f"{s['name']} specificity (recall)"]
@@ -190,57 +201,54 @@ def external_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]
             cells += [_ci(e["metrics"]["auc"], e["metrics"]["ci95"].get("auc")) if e else "–"]
             cells += [_spec_recall(e["metrics"]) if e else "–"]
         side.append(cells)
-    out = [("Images from elsewhere: the carve and each external set side by side", header, side)]
-    for s in sets:
-        rows = []
-        for e in s["entries"]:
-            m, v, o = e["metrics"], e["vs_reference"], e["oracle"]
-            rows.append(
-                [
-                    e["name"],
-                    f"{e['counts'][0]} / {e['counts'][1]}",
-                    _ci(m["auc"], m["ci95"].get("auc")),
-                    _ci(m["recall"], m["ci95"].get("recall")) if e["counts"][1] else "–",
-                    _ci(m["specificity"], m["ci95"].get("specificity")) if e["counts"][0] else "–",
-                    f"{m['threshold']:.3f}" if len(m["member_thresholds"]) == 1 else "vote",
-                    f"{e['calibration']['ece']:.3f}",
-                    f"{e['calibration']['brier']:.3f}",
-                    "(reference)"
-                    if v is None and e["experiment"] == report["reference"] and not e["adapted"]
-                    else "–"
-                    if v is None
-                    else f"{_ci(v['auc_delta'], v['auc_delta_ci95'])} (p {_p(v['delong_p'])})",
-                    "–"
-                    if o is None
-                    else f"t={o['threshold']:.3f}: specificity "
-                    f"{o['specificity']:.3f} (recall {o['recall']:.3f})",
-                ]
-            )
-        rows += [[f"not scored: {err}"] + ["–"] * 9 for err in s["errors"]]
-        if not s["found"]:
-            rows.append([f"not scored: no folder {s['path']}"] + ["–"] * 9)
-        title = f"Images from elsewhere: {s['name']}" + (
-            f" ({s['description']})" if s["description"] else ""
-        )
-        out.append(
-            (
-                title,
-                [
-                    "experiment",
-                    "NORMAL / PNEUMONIA",
-                    "AUC [95% CI]",
-                    "recall",
-                    "specificity",
-                    "threshold (validation)",
-                    "ECE",
-                    "Brier",
-                    f"AUC vs {report['reference']} (DeLong)",
-                    "oracle threshold (uses these labels)",
-                ],
-                rows,
-            )
-        )
-    return out
+    return "Images from elsewhere: the carve and each external set side by side", header, side
+
+
+def _external_set_table(report: dict, s: dict) -> tuple[str, list[str], list[list[str]]]:
+    """One external set's table: a row per scored entry, then what could not be scored."""
+    rows = [_external_row(report, e) for e in s["entries"]]
+    rows += [[f"not scored: {err}"] + ["–"] * 9 for err in s["errors"]]
+    if not s["found"]:
+        rows.append([f"not scored: no folder {s['path']}"] + ["–"] * 9)
+    title = f"Images from elsewhere: {s['name']}" + (
+        f" ({s['description']})" if s["description"] else ""
+    )
+    header = [
+        "experiment",
+        "NORMAL / PNEUMONIA",
+        "AUC [95% CI]",
+        "recall",
+        "specificity",
+        "threshold (validation)",
+        "ECE",
+        "Brier",
+        f"AUC vs {report['reference']} (DeLong)",
+        "oracle threshold (uses these labels)",
+    ]
+    return title, header, rows
+
+
+def _external_row(report: dict, e: dict) -> list[str]:
+    m, v, o = e["metrics"], e["vs_reference"], e["oracle"]
+    return [
+        e["name"],
+        f"{e['counts'][0]} / {e['counts'][1]}",
+        _ci(m["auc"], m["ci95"].get("auc")),
+        _ci(m["recall"], m["ci95"].get("recall")) if e["counts"][1] else "–",
+        _ci(m["specificity"], m["ci95"].get("specificity")) if e["counts"][0] else "–",
+        f"{m['threshold']:.3f}" if len(m["member_thresholds"]) == 1 else "vote",
+        f"{e['calibration']['ece']:.3f}",
+        f"{e['calibration']['brier']:.3f}",
+        "(reference)"
+        if v is None and e["experiment"] == report["reference"] and not e["adapted"]
+        else "–"
+        if v is None
+        else f"{_ci(v['auc_delta'], v['auc_delta_ci95'])} (p {_p(v['delong_p'])})",
+        "–"
+        if o is None
+        else f"t={o['threshold']:.3f}: specificity "
+        f"{o['specificity']:.3f} (recall {o['recall']:.3f})",
+    ]
 
 
 def external_summary_lines(report: dict) -> list[str]:

@@ -87,47 +87,50 @@ def run_study(
     for i, experiment in enumerate(chosen, 1):
         run_dir = out / experiment.name
         cfg = resolve_options(experiment, study.shared, {**overrides, "out": str(run_dir)})
-        state = run_folder_state(run_dir)
-        t0 = time.perf_counter()
-        quiet = lambda message: None  # noqa: E731  (one line per experiment, not the run's log)
-        try:
-            changed = changed_options(run_dir, cfg) if state in ("finished", "interrupted") else []
-            if changed:
-                # the study file (or the command line) asks for another run than the folder
-                # holds: train it anew, replacing the old one once the new one has started
-                check_plan(cfg)
-                train(cfg, resume=False, overwrite=True, log=quiet)
-                record_experiment(run_dir, experiment)
-            elif state != "finished":
-                check_plan(cfg)
-                # a failed run starts again with today's config (its folder is replaced)
-                train(cfg, resume=state == "interrupted", log=quiet)
-                record_experiment(run_dir, experiment)
-            failures = score_on_externals(
-                run_dir, experiment.name, externals, out, evaluate, adapt_run, quiet
-            )
-            status = {
-                "finished": "skipped",
-                "interrupted": "resumed",
-                "new": "done",
-                "failed": "restarted",
-            }[state]
-            if changed:
-                more = f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
-                status = f"rerun, its options changed: {'; '.join(changed[:3])}{more}"
-            outcomes.append(
-                Outcome(experiment.name, status, time.perf_counter() - t0, None, failures)
-            )
-        except (KeyboardInterrupt, Interrupted):
-            raise  # Ctrl-C / SIGTERM stop the study; the same command resumes it
-        except Exception as error:  # noqa: BLE001  (reported; the study goes on)
-            message = f"{type(error).__name__}: {error}".splitlines()[0]
-            outcomes.append(Outcome(experiment.name, "failed", time.perf_counter() - t0, message))
-        o = outcomes[-1]
+        o = _run_experiment(experiment, cfg, run_dir, out, externals, train, evaluate, adapt_run)
+        outcomes.append(o)
         detail = f" ({o.error})" if o.error else ""
         detail += "".join(f" (not scored on {e})" for e in o.external_errors)
         log(f"[{i}/{len(chosen)}] {o.name}: {o.status} in {o.seconds:.1f} s{detail}")
     return outcomes
+
+
+def _run_experiment(experiment, cfg, run_dir: Path, out, externals, train, evaluate, adapt):
+    """One experiment: trained, resumed, retrained or skipped as its folder's state says, then
+    scored on every external set; what happened is its :class:`Outcome`, a failure too."""
+    state = run_folder_state(run_dir)
+    t0 = time.perf_counter()
+    quiet = lambda message: None  # noqa: E731  (one line per experiment, not the run's log)
+    try:
+        changed = changed_options(run_dir, cfg) if state in ("finished", "interrupted") else []
+        if changed:
+            # the study file (or the command line) asks for another run than the folder
+            # holds: train it anew, replacing the old one once the new one has started
+            check_plan(cfg)
+            train(cfg, resume=False, overwrite=True, log=quiet)
+            record_experiment(run_dir, experiment)
+        elif state != "finished":
+            check_plan(cfg)
+            # a failed run starts again with today's config (its folder is replaced)
+            train(cfg, resume=state == "interrupted", log=quiet)
+            record_experiment(run_dir, experiment)
+        failures = score_on_externals(
+            run_dir, experiment.name, externals, out, evaluate, adapt, quiet
+        )
+        status = _STATUS[state]
+        if changed:
+            more = f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
+            status = f"rerun, its options changed: {'; '.join(changed[:3])}{more}"
+        return Outcome(experiment.name, status, time.perf_counter() - t0, None, failures)
+    except (KeyboardInterrupt, Interrupted):
+        raise  # Ctrl-C / SIGTERM stop the study; the same command resumes it
+    except Exception as error:  # noqa: BLE001  (reported; the study goes on)
+        message = f"{type(error).__name__}: {error}".splitlines()[0]
+        return Outcome(experiment.name, "failed", time.perf_counter() - t0, message)
+
+
+# What an experiment's outcome is called, by the state its folder was in.
+_STATUS = {"finished": "skipped", "interrupted": "resumed", "new": "done", "failed": "restarted"}
 
 
 # Options that do not change what a run computes.

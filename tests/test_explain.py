@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 from scipy.stats import spearmanr
 
-from pneumojax import explain
+from pneumojax import heatmaps, overlays
 from pneumojax.backbones import REGISTRY, get_backbone
 from pneumojax.cli import main
 from pneumojax.data import demo_opacity_masks, load_images, make_demo_dataset
@@ -105,14 +105,14 @@ def test_maps_depend_on_the_trained_weights(demo):
     _, run = demo
     loaded = load_run(run, log=lambda m: None)
     images = load_images(_test_images(run, 1), 64, progress=False)
-    trained = explain.Explainer.of_run(loaded, "gradcam", TINY_CUT).maps(images)
+    trained = heatmaps.Explainer.of_run(loaded, "gradcam", TINY_CUT).maps(images)
     params = loaded.full_variables["params"]
     rng = np.random.default_rng(0)
     for layer in ("dense", "dense_1"):
         kernel = params[layer]["kernel"]
         limit = np.sqrt(6 / (kernel.shape[-2] + kernel.shape[-1]))  # glorot_uniform
         params[layer]["kernel"] = rng.uniform(-limit, limit, kernel.shape).astype(np.float32)
-    randomised = explain.Explainer.of_run(loaded, "gradcam", TINY_CUT).maps(images)
+    randomised = heatmaps.Explainer.of_run(loaded, "gradcam", TINY_CUT).maps(images)
     rho = [spearmanr(a.ravel(), b.ravel())[0] for a, b in zip(trained, randomised)]
     rho = np.nan_to_num(rho)  # an all-zero map has no ranks
     print(f"mean Spearman rank correlation, trained vs randomised head: {np.mean(rho):.3f}")
@@ -123,7 +123,7 @@ def test_a_batch_gives_what_single_images_give(demo):
     _, run = demo
     loaded = load_run(run, log=lambda m: None)
     images = load_images(_test_images(run, 1)[:5], 64, progress=False)
-    explainer = explain.Explainer.of_run(loaded, "gradcam++", "conv2_block2_concat", batch_size=4)
+    explainer = heatmaps.Explainer.of_run(loaded, "gradcam++", "conv2_block2_concat", batch_size=4)
     together = explainer.maps(images)  # two batches, the second padded
     alone = np.concatenate([explainer.maps(images[i : i + 1]) for i in range(5)])
     assert together.shape == (5, 64, 64) and together.max() > 0
@@ -156,7 +156,7 @@ def test_the_formulas_on_a_network_computed_by_hand():
 
     def maps(method, probe):
         return np.asarray(
-            explain.heat_maps(model, probe, method, "tf", (treedef, ()), ([], []), images)
+            heatmaps.heat_maps(model, probe, method, "tf", (treedef, ()), ([], []), images)
         )
 
     x = images / 127.5 - 1.0
@@ -195,7 +195,7 @@ def test_maps_are_computed_in_inference_mode(tiny_data, tmp_path):
     images = load_images(
         sorted(map(str, (tiny_data / "PNEUMONIA").iterdir()))[:8], 32, progress=False
     )
-    ours = explain.Explainer.of_run(loaded, "gradcam", layer).maps(images)
+    ours = heatmaps.Explainer.of_run(loaded, "gradcam", layer).maps(images)
 
     from pneumojax.model import build_classifier  # noqa: PLC0415
 
@@ -213,7 +213,7 @@ def test_maps_are_computed_in_inference_mode(tiny_data, tmp_path):
 
         shape = jax.eval_shape(logit, 0.0)[1].shape
         g, a = jax.grad(logit, has_aux=True)(jnp.zeros(shape))
-        cam = explain._cam(g, a, plus=False)
+        cam = heatmaps._cam(g, a, plus=False)
         return np.asarray(jax.image.resize(cam, (len(images), 32, 32), "bilinear"))
 
     np.testing.assert_allclose(ours, reference(False), rtol=1e-4, atol=1e-5 * ours.max())
@@ -227,16 +227,16 @@ def test_an_ensembles_map_is_its_members_mean(tiny_data, tmp_path):
     images = load_images(
         sorted(map(str, (tiny_data / "PNEUMONIA").iterdir()))[:6], 32, progress=False
     )
-    mean = explain.Explainer.of_run(loaded, "gradcam", TINY_CUT).maps(images)
+    mean = heatmaps.Explainer.of_run(loaded, "gradcam", TINY_CUT).maps(images)
     singles = []
     for i in range(3):
         one = load_run(run, log=lambda m: None)
         one.full_variables = jax.tree.map(lambda a, i=i: a[i : i + 1], one.full_variables)
         one.thresholds = one.thresholds[i : i + 1]
-        singles.append(explain.Explainer.of_run(one, "gradcam", TINY_CUT).maps(images))
+        singles.append(heatmaps.Explainer.of_run(one, "gradcam", TINY_CUT).maps(images))
     assert not np.allclose(singles[0], singles[1])  # members differ
     np.testing.assert_allclose(mean, np.mean(singles, 0), rtol=1e-4, atol=1e-6 * mean.max())
-    shared, differ, _ = explain._shared_and_member_variables(loaded.full_variables)
+    shared, differ, _ = heatmaps._shared_and_member_variables(loaded.full_variables)
     assert len(differ) == 4  # the two heads' kernels and biases; the backbone runs once
     r = CliRunner().invoke(
         main, ["explain", "--run", str(run), str(tiny_data / "NORMAL"), "--out", str(tmp_path)]
@@ -294,15 +294,15 @@ def test_default_layers_are_the_last_block_outputs_before_the_cut():
         "inception_v3": "mixed9",
     }
     for name, info in REGISTRY.items():
-        assert explain.default_layer(info, info.default_cut) == expected[name]
+        assert heatmaps.default_layer(info, info.default_cut) == expected[name]
     info = get_backbone("inception_v3")
-    assert explain.default_layer(info, "mixed7") == "mixed7"
-    assert explain.default_layer(info, "conv2d_3") == "conv2d_3"  # in the stem: the cut
+    assert heatmaps.default_layer(info, "mixed7") == "mixed7"
+    assert heatmaps.default_layer(info, "conv2d_3") == "conv2d_3"  # in the stem: the cut
 
 
 def test_overlay_names_never_clash():
     files = ["a/NORMAL/x.jpeg", "a/PNEUMONIA/x.jpeg", "b/PNEUMONIA/x.png", "c/y.jpeg"]
-    names = explain.overlay_names(files, "gradcam")
+    names = overlays.overlay_names(files, "gradcam")
     assert names == [
         "NORMAL_x.gradcam.png",
         "PNEUMONIA_x.gradcam.png",
@@ -379,7 +379,7 @@ def test_overlay_is_blended_in_float32_rows_and_matches_matplotlib():
 
     from matplotlib import colormaps  # noqa: PLC0415
 
-    from pneumojax.explain import heat_to_image, overlay_pixels  # noqa: PLC0415
+    from pneumojax.overlays import heat_to_image, overlay_pixels  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 256, (301, 257), dtype=np.uint8)

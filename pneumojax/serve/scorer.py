@@ -20,7 +20,8 @@ import numpy as np
 
 from pneumojax.backbones import get_backbone
 from pneumojax.data import decode_image_or_reason, open_image, to_8bit_rgb_or_gray
-from pneumojax.explain import Explainer, default_layer, overlay_pixels
+from pneumojax.heatmaps import Explainer, default_layer
+from pneumojax.overlays import overlay_pixels
 from pneumojax.scoring import load_run, prediction_rows, run_resize, scoring_tta
 
 
