@@ -46,12 +46,12 @@ from pneumojax.data import Splits, load_images
 from pneumojax.scoring import (
     LoadedRun,
     combine_rule,
+    gather_image_files,
     load_run,
     run_intensity,
     run_resize,
     score_split,
 )
-from pneumojax.inference import gather_image_files
 from pneumojax.runmodel import split_probabilities
 from pneumojax.predictions import write_predictions
 from pneumojax.io import file_sha256, remove_stale_staging, write_text_atomic

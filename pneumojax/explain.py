@@ -23,13 +23,14 @@ from pneumojax.heatmaps import Explainer, default_layer, input_layer
 from pneumojax.overlays import overlay_names, plot_error_sheet, write_overlay
 from pneumojax.scoring import (
     LoadedRun,
+    gather_image_files,
     load_run,
     predicted_labels,
     prediction_rows,
     run_resize,
+    score_run,
     scoring_tta,
 )
-from pneumojax.inference import gather_image_files, score_run
 from pneumojax.predictions import read_predictions
 from pneumojax.io import write_text_atomic
 from pneumojax.progress import progress_bar

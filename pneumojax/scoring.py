@@ -1,23 +1,23 @@
 """Scoring a saved run: loading it (:func:`load_run`: the model, its members, the thresholds it
 chose on validation, its precision, resize and TTA), the thresholds and how members combine,
 the TTA and thresholds to score with (:func:`scoring_tta`), a split's figures and plots
-(:func:`score_split`), and predictions as rows and labels. ``inference`` (evaluate, predict)
-and ``explain`` both build on it; neither imports the other."""
+(:func:`score_split`), scoring a run on a split or another folder (:func:`score_run`), the
+images a list of paths names (:func:`gather_image_files`), and predictions as rows and labels.
+``inference`` (evaluate, predict) and ``explain`` both build on it; neither imports the other."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from pneumojax import balance
-from pneumojax.data import (
-    Splits,
-    image_set_key,
-)
+from pneumojax.data import IMAGE_EXTENSIONS, Splits, check_images, image_set_key
+from pneumojax.data.layouts import not_regular_message
 from pneumojax.backbones import get_backbone
 from pneumojax.checkpoint import CheckpointError, load_variables
 from pneumojax.features import (
@@ -26,7 +26,8 @@ from pneumojax.features import (
     variables_digest,
 )
 from pneumojax.io import existing_folder
-from pneumojax.metrics import choose_threshold, combined_metrics
+from pneumojax.metrics import choose_threshold, combined_metrics, format_metrics
+from pneumojax.modelcard import write_model_card
 from pneumojax.predictions import read_predictions, write_predictions  # noqa: F401 (read_: re-exported)
 from pneumojax.model import (
     resolve_precision,
@@ -35,7 +36,7 @@ from pneumojax.plots import plot_confusion_matrix, plot_roc
 from pneumojax.step import make_mesh
 from pneumojax.tta import TTA, resolve_tta, run_tta
 from pneumojax.runmodel import RunModel, split_probabilities, stack_members
-from pneumojax.workspace import load_split_arrays
+from pneumojax.workspace import load_split_arrays, resolve_data, write_json
 
 
 def validation_thresholds(
@@ -256,3 +257,107 @@ def predicted_labels(member_p: np.ndarray, thresholds: list[float]) -> np.ndarra
     if len(thresholds) == 1:
         return (combined_probability(member_p) >= thresholds[0]).astype(np.int32)
     return balance.vote(member_p.T, thresholds)
+
+
+def score_run(
+    run_dir,
+    data=None,
+    split="test",
+    out=None,
+    log=print,
+    strict=False,
+    precision=None,
+    tta=None,
+    tta_augment=None,
+) -> tuple[dict, LoadedRun, Path]:
+    """:func:`evaluate_run`'s work: (metrics, the run with the thresholds this evaluation
+    used (re-derived for another TTA), the folder it wrote)."""
+    run = load_run(run_dir, precision, log)
+    setting, thresholds, tta_record = scoring_tta(run, tta, tta_augment, log)
+    size, resize = run.config["image_size"], run_resize(run.config)
+    folder = f"eval-{split}"  # the run's own data; another folder's are named after it
+    if data is None:
+        splits = Splits.from_json((run.run_dir / "splits.json").read_text())
+        items = (
+            splits.as_dict()[split] if split != "all" else splits.train + splits.val + splits.test
+        )
+    else:
+        source = resolve_data(data, log, strict=strict, one_class=split == "all")
+        if split == "all":
+            items = [it for v in source.splits.values() for it in v]
+        elif source.layout == "kaggle" and split in source.splits and source.splits[split]:
+            items = source.splits[split]
+        else:
+            raise ValueError(
+                f"--split {split} needs a Kaggle-layout folder with {split}/; for a "
+                "flat NORMAL/ PNEUMONIA/ folder use --split all"
+            )
+        if not is_run_data(run.config, data, source):
+            folder = f"eval-{split}-{_folder_label(source.root)}"
+    x, y = load_split_arrays(items, size, log, resize)
+    out = Path(out) if out else run.run_dir / folder / "metrics.json"
+    key = image_set_key([p for p, _ in items], size, resize)
+    p = split_probabilities(run.model, x, key, setting, split)
+    metrics = score_split(
+        y, p, thresholds, run.config["target_recall"], out.parent / "plots", split
+    )
+    metrics["data"] = str(data or run.config["data"])
+    metrics["compute_precision"] = run.precision
+    if setting is not None or tta_record["thresholds_rederived"]:
+        metrics.update(tta_record)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, metrics)
+    write_predictions(out.parent / "predictions.csv", items, p)
+    if (run.run_dir / "metrics.json").exists():  # the card lists every set the run was scored on
+        write_model_card(run.run_dir)
+    log(format_metrics(metrics))
+    log(f"wrote {out}")
+    return metrics, dataclasses.replace(run, thresholds=thresholds), out.parent
+
+
+def is_run_data(config: dict, data: str, source) -> bool:
+    """Whether ``--data`` names the folder the run was trained on (``demo`` included)."""
+    own = config.get("data")
+    if own is None:
+        return False
+    if data == own:
+        return True
+    if own == "demo" or data == "demo":
+        return False
+    try:
+        return Path(own).expanduser().resolve() == Path(source.root).resolve()
+    except OSError:
+        return False
+
+
+def _folder_label(root: Path) -> str:
+    """A data folder's name as part of a folder name (``eval-test-<name>``)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(root).name).strip("._") or "data"
+    return name
+
+
+def gather_image_files(paths: list[str], log) -> list[str]:
+    """The readable images among ``paths`` (folders are searched; unreadable files are
+    skipped with a warning). Only regular files are opened: a named pipe, device or socket
+    (which a reader would block on for ever) is skipped with a warning."""
+    files: list[str] = []
+    special: list[str] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            named = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+            files += [str(f) for f in named if f.is_file()]  # is_file: a regular file
+            special += [str(f) for f in named if not f.is_file() and not f.is_dir()]
+        elif p.is_file():
+            files.append(str(p))
+        elif p.exists():
+            special.append(str(p))
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    if special:
+        log(f"warning: {not_regular_message(special)}")
+    if not files:
+        raise FileNotFoundError("no images found in " + ", ".join(paths))
+    files = check_images(files, warn=lambda m: log(f"warning: {m}"))
+    if not files:
+        raise FileNotFoundError("no readable images among " + ", ".join(paths))
+    return files

@@ -26,7 +26,7 @@ from PIL import Image
 
 from pneumojax.cli import main
 from pneumojax.data import find_images, make_demo_dataset
-from pneumojax.inference import gather_image_files
+from pneumojax.scoring import gather_image_files
 
 from conftest import TINY_CUT, tiny_train_args
 
