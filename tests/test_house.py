@@ -118,6 +118,13 @@ def test_the_library_never_imports_the_command_line_or_the_benchmarks():
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
+def test_explain_and_inference_stand_on_scoring_not_on_each_other():
+    graph = import_graph()
+    assert "pneumojax.inference" not in graph["pneumojax.explain"]
+    assert "pneumojax.explain" not in graph["pneumojax.inference"]
+    assert "pneumojax.scoring" in graph["pneumojax.explain"] & graph["pneumojax.inference"]
+
+
 def test_the_walk_sees_lazy_imports_and_cycles(tmp_path):
     """The test above can fail: a lazy import inside a function closes a cycle it finds."""
     pkg = tmp_path / "pneumojax"
