@@ -256,7 +256,7 @@ def train(
                 click.echo(line)
             return
     if resume:
-        from pneumojax.run import check_resume_changes  # noqa: PLC0415
+        from pneumojax.runconfig import check_resume_changes  # noqa: PLC0415
 
         try:
             check_resume_changes(Path(cfg.out), changes)
@@ -305,7 +305,7 @@ def _resume_options(ctx) -> dict:
 
     from click.core import ParameterSource  # noqa: PLC0415
 
-    from pneumojax.run import RESUME_CHANGES  # noqa: PLC0415
+    from pneumojax.runconfig import RESUME_CHANGES  # noqa: PLC0415
 
     defaulted = (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
     params = {p.name: p for p in ctx.command.params}

@@ -174,7 +174,7 @@ def test_seed_ensemble_usage_errors_exit_2(workdir, tmp_path):
     assert r.exit_code == 2 and "--seed-ensemble cannot be combined" in r.output, r.output
     # The library refuses it too (a study calls train_run directly).
     from pneumojax.config import TrainConfig
-    from pneumojax.run import resolved_config
+    from pneumojax.runconfig import resolved_config
 
     with pytest.raises(ValueError, match="seed-ensemble"):
         resolved_config(
