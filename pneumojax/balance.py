@@ -251,7 +251,8 @@ def apply_balance(
 def seed_ensemble(balanced: BalancedTrain, k: int) -> BalancedTrain:
     """``--seed-ensemble K``: K members that all train on what the balance method gave the one
     member, differing only in their seed (head init, dropout, shuffling order, device
-    augmentation: each drawn per member in pneumojax.run and pneumojax.train)."""
+    augmentation: each drawn per member in pneumojax.run, pneumojax.train and
+    pneumojax.batches)."""
     if k <= 1:
         return balanced
     if len(balanced.members) != 1:

@@ -3,7 +3,8 @@
 ``optax.multi_transform`` (``make_optimizer``: the ``train``/``freeze`` labels of
 :func:`pneumojax.model.trainable_labels`, AdamW's decay mask, gradient clipping), and the
 schedules (``epoch_lr_factor``: the study's compounding 0.85 per epoch and the others set once
-an epoch; ``step_learning_rates``: warmup-cosine per step).
+an epoch; ``step_learning_rates``: warmup-cosine per step), and the rate set in a running
+optimizer's state (``set_learning_rate``).
 """
 
 from __future__ import annotations
@@ -164,3 +165,36 @@ def step_learning_rates(opts: FitOptions, epoch: int, steps_per_epoch: int) -> n
     )
     steps = np.arange(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
     return np.asarray(jax.device_get(jax.vmap(schedule)(steps)), np.float64)
+
+
+def epoch_learning_rates(
+    opts: FitOptions, epoch: int, steps_per_epoch: int
+) -> tuple[float, np.ndarray | None]:
+    """The rate of a 0-based ``epoch``'s first step, and under a per-step schedule the rate of
+    every step (None where the rate is set once for the epoch)."""
+    if opts.lr_schedule in STEP_SCHEDULES:
+        rates = step_learning_rates(opts, epoch, steps_per_epoch)
+        return float(rates[0]), rates
+    return opts.learning_rate * epoch_lr_factor(opts.lr_schedule, epoch), None
+
+
+_HYPERPARAM_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def set_learning_rate(state, lr: float):
+    """A train state with the rate set inside its ``inject_hyperparams`` state: a value, not a
+    recompile."""
+
+    def visit(x):
+        if isinstance(x, _HYPERPARAM_STATES):
+            hp = dict(x.hyperparams)
+            old = jnp.asarray(hp["learning_rate"])
+            # Same sharding as before, or the step would see a new input type and recompile.
+            hp["learning_rate"] = jax.device_put(jnp.full(old.shape, lr, old.dtype), old.sharding)
+            return x._replace(hyperparams=hp)
+        return x
+
+    opt_state = jax.tree.map(
+        visit, state.opt_state, is_leaf=lambda x: isinstance(x, _HYPERPARAM_STATES)
+    )
+    return state.replace(opt_state=opt_state)

@@ -9,7 +9,9 @@ first line) or ``interrupted``; folders made before it existed are finished when
 Only such a folder is ever replaced (``--overwrite``, or the retry of a failed run), and only
 after every check of the new run has passed: the old run is moved aside to ``.NAME.old-PID``
 beside it, deleted once the new run has written its config.json and first checkpoint, and put
-back if the new run fails before that.
+back if the new run fails before that. :func:`check_run_dir` tells, before anything is
+written, whether a run may start in a folder and whether it replaces the one there;
+:func:`settle_run` records a failed or interrupted run and settles the one it replaced.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import re
 import shutil
 import socket
 from pathlib import Path
+from typing import Callable
 
 from pneumojax.io import fsync_path, write_text_atomic
 
@@ -175,6 +178,36 @@ def check_replaceable(run_dir: Path) -> None:
         )
 
 
+def check_run_dir(
+    run_dir: Path, resume: bool, overwrite: bool, log: Callable[[str], None] = print
+) -> bool:
+    """Refuses to mix two runs in one folder; returns whether the run in ``run_dir`` is to be
+    replaced (``overwrite``, or a failed run retried), which it checks is provably a pneumojax
+    run. Nothing is touched here: the replacement happens once every check has passed."""
+    state = run_state(run_dir)
+    if state != "new":
+        check_not_in_use(run_dir)  # two processes never write one folder, whatever the flags
+    if resume:
+        if state == "new":
+            raise FileNotFoundError(f"--resume: {run_dir} holds no run to continue")
+        return False
+    if state == "new":
+        return False
+    if state == "failed" or overwrite:
+        check_replaceable(run_dir)
+        if state == "failed" and not overwrite:
+            log(
+                f"{run_dir} holds a failed run ({status_error(run_dir) or 'no error recorded'}): "
+                "starting it again (the failed run stays until the new one has its first "
+                "checkpoint)"
+            )
+        return True
+    raise FileExistsError(
+        f"{run_dir} already holds a run ({state}); pass --resume to continue it, "
+        "--overwrite to replace it, or choose another --out"
+    )
+
+
 def has_checkpoint(run_dir: Path) -> bool:
     """Whether the run saved a checkpoint (``checkpoints/last/<n>``) it can resume from."""
     last = Path(run_dir) / "checkpoints" / "last"
@@ -223,3 +256,16 @@ class Replacement:
         fsync_path(self.run_dir.parent)
         self.aside = None
         return f"the previous run is back in {self.run_dir}"
+
+
+def settle_run(
+    run_dir: Path, replacement: Replacement | None, state: str, error: str | None, log
+) -> None:
+    """After a failure or an interrupt: the run's status (in a folder this run started or
+    resumed), then the run it replaced deleted or put back (:class:`Replacement`)."""
+    if (run_dir / "config.json").exists():
+        write_status(run_dir, state, error)
+    if replacement is not None:
+        note = replacement.settle()
+        if note:
+            log(note)

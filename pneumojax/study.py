@@ -142,7 +142,7 @@ def changed_options(run_dir: Path, cfg: TrainConfig) -> list[str]:
     (``name stored -> now``), after resolving both the way ``train`` does; empty when they
     match or the folder has no readable config.json. The data folder is compared by where it
     is (its resolved path)."""
-    from pneumojax.run import resolved_config  # noqa: PLC0415
+    from pneumojax.runconfig import resolved_config  # noqa: PLC0415
 
     from pneumojax.backbones import get_backbone  # noqa: PLC0415
     from pneumojax.model import make_plan  # noqa: PLC0415

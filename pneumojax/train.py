@@ -3,9 +3,9 @@ resume.
 
 ``fit`` runs epochs of :class:`pneumojax.step.Steps` (the pure step functions jitted once over
 the device mesh) and keeps what a run needs between them: the learning rate of each epoch or
-step (:mod:`pneumojax.optim`), validation after each epoch, Keras's early stopping and the best
-weights, and the ``last``/``best`` checkpoints with the run's :class:`Progress`
-(:mod:`pneumojax.runcheckpoints`). Every random choice (init, shuffling, dropout,
+step (:mod:`pneumojax.optim`), each epoch's batches (:mod:`pneumojax.batches`), validation
+after each epoch, Keras's early stopping and the best weights, and the ``last``/``best``
+checkpoints with the run's :class:`Progress` (:mod:`pneumojax.runcheckpoints`). Every random choice (init, shuffling, dropout,
 augmentation) is derived from ``seed`` and the epoch/step number, so a resumed run redoes
 exactly what an uninterrupted one would have done.
 """
@@ -16,18 +16,18 @@ import json
 import math
 import signal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 
+from pneumojax.batches import batches_per_epoch, epoch_batches
 from pneumojax.config import FitOptions, resolve_optimisation
 from pneumojax.io import write_text_atomic
 from pneumojax.metrics import rank_auc
-from pneumojax.optim import STEP_SCHEDULES, epoch_lr_factor, step_learning_rates
+from pneumojax.optim import epoch_learning_rates, set_learning_rate
 from pneumojax.model import pneumonia_probability
 from pneumojax.progress import progress_bar
 from pneumojax.runcheckpoints import EarlyStopping, Progress, RunCheckpoints
@@ -42,26 +42,19 @@ class NonFiniteLoss(Exception):
     """The loss became NaN or infinite."""
 
 
-def prefetch(make: Callable[[int], Any], indices, depth: int = 2):
-    """Yields ``make(i)`` for each index, preparing the next ones in a background thread so
-    batch assembly and host-to-device copies overlap the running step."""
-    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
-
-    indices = list(indices)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        futures = [pool.submit(make, i) for i in indices[:depth]]
-        for n in range(len(indices)):
-            if n + depth < len(indices):
-                futures.append(pool.submit(make, indices[n + depth]))
-            yield futures[n].result()
-            futures[n] = None
-
-
 class _StopFlag:
-    """SIGINT/SIGTERM set a flag that the loop checks between steps (then saves and stops)."""
+    """SIGINT/SIGTERM set a flag that the loop checks between steps (then saves and stops);
+    ``stop_after_steps`` stops it alike at that global step (a simulated interrupt, tests)."""
 
-    def __init__(self):
+    def __init__(self, stop_after_steps: int | None = None):
         self.signal: int | None = None
+        self.stop_after_steps = stop_after_steps
+
+    def requested(self, global_step: int) -> bool:
+        """Whether the loop is to save and stop before the step after ``global_step``."""
+        return self.signal is not None or (
+            self.stop_after_steps is not None and global_step >= self.stop_after_steps
+        )
 
     def __enter__(self):
         self._old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -100,8 +93,8 @@ def fit(
     dict (shared start) or one per member. Members train side by side in one vmapped step and
     stop early each on its own validation loss; training ends when all have stopped.
     ``stop_after_steps`` simulates an interrupt (tests). A per-step schedule
-    (:func:`step_learning_rates`) sets the rate before every step, the others once per epoch;
-    the history's ``lr`` is the rate of the epoch's first step. ``on_saved()`` is called after
+    (:func:`pneumojax.optim.step_learning_rates`) sets the rate before every step, the others
+    once per epoch; the history's ``lr`` is the rate of the epoch's first step. ``on_saved()`` is called after
     each epoch's checkpoint is on disk. A resumed run ends by the ``epochs`` and ``patience``
     of ``opts``, which may differ from those it was started with (a larger ``epochs``
     continues a finished run).
@@ -110,56 +103,29 @@ def fit(
     members = members if members is not None else [np.arange(len(train[1]))]
     k = len(members)
     variables = variables if isinstance(variables, list) else [variables] * k
-    steps_per_epoch = _steps_per_epoch(members, opts.batch_size, steps.mesh.devices.size)
+    steps_per_epoch = batches_per_epoch(members, opts.batch_size, steps.mesh.devices.size)
     ckpt = RunCheckpoints(run_dir / "checkpoints")
-    state = steps.init_state(variables)
     progress = Progress(stopping=EarlyStopping.start(k), steps_per_epoch=steps_per_epoch)
-    best = jax.tree.map(jnp.copy, _weights(state))  # the step donates the state's buffers
-    if resume:
-        state, progress, best = _resume(ckpt, state, progress, best, log)
-        _continue_with(progress, opts, log)
-    keys = (
-        jax.random.split(jax.random.key(opts.seed), k) if k > 1 else jax.random.key(opts.seed)[None]
-    )
+    state, progress, best = _start(steps, variables, progress, ckpt, resume, opts, log)
+    keys = _member_keys(opts.seed, k)
     _write_history(run_dir, progress.history)
 
-    with _StopFlag() as stop:
-
-        def interrupt(global_step: int) -> bool:
-            return stop.signal is not None or (
-                stop_after_steps is not None and global_step >= stop_after_steps
-            )
-
-        epochs = progress_bar(
-            range(progress.epoch, opts.epochs),
-            desc="epochs",
-            initial=progress.epoch,
-            total=opts.epochs,
-            summary=False,
-        )
+    with _StopFlag(stop_after_steps) as stop:
+        epochs = _epochs_bar(progress, opts.epochs)
         for epoch in epochs:
             if progress.finished:
                 break
-            rates = None
-            if opts.lr_schedule in STEP_SCHEDULES:
-                rates = step_learning_rates(opts, epoch, steps_per_epoch)
-                lr = float(rates[0])
-            else:
-                lr = opts.learning_rate * epoch_lr_factor(opts.lr_schedule, epoch)
-                state = _set_learning_rate(state, lr)
-            batches = _epoch_batches(steps, train, members, opts, epoch, progress)
+            lr, rates = epoch_learning_rates(opts, epoch, steps_per_epoch)
+            if rates is None:
+                state = set_learning_rate(state, lr)
+            batches = epoch_batches(steps, train, members, opts, epoch, progress)
             state, interrupted = _train_epoch(
-                steps, state, keys, batches, progress, epoch, opts.log_every, interrupt, rates
+                steps, state, keys, batches, progress, epoch, opts.log_every, stop.requested, rates
             )
             if interrupted:
                 _save_and_raise(ckpt, state, progress, stop.signal, epoch, run_dir)
-            row, val_losses = _validate(steps, _weights(state), val, opts.batch_size)
-            row = {
-                "epoch": epoch + 1,
-                "lr": lr,
-                **_train_figures(progress, steps_per_epoch, k),
-                **row,
-            }
+            val_row, val_losses = _validate(steps, _weights(state), val, opts.batch_size)
+            row = _history_row(epoch, lr, _train_figures(progress, steps_per_epoch, k), val_row)
             _record_epoch(progress, row, epochs, opts.epochs, k, log)
             improved = _end_epoch(progress, val_losses, epoch, opts, log)
             best = _save_epoch(ckpt, state, best, improved, progress)
@@ -171,15 +137,28 @@ def fit(
     return [jax.tree.map(lambda x: np.asarray(x[i]), best) for i in range(k)], progress
 
 
-def _steps_per_epoch(members: list[np.ndarray], batch_size: int, devices: int) -> int:
-    if batch_size % devices:
-        raise ValueError(f"--batch-size {batch_size} is not a multiple of the {devices} devices")
-    smallest = min(len(m) for m in members)
-    if smallest < batch_size:
-        raise ValueError(
-            f"the train split has {smallest} images, fewer than one batch of {batch_size}"
-        )
-    return smallest // batch_size
+def _member_keys(seed: int, k: int) -> jax.Array:
+    """One random key per member, from ``seed`` (a single member uses the seed's own key)."""
+    return jax.random.split(jax.random.key(seed), k) if k > 1 else jax.random.key(seed)[None]
+
+
+def _start(
+    steps: Steps,
+    variables: list[dict],
+    progress: Progress,
+    ckpt: RunCheckpoints,
+    resume: bool,
+    opts: FitOptions,
+    log: Callable[[str], None],
+) -> tuple[TrainState, Progress, dict]:
+    """The state, progress and best weights training starts from: the initial ones, or where
+    a resumed run's last checkpoint left them."""
+    state = steps.init_state(variables)
+    best = jax.tree.map(jnp.copy, _weights(state))  # the step donates the state's buffers
+    if resume:
+        state, progress, best = _resume(ckpt, state, progress, best, log)
+        _continue_with(progress, opts, log)
+    return state, progress, best
 
 
 def _resume(
@@ -211,36 +190,15 @@ def _continue_with(progress: Progress, opts: FitOptions, log: Callable[[str], No
     progress.stopped_early, progress.finished = stopped, finished
 
 
-def _epoch_batches(
-    steps: Steps,
-    train: tuple,
-    members: list[np.ndarray],
-    opts: FitOptions,
-    epoch: int,
-    progress: Progress,
-):
-    """The epoch's remaining batches, sharded with a member axis, prepared ahead.
-
-    Each member's order is drawn from (seed, epoch, member) alone, so a resumed epoch
-    continues the same order."""
-    inputs, labels, weights = train
-    orders = [
-        m[np.random.default_rng([opts.seed, epoch, i]).permutation(len(m))]
-        for i, m in enumerate(members)
-    ]
-
-    def make_batch(b):
-        idx = [np.sort(o[b * opts.batch_size : (b + 1) * opts.batch_size]) for o in orders]
-        return steps.shard(
-            {
-                "image": jax.tree.map(lambda a: np.stack([np.asarray(a[i]) for i in idx]), inputs),
-                "label": np.stack([labels[i] for i in idx]),
-                "weight": np.stack([weights[i] for i in idx]).astype(np.float32),
-            },
-            members=True,
-        )
-
-    return prefetch(make_batch, range(progress.batch, progress.steps_per_epoch))
+def _epochs_bar(progress: Progress, epochs: int):
+    """The progress bar over the epochs still to run (of ``epochs``)."""
+    return progress_bar(
+        range(progress.epoch, epochs),
+        desc="epochs",
+        initial=progress.epoch,
+        total=epochs,
+        summary=False,
+    )
 
 
 def _train_epoch(
@@ -269,7 +227,7 @@ def _train_epoch(
     pending = []  # metrics still on the device: a host sync every step would stall it
     for b, batch in zip(bar, batches):
         if rates is not None:
-            state = _set_learning_rate(state, rates[b])
+            state = set_learning_rate(state, rates[b])
         state, metrics = steps.train(state, batch, keys)
         pending.append(metrics)
         stop = interrupt(progress.global_step(b))
@@ -314,6 +272,11 @@ def _train_figures(progress: Progress, n: int, k: int) -> dict:
     if k > 1 and progress.member_sums:
         row.update({f"member_{key}": [s / n for s in v] for key, v in progress.member_sums.items()})
     return row
+
+
+def _history_row(epoch: int, lr: float, train_figures: dict, val_row: dict) -> dict:
+    """The epoch's row of history.jsonl: its number (1-based) and rate, then the figures."""
+    return {"epoch": epoch + 1, "lr": lr, **train_figures, **val_row}
 
 
 def _save_and_raise(
@@ -428,27 +391,6 @@ def _weights(state: TrainState) -> dict:
     if isinstance(state, EmaTrainState):
         return state.ema
     return {"params": state.params, "batch_stats": state.batch_stats}
-
-
-_HYPERPARAM_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
-
-
-def _set_learning_rate(state: TrainState, lr: float) -> TrainState:
-    """Sets the rate inside ``inject_hyperparams`` state: a value, not a recompile."""
-
-    def visit(x):
-        if isinstance(x, _HYPERPARAM_STATES):
-            hp = dict(x.hyperparams)
-            old = jnp.asarray(hp["learning_rate"])
-            # Same sharding as before, or the step would see a new input type and recompile.
-            hp["learning_rate"] = jax.device_put(jnp.full(old.shape, lr, old.dtype), old.sharding)
-            return x._replace(hyperparams=hp)
-        return x
-
-    opt_state = jax.tree.map(
-        visit, state.opt_state, is_leaf=lambda x: isinstance(x, _HYPERPARAM_STATES)
-    )
-    return state.replace(opt_state=opt_state)
 
 
 def _write_history(run_dir: Path, history: list[dict]):

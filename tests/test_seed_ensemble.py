@@ -21,7 +21,8 @@ from pneumojax.config import FitOptions
 from pneumojax.scoring import predicted_labels
 from pneumojax.predictions import read_predictions
 from pneumojax.metrics import choose_threshold
-from pneumojax.train import _epoch_batches, Progress
+from pneumojax.batches import epoch_batches
+from pneumojax.train import Progress
 
 from conftest import RESCORED_METRICS, tiny_train_args
 
@@ -150,7 +151,7 @@ def test_each_member_gets_its_own_order_of_the_same_images():
     train = (np.arange(n)[:, None].astype(np.float32), np.zeros(n, np.int32), np.ones(n))
     opts = FitOptions(batch_size=8, seed=7)
     progress = Progress(steps_per_epoch=n // 8)
-    batches = list(_epoch_batches(Unsharded(), train, members, opts, 0, progress))
+    batches = list(epoch_batches(Unsharded(), train, members, opts, 0, progress))
     seen = np.stack([b["image"][:, :, 0] for b in batches], 1)  # (members, steps, batch)
     for i in range(k):
         np.testing.assert_array_equal(np.sort(seen[i].ravel()), np.arange(n))  # all images
@@ -174,7 +175,7 @@ def test_seed_ensemble_usage_errors_exit_2(workdir, tmp_path):
     assert r.exit_code == 2 and "--seed-ensemble cannot be combined" in r.output, r.output
     # The library refuses it too (a study calls train_run directly).
     from pneumojax.config import TrainConfig
-    from pneumojax.run import resolved_config
+    from pneumojax.runconfig import resolved_config
 
     with pytest.raises(ValueError, match="seed-ensemble"):
         resolved_config(

@@ -97,7 +97,7 @@ def _check_new_run(cfg: TrainConfig):
 
 def _check_resume_changes(cfg: TrainConfig, changes: dict) -> None:
     """--resume: the changes asked for are ones the run in --out can take (exit status 2)."""
-    from pneumojax.run import check_resume_changes  # noqa: PLC0415
+    from pneumojax.runconfig import check_resume_changes  # noqa: PLC0415
 
     try:
         check_resume_changes(Path(cfg.out), changes)
@@ -156,7 +156,7 @@ def _resume_options(ctx) -> dict:
 
     from click.core import ParameterSource  # noqa: PLC0415
 
-    from pneumojax.run import RESUME_CHANGES  # noqa: PLC0415
+    from pneumojax.runconfig import RESUME_CHANGES  # noqa: PLC0415
 
     defaulted = (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
     params = {p.name: p for p in ctx.command.params}
