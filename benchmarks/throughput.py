@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Training and inference throughput: pneumojax vs Keras 3 on TensorFlow vs Keras 3 on JAX.
 
-For each of the study's configurations (see ``../shared/DESIGN.md``) every framework runs the
-same model (the ``keras.applications`` backbone cut at the study's layer + Flatten, Dense(128,
-relu), Dropout(0.1), Dense(2, sigmoid); the backbone frozen except the study's trainable
-range) with the same randomized weights (made once with ``randomize_keras_model`` and ported
-into pneumojax with ``port_keras_weights``), the same batch, image size and float32. Each
-framework is measured in its own subprocess; this parent only collects their JSON.
+For each of the study's six configurations (see ``../shared/DESIGN.md``), and a seventh, the
+no-ImageNet recipe's model (DenseNet121 with every layer trained, at its recipe's 64 px and
+batch 32 where the others take the suite's --image-size and --batch-size, 256 and 32 by
+default), every framework runs the same model (the ``keras.applications`` backbone cut at the
+study's layer + Flatten, Dense(128, relu), Dropout(0.1), Dense(2, sigmoid); the backbone frozen
+except the configuration's trainable range) with the same randomized weights (made once with
+``randomize_keras_model`` and ported into pneumojax with ``port_keras_weights``), the same
+batch, image size and float32. Each framework is measured in its own subprocess; this parent
+only collects their JSON.
 
 Measured per framework and configuration:
 
@@ -63,6 +66,9 @@ class StudyConfig:
     trainable: str = "none"
     class_weights: bool = False
     same_step_as: int | None = None  # its train step is that configuration's, byte for byte
+    # Its own image size and batch (None: the suite's --image-size / --batch-size).
+    image_size: int | None = None
+    batch_size: int | None = None
 
 
 CONFIGS = {
@@ -88,21 +94,24 @@ CONFIGS = {
             same_step_as=4,
         ),
         StudyConfig(6, "resnet50v2", "post_relu", "ResNet50V2 + class weights", class_weights=True),
-        # Not the study's: the no-ImageNet recipe's model (configs/no_imagenet.toml), measured
-        # when asked (--configs 7 --image-size 64), not in the default suite.
+        # Not the study's: the no-ImageNet recipe's model (configs/no_imagenet.toml), at the
+        # recipe's own size and batch (64 px, 32), not the suite's.
         StudyConfig(
             7,
             "densenet121",
             "conv5_block15_1_relu",
             "DenseNet121, every layer trained (no-ImageNet recipe)",
             trainable="all",
+            image_size=64,
+            batch_size=32,
         ),
     )
 }
 STUDY_CONFIGS = [1, 2, 3, 4, 5, 6]
+DEFAULT_CONFIGS = [*STUDY_CONFIGS, 7]
 
 QUICK = {"image_size": 96, "batch_size": 8, "steps": 3, "warmup": 1, "configs": [4, 5, 6]}
-FULL = {"image_size": 256, "batch_size": 32, "steps": 10, "warmup": 2, "configs": STUDY_CONFIGS}
+FULL = {"image_size": 256, "batch_size": 32, "steps": 10, "warmup": 2, "configs": DEFAULT_CONFIGS}
 
 
 def study_class_weights() -> list[float]:
@@ -137,12 +146,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         choices=sorted(CONFIGS),
         default=None,
-        help="configurations to measure (default the study's six, 1-6; 5 reuses 4's step; "
-        "7 is the no-ImageNet recipe's model)",
+        help="configurations to measure (default all: the study's six, 1-6, and 7, the "
+        "no-ImageNet recipe's model; 5 reuses 4's step)",
     )
     p.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"images per step (default {FULL['batch_size']}; configuration 7 its recipe's "
+        f"{CONFIGS[7].batch_size}); given here, it applies to every configuration",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help=f"pixels a side (default {FULL['image_size']}; configuration 7 its recipe's "
+        f"{CONFIGS[7].image_size}); given here, it applies to every configuration",
+    )
     p.add_argument("--steps", type=int, default=None, help="timed calls after warm-up")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls after the first")
     p.add_argument("--seed", type=int, default=0)
@@ -168,6 +189,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.worker:
         return args  # a worker reads everything from its job file
+    # Sizes given on the command line (or --quick's) apply to every configuration.
+    args.given = {k for k in ("image_size", "batch_size") if getattr(args, k) is not None}
+    if args.quick:
+        args.given = {"image_size", "batch_size"}
     defaults = QUICK if args.quick else FULL
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -186,16 +211,29 @@ def timed_configs(selected: list[StudyConfig]) -> list[int]:
     return sorted({c.same_step_as or c.number for c in selected})
 
 
-def plan_record(cfg: StudyConfig, image_size: int) -> dict:
-    """The pneumojax plan: trainable layer names (Keras gets the same set) and counts."""
+def size_and_batch(args, cfg: StudyConfig) -> tuple[int, int]:
+    """(image size, batch size) ``cfg`` is measured at: its own where it has them, unless the
+    command line (or --quick) set them for every configuration."""
+    given = getattr(args, "given", {"image_size", "batch_size"})
+    size = args.image_size if "image_size" in given else cfg.image_size or args.image_size
+    batch = args.batch_size if "batch_size" in given else cfg.batch_size or args.batch_size
+    return size, batch
+
+
+def plan_record(args, cfg: StudyConfig) -> dict:
+    """The pneumojax plan: trainable layer names (Keras gets the same set) and counts, at the
+    configuration's size (the head's first Dense layer grows with it)."""
     from pneumojax.backbones import get_backbone  # noqa: PLC0415
     from pneumojax.model import make_plan  # noqa: PLC0415
 
-    plan = make_plan(get_backbone(cfg.backbone), cfg.cut, cfg.trainable, image_size)
+    size, batch = size_and_batch(args, cfg)
+    plan = make_plan(get_backbone(cfg.backbone), cfg.cut, cfg.trainable, size)
     return {
         "trainable_layers": sorted(plan.trainable_layers),
         "trainable_params": plan.trainable_params,
         "frozen_params": plan.frozen_params,
+        "image_size": size,
+        "batch_size": batch,
     }
 
 
@@ -211,8 +249,8 @@ def make_job(args, cfg: StudyConfig, plan: dict, framework: str, weights: Path) 
         "trainable_layers": plan["trainable_layers"],
         "class_weights": study_class_weights() if cfg.class_weights else None,
         "weights": str(weights),
-        "batch_size": args.batch_size,
-        "image_size": args.image_size,
+        "batch_size": plan["batch_size"],
+        "image_size": plan["image_size"],
         "steps": args.steps,
         "warmup": args.warmup,
         "seed": args.seed,
@@ -254,7 +292,7 @@ def run_suite(args) -> dict:
     load_before = list(os.getloadavg())  # a busy machine makes every figure smaller
     selected = [CONFIGS[n] for n in args.configs]
     numbers = timed_configs(selected)
-    plans = {n: plan_record(CONFIGS[n], args.image_size) for n in numbers}
+    plans = {n: plan_record(args, CONFIGS[n]) for n in numbers}
     results: dict[int, dict[str, dict]] = {n: {} for n in numbers}
     with common.workdir_of(args.keep_workdir, "pneumojax-throughput-") as workdir:
         weights = {n: workdir / f"weights-config{n}.npz" for n in numbers}
@@ -264,11 +302,11 @@ def run_suite(args) -> dict:
             {
                 "name": "prepare",
                 "role": "prepare",
-                "image_size": args.image_size,
                 "seed": args.seed,
                 "configs": [
                     {
                         "number": n,
+                        "image_size": plans[n]["image_size"],
                         "backbone": CONFIGS[n].backbone,
                         "cut": CONFIGS[n].cut,
                         "trainable_layers": plans[n]["trainable_layers"],
@@ -470,6 +508,25 @@ def _first_results(payload: dict) -> dict[str, dict]:
     return out
 
 
+def _size_cell(entry: dict, settings: dict) -> str:
+    """A configuration's image size and batch, as "px / batch"."""
+    size = entry.get("image_size", settings["image_size"])
+    return f"{size} / {entry.get('batch_size', settings['batch_size'])}"
+
+
+def _setting(payload: dict) -> str:
+    """The suite's size and batch for the title, and any configuration's own."""
+    s = payload["settings"]
+    text = f"batch {s['batch_size']}, {s['image_size']}×{s['image_size']} px"
+    own = [
+        f"configuration {e['number']} at {e['image_size']} px, batch {e['batch_size']}"
+        for e in payload["configs"]
+        if (e.get("image_size", s["image_size"]), e.get("batch_size", s["batch_size"]))
+        != (s["image_size"], s["batch_size"])
+    ]
+    return "; ".join([text, *own])
+
+
 def _intro(payload: dict) -> list[str]:
     """Title, machine, versions and how to read the figures."""
     s, hw = payload["settings"], payload["hardware"]
@@ -477,8 +534,8 @@ def _intro(payload: dict) -> list[str]:
     versions = {k: v for r in payload["versions"].values() for k, v in r.items()}
     load_before, load_after = hw["load_average_before"][0], hw["load_average"][0]
     lines = [
-        f"## Throughput: pneumojax vs Keras 3 (float32, batch {s['batch_size']}, "
-        f"{s['image_size']}×{s['image_size']} px{', QUICK' if s['quick'] else ''})",
+        f"## Throughput: pneumojax vs Keras 3 (float32, {_setting(payload)}"
+        f"{', QUICK' if s['quick'] else ''})",
         "",
         f"CPU: {hw['cpu']} ({hw['usable_cores']} usable cores of {hw['cpu_count']}, "
         f"{hw['memory_gb']} GB); accelerators: {acc}; 1-minute load average before the suite "
@@ -517,6 +574,7 @@ def _rate_table(payload: dict, phase: str) -> str:
     header = [
         "config",
         "model",
+        "px / batch",
         *[TITLES[f] for f in fws],
         *[f"pneumojax / {TITLES[o]}" for o in others],
     ]
@@ -529,6 +587,7 @@ def _rate_table(payload: dict, phase: str) -> str:
             [
                 str(e["number"]),
                 label,
+                _size_cell(e, payload["settings"]),
                 *[_rate(e["results"].get(f, {"skipped": True}), phase) for f in fws],
                 *[_ratio_cell(e["ratios"][f"pneumojax/{o}"][phase]) for o in others],
             ]
@@ -687,7 +746,7 @@ def prepare_weights(job: dict) -> dict:
     for cfg in job["configs"]:
         keras.utils.set_random_seed(job["seed"])  # the head's Glorot draws
         base, model = common.build_keras_classifier(
-            get_backbone(cfg["backbone"]), cfg["cut"], cfg["trainable_layers"], job["image_size"]
+            get_backbone(cfg["backbone"]), cfg["cut"], cfg["trainable_layers"], cfg["image_size"]
         )
         randomize_keras_model(base, job["seed"])
         everything = weights_of_keras_model(model)

@@ -113,6 +113,21 @@ def test_config_5_reuses_the_step_of_config_4():
     assert throughput.timed_configs([throughput.CONFIGS[5]]) == [4]
 
 
+def test_config_7_runs_at_its_recipes_size_unless_the_command_line_sets_one():
+    weights = Path("w.npz")
+    cfg7, cfg2 = throughput.CONFIGS[7], throughput.CONFIGS[2]
+    args = throughput.parse_args([])
+    assert 7 in args.configs
+    job = throughput.make_job(args, cfg7, throughput.plan_record(args, cfg7), "keras-tf", weights)
+    assert (job["image_size"], job["batch_size"]) == (64, 32)  # configs/no_imagenet.toml's
+    assert throughput.size_and_batch(args, cfg2) == (256, 32)  # the suite's
+    args = throughput.parse_args(["--image-size", "128"])
+    job = throughput.make_job(args, cfg7, throughput.plan_record(args, cfg7), "keras-tf", weights)
+    assert (job["image_size"], job["batch_size"]) == (128, 32)
+    args = throughput.parse_args(["--quick"])  # --quick's small setting for every configuration
+    assert throughput.size_and_batch(args, cfg7) == (96, 8)
+
+
 def test_study_class_weights_follow_the_formula():
     w_normal, w_pneumonia = throughput.study_class_weights()
     total = sum(throughput.STUDY_CLASS_COUNTS)
