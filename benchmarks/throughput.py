@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Training and inference throughput: pneumojax vs Keras 3 on TensorFlow vs Keras 3 on JAX.
 
-For each of the study's configurations (see ``../shared/DESIGN.md``) every framework runs the
-same model (the ``keras.applications`` backbone cut at the study's layer + Flatten, Dense(128,
-relu), Dropout(0.1), Dense(2, sigmoid); the backbone frozen except the study's trainable
-range) with the same randomized weights (made once with ``randomize_keras_model`` and ported
-into pneumojax with ``port_keras_weights``), the same batch, image size and float32. Each
-framework is measured in its own subprocess; this parent only collects their JSON.
+For each of the study's six configurations (see ``../shared/DESIGN.md``), and a seventh, the
+no-ImageNet recipe's model (DenseNet121 with every layer trained, at its recipe's 64 px and
+batch 32 where the others take the suite's --image-size and --batch-size, 256 and 32 by
+default), every framework runs the same model (the ``keras.applications`` backbone cut at the
+study's layer + Flatten, Dense(128, relu), Dropout(0.1), Dense(2, sigmoid); the backbone frozen
+except the configuration's trainable range) with the same randomized weights (made once with
+``randomize_keras_model`` and ported into pneumojax with ``port_keras_weights``), the same
+batch, image size and float32. Each framework is measured in its own subprocess; this parent
+only collects their JSON.
 
 Measured per framework and configuration:
 
@@ -17,7 +20,11 @@ Measured per framework and configuration:
 * inference images/s: one batch of host images per call (pneumojax ``predict_logits`` on
   uint8, Keras ``predict_on_batch`` on preprocessed float32);
 * the first call of each (trace + compile + one run), peak RSS of the subprocess, peak device
-  memory on GPUs, and cores used (process CPU time / wall time over the timed calls).
+  memory on GPUs, and cores used (process CPU time / wall time over the timed calls);
+* the FLOP/s each framework achieved: XLA's count of the FLOPs in pneumojax's compiled train
+  step and predict step (the same model and batch for every framework) times steps per second,
+  beside the machine's matrix-product peak (``jnp.dot`` of two 2048 x 2048 matrices, float32
+  and bfloat16, timed in a worker of its own before the others).
 
 Usage: ``python benchmarks/throughput.py [--quick] [--out FILE.json] [--configs 1 2 ...]``.
 
@@ -63,6 +70,9 @@ class StudyConfig:
     trainable: str = "none"
     class_weights: bool = False
     same_step_as: int | None = None  # its train step is that configuration's, byte for byte
+    # Its own image size and batch (None: the suite's --image-size / --batch-size).
+    image_size: int | None = None
+    batch_size: int | None = None
 
 
 CONFIGS = {
@@ -88,21 +98,40 @@ CONFIGS = {
             same_step_as=4,
         ),
         StudyConfig(6, "resnet50v2", "post_relu", "ResNet50V2 + class weights", class_weights=True),
-        # Not the study's: the no-ImageNet recipe's model (configs/no_imagenet.toml), measured
-        # when asked (--configs 7 --image-size 64), not in the default suite.
+        # Not the study's: the no-ImageNet recipe's model (configs/no_imagenet.toml), at the
+        # recipe's own size and batch (64 px, 32), not the suite's.
         StudyConfig(
             7,
             "densenet121",
             "conv5_block15_1_relu",
             "DenseNet121, every layer trained (no-ImageNet recipe)",
             trainable="all",
+            image_size=64,
+            batch_size=32,
         ),
     )
 }
 STUDY_CONFIGS = [1, 2, 3, 4, 5, 6]
+DEFAULT_CONFIGS = [*STUDY_CONFIGS, 7]
 
-QUICK = {"image_size": 96, "batch_size": 8, "steps": 3, "warmup": 1, "configs": [4, 5, 6]}
-FULL = {"image_size": 256, "batch_size": 32, "steps": 10, "warmup": 2, "configs": STUDY_CONFIGS}
+QUICK = {
+    "image_size": 96,
+    "batch_size": 8,
+    "steps": 3,
+    "warmup": 1,
+    "configs": [4, 5, 6],
+    "peak_size": 512,
+}
+FULL = {
+    "image_size": 256,
+    "batch_size": 32,
+    "steps": 10,
+    "warmup": 2,
+    "configs": DEFAULT_CONFIGS,
+    "peak_size": 2048,
+}
+# The matrix-product peak: calls timed after untimed warm-up calls.
+PEAK_CALLS, PEAK_WARMUP = 10, 3
 
 
 def study_class_weights() -> list[float]:
@@ -137,12 +166,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         choices=sorted(CONFIGS),
         default=None,
-        help="configurations to measure (default the study's six, 1-6; 5 reuses 4's step; "
-        "7 is the no-ImageNet recipe's model)",
+        help="configurations to measure (default all: the study's six, 1-6, and 7, the "
+        "no-ImageNet recipe's model; 5 reuses 4's step)",
     )
     p.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--image-size", type=int, default=None)
+    add_size_options(p)
     p.add_argument("--steps", type=int, default=None, help="timed calls after warm-up")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls after the first")
     p.add_argument("--seed", type=int, default=0)
@@ -168,6 +196,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.worker:
         return args  # a worker reads everything from its job file
+    # Sizes given on the command line (or --quick's) apply to every configuration.
+    args.given = {k for k in ("image_size", "batch_size") if getattr(args, k) is not None}
+    if args.quick:
+        args.given = {"image_size", "batch_size"}
     defaults = QUICK if args.quick else FULL
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -181,21 +213,59 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def add_size_options(p: argparse.ArgumentParser) -> None:
+    """--batch-size, --image-size (each configuration's own unless given) and --peak-size."""
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"images per step (default {FULL['batch_size']}; configuration 7 its recipe's "
+        f"{CONFIGS[7].batch_size}); given here, it applies to every configuration",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help=f"pixels a side (default {FULL['image_size']}; configuration 7 its recipe's "
+        f"{CONFIGS[7].image_size}); given here, it applies to every configuration",
+    )
+    p.add_argument(
+        "--peak-size",
+        type=int,
+        default=None,
+        help="side of the square matrices of the matrix-product peak (default "
+        f"{FULL['peak_size']}, {QUICK['peak_size']} with --quick)",
+    )
+
+
 def timed_configs(selected: list[StudyConfig]) -> list[int]:
     """The configurations whose step is measured: a reused step is measured once."""
     return sorted({c.same_step_as or c.number for c in selected})
 
 
-def plan_record(cfg: StudyConfig, image_size: int) -> dict:
-    """The pneumojax plan: trainable layer names (Keras gets the same set) and counts."""
+def size_and_batch(args, cfg: StudyConfig) -> tuple[int, int]:
+    """(image size, batch size) ``cfg`` is measured at: its own where it has them, unless the
+    command line (or --quick) set them for every configuration."""
+    given = getattr(args, "given", {"image_size", "batch_size"})
+    size = args.image_size if "image_size" in given else cfg.image_size or args.image_size
+    batch = args.batch_size if "batch_size" in given else cfg.batch_size or args.batch_size
+    return size, batch
+
+
+def plan_record(args, cfg: StudyConfig) -> dict:
+    """The pneumojax plan: trainable layer names (Keras gets the same set) and counts, at the
+    configuration's size (the head's first Dense layer grows with it)."""
     from pneumojax.backbones import get_backbone  # noqa: PLC0415
     from pneumojax.model import make_plan  # noqa: PLC0415
 
-    plan = make_plan(get_backbone(cfg.backbone), cfg.cut, cfg.trainable, image_size)
+    size, batch = size_and_batch(args, cfg)
+    plan = make_plan(get_backbone(cfg.backbone), cfg.cut, cfg.trainable, size)
     return {
         "trainable_layers": sorted(plan.trainable_layers),
         "trainable_params": plan.trainable_params,
         "frozen_params": plan.frozen_params,
+        "image_size": size,
+        "batch_size": batch,
     }
 
 
@@ -211,8 +281,8 @@ def make_job(args, cfg: StudyConfig, plan: dict, framework: str, weights: Path) 
         "trainable_layers": plan["trainable_layers"],
         "class_weights": study_class_weights() if cfg.class_weights else None,
         "weights": str(weights),
-        "batch_size": args.batch_size,
-        "image_size": args.image_size,
+        "batch_size": plan["batch_size"],
+        "image_size": plan["image_size"],
         "steps": args.steps,
         "warmup": args.warmup,
         "seed": args.seed,
@@ -254,9 +324,10 @@ def run_suite(args) -> dict:
     load_before = list(os.getloadavg())  # a busy machine makes every figure smaller
     selected = [CONFIGS[n] for n in args.configs]
     numbers = timed_configs(selected)
-    plans = {n: plan_record(CONFIGS[n], args.image_size) for n in numbers}
+    plans = {n: plan_record(args, CONFIGS[n]) for n in numbers}
     results: dict[int, dict[str, dict]] = {n: {} for n in numbers}
     with common.workdir_of(args.keep_workdir, "pneumojax-throughput-") as workdir:
+        peak = run_peak(args, workdir)
         weights = {n: workdir / f"weights-config{n}.npz" for n in numbers}
         print(f"preparing shared weights for configurations {numbers} ...", flush=True)
         prep = common.run_worker(
@@ -264,11 +335,11 @@ def run_suite(args) -> dict:
             {
                 "name": "prepare",
                 "role": "prepare",
-                "image_size": args.image_size,
                 "seed": args.seed,
                 "configs": [
                     {
                         "number": n,
+                        "image_size": plans[n]["image_size"],
                         "backbone": CONFIGS[n].backbone,
                         "cut": CONFIGS[n].cut,
                         "trainable_layers": plans[n]["trainable_layers"],
@@ -305,7 +376,26 @@ def run_suite(args) -> dict:
                 )
                 print("  " + one_line(result), flush=True)
                 results[n][framework] = result
-    return assemble(args, selected, plans, results, time.perf_counter() - t0, load_before)
+    wall_s = time.perf_counter() - t0
+    return assemble(args, selected, plans, results, wall_s, load_before, peak)
+
+
+def run_peak(args, workdir: Path) -> dict:
+    """The machine's matrix-product peak, measured by a worker of its own before the others
+    (plain JAX, none of pneumojax's settings): float32 and bfloat16 GFLOP/s, or the error."""
+    print(f"matrix-product peak ({args.peak_size}x{args.peak_size}) ...", flush=True)
+    job = {"name": "peak", "role": "peak", "n": args.peak_size}
+    job.update(calls=PEAK_CALLS, warmup=PEAK_WARMUP)
+    result = common.run_worker(SCRIPT, job, workdir, timeout=min(args.worker_timeout, 600))
+    if "error" in result:
+        print(f"  FAILED: {result['error']}\n{result.get('log_tail', '')}", flush=True)
+        return {"n": args.peak_size, "error": result["error"]}
+    print(
+        f"  float32 {result['float32_gflops']:.1f} GFLOP/s, "
+        f"bfloat16 {result['bfloat16_gflops']:.1f} GFLOP/s",
+        flush=True,
+    )
+    return {k: v for k, v in result.items() if k not in ("versions", "process_wall_s")}
 
 
 def one_line(result: dict) -> str:
@@ -372,16 +462,43 @@ def normalized_maps(maps) -> np.ndarray:
     return maps / np.maximum(maps.max(axis=(1, 2), keepdims=True), 1e-30)
 
 
-def assemble(args, selected, plans, results, wall_s: float, load_before: list[float]) -> dict:
+def flop_rates(results: dict, batch_size: int, peak: dict) -> dict:
+    """Per phase (train, inference) and framework: the GFLOP/s achieved and its share of the
+    float32 matrix-product peak (%). The work of a step is XLA's count of pneumojax's program,
+    used for every framework: the same model on the same batch."""
+    ours = results.get("pneumojax", {})
+    out = {"achieved_gflops": {}, "percent_of_float32_peak": {}}
+    for phase, key in (("train", "train_flops_per_step"), ("inference", "predict_flops_per_step")):
+        flops = ours.get(key)
+        rates = {
+            fw: flops * r[phase]["images_per_s"] / batch_size / 1e9
+            for fw, r in results.items()
+            if flops and phase in r
+        }
+        out["achieved_gflops"][phase] = rates
+        if peak.get("float32_gflops"):
+            out["percent_of_float32_peak"][phase] = {
+                fw: 100 * x / peak["float32_gflops"] for fw, x in rates.items()
+            }
+    return out
+
+
+def assemble(
+    args, selected, plans, results, wall_s: float, load_before: list[float], peak: dict
+) -> dict:
     """The JSON payload: settings, machine, versions, and one entry per configuration."""
     configs = []
     for cfg in selected:
         n = cfg.same_step_as or cfg.number
+        ours = results[n].get("pneumojax", {})
         entry = {
             **dataclasses.asdict(cfg),
             **plans[n],
             "measured_as": n,
             "results": results[n],
+            "train_flops_per_step": ours.get("train_flops_per_step"),
+            "predict_flops_per_step": ours.get("predict_flops_per_step"),
+            **flop_rates(results[n], plans[n]["batch_size"], peak),
             "ratios": {
                 f"pneumojax/{other}": {
                     phase: ratio(results[n], phase, "pneumojax", other) for phase in PHASES
@@ -423,6 +540,7 @@ def assemble(args, selected, plans, results, wall_s: float, load_before: list[fl
             "configs": args.configs,
             "time_budget_s": args.time_budget or None,
         },
+        "peak": peak,
         "hardware": {
             **common.hardware(),
             "load_average_before": load_before,
@@ -470,6 +588,25 @@ def _first_results(payload: dict) -> dict[str, dict]:
     return out
 
 
+def _size_cell(entry: dict, settings: dict) -> str:
+    """A configuration's image size and batch, as "px / batch"."""
+    size = entry.get("image_size", settings["image_size"])
+    return f"{size} / {entry.get('batch_size', settings['batch_size'])}"
+
+
+def _setting(payload: dict) -> str:
+    """The suite's size and batch for the title, and any configuration's own."""
+    s = payload["settings"]
+    text = f"batch {s['batch_size']}, {s['image_size']}×{s['image_size']} px"
+    own = [
+        f"configuration {e['number']} at {e['image_size']} px, batch {e['batch_size']}"
+        for e in payload["configs"]
+        if (e.get("image_size", s["image_size"]), e.get("batch_size", s["batch_size"]))
+        != (s["image_size"], s["batch_size"])
+    ]
+    return "; ".join([text, *own])
+
+
 def _intro(payload: dict) -> list[str]:
     """Title, machine, versions and how to read the figures."""
     s, hw = payload["settings"], payload["hardware"]
@@ -477,8 +614,8 @@ def _intro(payload: dict) -> list[str]:
     versions = {k: v for r in payload["versions"].values() for k, v in r.items()}
     load_before, load_after = hw["load_average_before"][0], hw["load_average"][0]
     lines = [
-        f"## Throughput: pneumojax vs Keras 3 (float32, batch {s['batch_size']}, "
-        f"{s['image_size']}×{s['image_size']} px{', QUICK' if s['quick'] else ''})",
+        f"## Throughput: pneumojax vs Keras 3 (float32, {_setting(payload)}"
+        f"{', QUICK' if s['quick'] else ''})",
         "",
         f"CPU: {hw['cpu']} ({hw['usable_cores']} usable cores of {hw['cpu_count']}, "
         f"{hw['memory_gb']} GB); accelerators: {acc}; 1-minute load average before the suite "
@@ -500,6 +637,7 @@ def _intro(payload: dict) -> list[str]:
         f"Figures: median images/s over {s['steps']} timed calls after {s['warmup']} warm-up "
         "call(s) (and the first, compiling, call), [slowest–fastest call] in brackets. "
         "Each framework ran alone in its own process. Ratios above 1 mean pneumojax is faster.",
+        _peak_line(payload.get("peak") or {}),
     ]
     if load_before > 0.5:
         lines.append(
@@ -510,6 +648,20 @@ def _intro(payload: dict) -> list[str]:
     return lines + [""]
 
 
+def _peak_line(peak: dict) -> str:
+    """The matrix-product peak the FLOP/s table is measured against."""
+    if "float32_gflops" not in peak:
+        return f"Matrix-product peak: not measured ({peak.get('error', 'not run')})."
+    n = peak["n"]
+    return (
+        f"Matrix-product peak of this machine, measured in this run: float32 "
+        f"{peak['float32_gflops']:.1f} GFLOP/s, bfloat16 inputs with float32 results "
+        f"{peak['bfloat16_gflops']:.1f} GFLOP/s (`jnp.dot` of two {n}×{n} matrices, 2n³ FLOPs, "
+        f"median of {peak['calls']} calls after {peak['warmup']} warm-up calls, in a process "
+        "of its own)."
+    )
+
+
 def _rate_table(payload: dict, phase: str) -> str:
     """Images/s per framework and pneumojax's ratios, one row per configuration."""
     fws = payload["settings"]["frameworks"]
@@ -517,6 +669,7 @@ def _rate_table(payload: dict, phase: str) -> str:
     header = [
         "config",
         "model",
+        "px / batch",
         *[TITLES[f] for f in fws],
         *[f"pneumojax / {TITLES[o]}" for o in others],
     ]
@@ -529,10 +682,47 @@ def _rate_table(payload: dict, phase: str) -> str:
             [
                 str(e["number"]),
                 label,
+                _size_cell(e, payload["settings"]),
                 *[_rate(e["results"].get(f, {"skipped": True}), phase) for f in fws],
                 *[_ratio_cell(e["ratios"][f"pneumojax/{o}"][phase]) for o in others],
             ]
         )
+    return common.markdown_table(header, rows)
+
+
+def _flops_table(payload: dict) -> str:
+    """Work per step (XLA's count) and the FLOP/s each framework achieved, beside the peak."""
+    fws = payload["settings"]["frameworks"]
+    order = " / ".join(TITLES[f] for f in fws)
+
+    def cells(e, key, phase, fmt):
+        values = e.get(key, {}).get(phase, {})
+        return " / ".join(fmt(values[f]) if f in values else "–" for f in fws)
+
+    def gflop(flops):
+        return "–" if not flops else f"{flops / 1e9:.2f}"
+
+    header = [
+        "config",
+        "px / batch",
+        "GFLOP per train step",
+        f"achieved GFLOP/s training ({order})",
+        f"% of float32 matmul peak ({order})",
+        "GFLOP per predict batch",
+        f"achieved GFLOP/s inference ({order})",
+    ]
+    rows = [
+        [
+            str(e["number"]),
+            _size_cell(e, payload["settings"]),
+            gflop(e.get("train_flops_per_step")),
+            cells(e, "achieved_gflops", "train", lambda x: f"{x:.1f}"),
+            cells(e, "percent_of_float32_peak", "train", lambda x: f"{x:.1f}%"),
+            gflop(e.get("predict_flops_per_step")),
+            cells(e, "achieved_gflops", "inference", lambda x: f"{x:.1f}"),
+        ]
+        for e in payload["configs"]
+    ]
     return common.markdown_table(header, rows)
 
 
@@ -621,6 +811,17 @@ def render_markdown(payload: dict) -> str:
         "",
         _rate_table(payload, "explain"),
         "",
+        "### Work done: FLOP/s achieved, beside the matrix-product peak",
+        "",
+        "FLOPs per step as XLA's cost analysis counts them in pneumojax's compiled program "
+        "(training: `Steps.train`; inference: the predict step, preprocessing included), used "
+        "for every framework: each runs the same model on the same batch, so the figure is "
+        "the rate at which it gets that work done. Achieved GFLOP/s = FLOPs per step × "
+        "images/s / batch. The peak is the float32 matrix product above; inference also "
+        "copies host images to the device, which counts no FLOPs.",
+        "",
+        _flops_table(payload),
+        "",
         "### Set-up, compile, memory, core use",
         "",
         _resource_table(payload),
@@ -668,6 +869,8 @@ def worker_main(job_path: str) -> int:
     job = common.read_job(job_path)
     if job["role"] == "prepare":
         result = prepare_weights(job)
+    elif job["role"] == "peak":
+        result = measure_peak(job)
     elif job["framework"] == "pneumojax":
         result = measure_pneumojax(job)
     else:
@@ -687,7 +890,7 @@ def prepare_weights(job: dict) -> dict:
     for cfg in job["configs"]:
         keras.utils.set_random_seed(job["seed"])  # the head's Glorot draws
         base, model = common.build_keras_classifier(
-            get_backbone(cfg["backbone"]), cfg["cut"], cfg["trainable_layers"], job["image_size"]
+            get_backbone(cfg["backbone"]), cfg["cut"], cfg["trainable_layers"], cfg["image_size"]
         )
         randomize_keras_model(base, job["seed"])
         everything = weights_of_keras_model(model)
@@ -699,6 +902,32 @@ def prepare_weights(job: dict) -> dict:
             },
         )
     return {"prepared": [c["number"] for c in job["configs"]]}
+
+
+def measure_peak(job: dict) -> dict:
+    """GFLOP/s of ``jnp.dot`` of two n x n matrices (2 n^3 FLOPs a product) in float32 and in
+    bfloat16 with float32 results, at JAX's default precision: the median of ``calls`` timed
+    calls after ``warmup`` untimed ones, inputs already on the device."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    n = job["n"]
+    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    out = {"n": n, "calls": job["calls"], "warmup": job["warmup"]}
+    for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
+        a, b = (jax.random.normal(k, (n, n), dtype) for k in jax.random.split(jax.random.key(0)))
+        for _ in range(1 + job["warmup"]):  # the first call compiles
+            jax.block_until_ready(dot(a, b))
+        times = []
+        for _ in range(job["calls"]):
+            t = time.perf_counter()
+            jax.block_until_ready(dot(a, b))
+            times.append(time.perf_counter() - t)
+        median = float(np.median(times))
+        out[f"{name}_median_s"] = median
+        out[f"{name}_gflops"] = 2 * n**3 / median / 1e9
+    out["devices"] = common.accelerators_jax()
+    return out
 
 
 def fixed_batch(job: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -809,6 +1038,7 @@ def measure_pneumojax(job: dict) -> dict:
     return {
         "framework": "pneumojax",
         "config": job["config"],
+        **pneumojax_flops(steps, (holder["state"], batch, keys), (predict_variables, images)),
         "setup_s": setup_s,
         "rss_after_import_mb": rss_after_import,
         "devices": common.accelerators_jax(),
@@ -823,6 +1053,42 @@ def measure_pneumojax(job: dict) -> dict:
         "probe_maps": map_probe(probe_maps[0]),
         "step": "Steps.train (jit, batch sharded over a 'data' mesh axis, 1 member)",
     }
+
+
+def pneumojax_flops(steps, train_args: tuple, predict_args: tuple) -> dict:
+    """The work of one train step and one predict batch, for FLOP/s: the programs just timed
+    (``predict_logits`` jits ``steps.predict`` once, in ``steps._jitted``), whose compiled
+    form JAX serves from its cache."""
+    train_flops, source = step_flops(steps.train, *train_args)
+    predict = steps._jitted.get(steps.predict)
+    predict_flops, _ = step_flops(predict, *predict_args) if predict else (None, None)
+    return {
+        "train_flops_per_step": train_flops,
+        "predict_flops_per_step": predict_flops,
+        "flops_counted_by": source,
+    }
+
+
+def step_flops(jitted, *args) -> tuple[float | None, str | None]:
+    """FLOPs of one call of ``jitted`` on ``args`` as XLA's cost analysis counts them, and
+    which program was counted: the compiled one, or where the backend counts nothing there,
+    the program before XLA's optimisations. (None, None) when neither has a count."""
+    lowered = jitted.lower(*args)
+    for source, analysis in (
+        ("compiled program", lambda: lowered.compile().cost_analysis()),
+        ("program before optimisation", lowered.cost_analysis),
+    ):
+        try:
+            costs = analysis() or {}
+            # A dict, or in some JAX versions a list with one dict per program.
+            flops = sum(
+                c.get("flops", 0.0) for c in ([costs] if isinstance(costs, dict) else costs)
+            )
+        except Exception:  # noqa: BLE001 (a backend without a cost model: try the next)
+            continue
+        if flops > 0:
+            return float(flops), source
+    return None, None
 
 
 def device_tensor(keras, x: np.ndarray):

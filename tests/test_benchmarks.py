@@ -51,8 +51,17 @@ def test_throughput_quick_measures_every_framework(tmp_path):
     assert payload["hardware"]["cpu"] and payload["hardware"]["accelerators"]
     assert set(payload["versions"]) == set(throughput.FRAMEWORKS)
     assert [e["number"] for e in payload["configs"]] == throughput.QUICK["configs"]
+    peak = payload["peak"]
+    assert peak["n"] == throughput.QUICK["peak_size"]
+    assert peak["float32_gflops"] > 0 and peak["bfloat16_gflops"] > 0
     for entry in payload["configs"]:
         assert set(entry["results"]) == set(throughput.FRAMEWORKS)
+        assert (entry["image_size"], entry["batch_size"]) == (96, 8)  # --quick's, for all
+        assert entry["train_flops_per_step"] > 0 and entry["predict_flops_per_step"] > 0
+        for phase in ("train", "inference"):
+            achieved = entry["achieved_gflops"][phase]
+            assert set(achieved) == set(throughput.FRAMEWORKS) and min(achieved.values()) > 0
+            assert min(entry["percent_of_float32_peak"][phase].values()) > 0
         for framework, result in entry["results"].items():
             assert "error" not in result, (framework, result)
             for phase in throughput.PHASES:
@@ -81,6 +90,10 @@ def test_throughput_quick_measures_every_framework(tmp_path):
         "first train step s",
         "Grad-CAM",
         "cores used training",
+        "px / batch",
+        "achieved GFLOP/s training (pneumojax / Keras-TF / Keras-JAX)",
+        "% of float32 matmul peak",
+        "Matrix-product peak of this machine",
     ):
         assert column in table
 
@@ -113,6 +126,21 @@ def test_config_5_reuses_the_step_of_config_4():
     assert throughput.timed_configs([throughput.CONFIGS[5]]) == [4]
 
 
+def test_config_7_runs_at_its_recipes_size_unless_the_command_line_sets_one():
+    weights = Path("w.npz")
+    cfg7, cfg2 = throughput.CONFIGS[7], throughput.CONFIGS[2]
+    args = throughput.parse_args([])
+    assert 7 in args.configs
+    job = throughput.make_job(args, cfg7, throughput.plan_record(args, cfg7), "keras-tf", weights)
+    assert (job["image_size"], job["batch_size"]) == (64, 32)  # configs/no_imagenet.toml's
+    assert throughput.size_and_batch(args, cfg2) == (256, 32)  # the suite's
+    args = throughput.parse_args(["--image-size", "128"])
+    job = throughput.make_job(args, cfg7, throughput.plan_record(args, cfg7), "keras-tf", weights)
+    assert (job["image_size"], job["batch_size"]) == (128, 32)
+    args = throughput.parse_args(["--quick"])  # --quick's small setting for every configuration
+    assert throughput.size_and_batch(args, cfg7) == (96, 8)
+
+
 def test_study_class_weights_follow_the_formula():
     w_normal, w_pneumonia = throughput.study_class_weights()
     total = sum(throughput.STUDY_CLASS_COUNTS)
@@ -134,42 +162,17 @@ def test_summarize_reports_median_and_spread():
     assert s["images_per_s_range"] == [4.0, 16.0]
 
 
-def test_throughput_table_marks_failures_and_skips():
-    ok = {
-        "setup_s": 1.0,
-        "peak_rss_mb": 100.0,
-        "trainable_params": 10,
-        "probe_logits": [[0.25, 0.75]],
-        "probe_maps": [[[0.0, 1.0], [0.5, 0.25]]],
-        "train": {
-            "images_per_s": 20.0,
-            "images_per_s_range": [18.0, 21.0],
-            "first_call_s": 3.0,
-            "cores_used": 1.9,
-        },
-        "inference": {
-            "images_per_s": 40.0,
-            "images_per_s_range": [39.0, 41.0],
-            "first_call_s": 1.0,
-            "cores_used": 1.9,
-        },
-        "explain": {
-            "images_per_s": 30.0,
-            "images_per_s_range": [29.0, 31.0],
-            "first_call_s": 2.0,
-            "cores_used": 1.9,
-        },
-    }
-    results = {
-        "pneumojax": ok,
-        "keras-tf": {**ok, "train": {**ok["train"], "images_per_s": 10.0}},
-        "keras-jax": {"error": "exit status 1"},
-    }
-    cfg = throughput.CONFIGS[6]
+def _fake_throughput_payload(results: dict, number: int = 6, peak: dict | None = None) -> dict:
+    """A suite's payload around one configuration's results, as ``assemble`` builds it."""
+    cfg = throughput.CONFIGS[number]
+    size, batch = cfg.image_size or 96, cfg.batch_size or 8
+    peak = peak or {"error": "exit status 1"}
     entry = {
-        "number": 6,
+        "number": number,
         "label": cfg.label,
         "same_step_as": None,
+        "image_size": size,
+        "batch_size": batch,
         "trainable_params": 10,
         "results": results,
         "checks": throughput.checks(results, {"trainable_params": 10}),
@@ -179,8 +182,11 @@ def test_throughput_table_marks_failures_and_skips():
             }
             for o in ("keras-tf", "keras-jax")
         },
+        "train_flops_per_step": results["pneumojax"].get("train_flops_per_step"),
+        "predict_flops_per_step": results["pneumojax"].get("predict_flops_per_step"),
+        **throughput.flop_rates(results, batch, peak),
     }
-    payload = {
+    return {
         "settings": {
             "frameworks": list(throughput.FRAMEWORKS),
             "batch_size": 8,
@@ -198,13 +204,67 @@ def test_throughput_table_marks_failures_and_skips():
             "load_average_before": [0, 0, 0],
             "accelerators": ["cpu: cpu"],
         },
+        "peak": peak,
         "versions": {},
         "configs": [entry],
         "wall_s": 1.0,
     }
-    table = throughput.render_markdown(payload)
+
+
+def _fake_result(train_ips: float = 20.0) -> dict:
+    def phase(ips, first):
+        return {
+            "images_per_s": ips,
+            "images_per_s_range": [ips - 1, ips + 1],
+            "first_call_s": first,
+            "cores_used": 1.9,
+        }
+
+    return {
+        "setup_s": 1.0,
+        "peak_rss_mb": 100.0,
+        "trainable_params": 10,
+        "probe_logits": [[0.25, 0.75]],
+        "probe_maps": [[[0.0, 1.0], [0.5, 0.25]]],
+        "train": phase(train_ips, 3.0),
+        "inference": phase(40.0, 1.0),
+        "explain": phase(30.0, 2.0),
+    }
+
+
+def test_throughput_table_marks_failures_and_skips():
+    results = {
+        "pneumojax": _fake_result(20.0),
+        "keras-tf": _fake_result(10.0),
+        "keras-jax": {"error": "exit status 1"},
+    }
+    table = throughput.render_markdown(_fake_throughput_payload(results))
     assert "2.00×" in table  # pneumojax / Keras-TF training: 20 / 10
     assert "failed" in table and "Not measured: config 6 Keras-JAX: exit status 1." in table
+    assert "Matrix-product peak: not measured (exit status 1)." in table
+
+
+def test_throughput_table_gives_each_configs_size_and_the_flops_achieved():
+    ours = {
+        **_fake_result(16.0),
+        "train_flops_per_step": 5e9,  # 5 GFLOP a step of 32 images
+        "predict_flops_per_step": 2e9,
+    }
+    results = {"pneumojax": ours, "keras-tf": _fake_result(8.0), "keras-jax": {"skipped": "x"}}
+    peak = {"n": 512, "calls": 10, "warmup": 3, "float32_gflops": 100.0, "bfloat16_gflops": 250.0}
+    payload = _fake_throughput_payload(results, number=7, peak=peak)
+    entry = payload["configs"][0]
+    # 5 GFLOP x 16 img/s / 32 img = 2.5 GFLOP/s; Keras-TF at half the rate, the same work.
+    assert entry["achieved_gflops"]["train"] == {"pneumojax": 2.5, "keras-tf": 1.25}
+    assert entry["percent_of_float32_peak"]["train"]["pneumojax"] == pytest.approx(2.5)
+    assert entry["achieved_gflops"]["inference"]["pneumojax"] == pytest.approx(2.5)  # 2e9*40/32
+    table = throughput.render_markdown(payload)
+    assert "batch 8, 96×96 px; configuration 7 at 64 px, batch 32" in table  # the title
+    assert "| px / batch |" in table and "| 64 / 32 |" in table
+    assert "float32 100.0 GFLOP/s, bfloat16 inputs with float32 results 250.0 GFLOP/s" in table
+    assert "achieved GFLOP/s training (pneumojax / Keras-TF / Keras-JAX)" in table
+    row = next(line for line in table.splitlines() if line.startswith("| 7 | 64 / 32 | 5.00 |"))
+    assert "| 2.5 / 1.2 / – | 2.5% / 1.2% / – | 2.00 | 2.5 / 2.5 / – |" in row
 
 
 HLO = """HloModule m
