@@ -130,18 +130,11 @@ def _train_step(cfg, image_size: int, batch_size: int, dtype):
     (float32 parameters and optimizer state either way, as ``--precision`` does)."""
     import jax  # noqa: PLC0415
 
-    from pneumojax.backbones import get_backbone  # noqa: PLC0415
-    from pneumojax.model import build_classifier, init_variables, make_plan  # noqa: PLC0415
-    from pneumojax.optim import make_optimizer  # noqa: PLC0415
-    from pneumojax.step import Steps, make_mesh  # noqa: PLC0415
-    from throughput import fixed_batch  # noqa: PLC0415
+    from throughput import fixed_batch, pneumojax_step  # noqa: PLC0415
 
-    info = get_backbone(cfg.backbone)
-    plan = make_plan(info, cfg.cut, cfg.trainable, image_size)
-    model = build_classifier(info, plan.cut, plan.trainable_layers, dtype)
-    variables = init_variables(model, image_size, 0)
-    optimizer = make_optimizer(variables["params"], plan.trainable_layers, 1e-3)
-    steps = Steps(model, optimizer, make_mesh())
+    _, steps, variables = pneumojax_step(
+        cfg.backbone, cfg.cut, cfg.trainable, image_size, 0, dtype=dtype
+    )
     job = {"batch_size": batch_size, "image_size": image_size, "seed": 0, "class_weights": None}
     images, labels, weights = fixed_batch(job)
     batch = {"image": images[None], "label": labels[None], "weight": weights[None]}

@@ -947,11 +947,18 @@ def fixed_batch(job: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def pneumojax_step(
-    backbone: str, cut: str, trainable: str, image_size: int, seed: int, weights: dict | None = None
+    backbone: str,
+    cut: str,
+    trainable: str,
+    image_size: int,
+    seed: int,
+    weights: dict | None = None,
+    dtype=None,
 ):
     """(plan, ``Steps``, variables) of the pneumojax classifier the suite measures: the
     backbone and head from ``weights`` (as ``prepare_weights`` saves them) or, without them,
-    Keras-style random ones (a step's speed does not depend on the values)."""
+    Keras-style random ones (a step's speed does not depend on the values); computing in
+    ``dtype`` (float32 when None) with float32 parameters, as ``--precision`` does."""
     from pneumojax.backbones import get_backbone  # noqa: PLC0415
     from pneumojax.model import build_classifier, init_variables, make_plan
     from pneumojax.optim import make_optimizer
@@ -960,7 +967,7 @@ def pneumojax_step(
 
     info = get_backbone(backbone)
     plan = make_plan(info, cut, trainable, image_size)
-    model = build_classifier(info, plan.cut, plan.trainable_layers)
+    model = build_classifier(info, plan.cut, plan.trainable_layers, *([dtype] if dtype else []))
     ported = None if weights is None else port_keras_weights(weights["backbone"], info, image_size)
     variables = init_variables(model, image_size, seed, ported)
     if weights is not None:
