@@ -119,7 +119,10 @@ QUICK = {
     "batch_size": 8,
     "steps": 3,
     "warmup": 1,
-    "configs": [4, 5, 6],
+    # One configuration with a trainable range and class weights: every framework's worker, all
+    # three phases and the cross-framework checks, in a third of the time of three configurations
+    # (the reuse of configuration 4's step by 5 is tested without running a worker).
+    "configs": [6],
     "peak_size": 512,
 }
 FULL = {
